@@ -1,0 +1,24 @@
+"""tf_xent_ops: fused cross-entropy ops for TensorFlow and drop-in Keras 3 losses.
+
+Importing the package loads the op library (once) and registers the ops'
+gradients and the Keras serializable classes. A SavedModel that uses the ops
+needs `import tf_xent_ops` before it is loaded.
+"""
+
+from tf_xent_ops import backend
+from tf_xent_ops import losses
+from tf_xent_ops import metrics
+from tf_xent_ops import ops
+from tf_xent_ops.losses import categorical_crossentropy
+from tf_xent_ops.losses import sparse_categorical_crossentropy
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "backend",
+    "categorical_crossentropy",
+    "losses",
+    "metrics",
+    "ops",
+    "sparse_categorical_crossentropy",
+]

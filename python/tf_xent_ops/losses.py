@@ -1,0 +1,296 @@
+"""Drop-in replacements for Keras 3's categorical cross-entropy losses."""
+
+import warnings
+
+import keras
+import tensorflow as tf
+
+from tf_xent_ops import backend
+from tf_xent_ops import ops
+
+_PACKAGE = "tf_xent_ops"
+
+
+def _set_keras_mask(x, mask):
+    # Keras reads masks from this attribute (keras.src's set_keras_mask).
+    x._keras_mask = mask
+
+
+def _categorical(y_true, y_pred, from_logits, label_smoothing, axis):
+    """The loss in ops.loss_dtype(y_pred.dtype): the shared body of every form."""
+    if isinstance(axis, bool):
+        raise ValueError(f"`axis` must be of type `int`. Received: axis={axis} of type {type(axis)}")
+    y_pred = tf.convert_to_tensor(y_pred)
+    if y_pred.shape.rank and y_pred.shape[-1] == 1:
+        warnings.warn(
+            "In loss categorical_crossentropy, expected y_pred.shape to be "
+            "(batch_size, num_classes) with num_classes > 1. "
+            f"Received: y_pred.shape={y_pred.shape}. "
+            "Consider using 'binary_crossentropy' if you only have 2 classes.",
+            SyntaxWarning,
+            stacklevel=3,
+        )
+    y_pred, from_logits = backend.resolve_logits(y_pred, from_logits, "categorical_crossentropy")
+    return ops.dense_crossentropy(
+        y_true, y_pred, from_logits=from_logits, label_smoothing=label_smoothing, axis=axis
+    )
+
+
+def _sparse_categorical(y_true, y_pred, from_logits, ignore_class, axis, label_smoothing):
+    """The loss in ops.loss_dtype(y_pred.dtype), masked where ignored."""
+    y_pred = tf.convert_to_tensor(y_pred)
+    y_true = tf.convert_to_tensor(y_true)
+    y_pred, from_logits = backend.resolve_logits(
+        y_pred, from_logits, "sparse_categorical_crossentropy"
+    )
+    loss = ops.sparse_crossentropy(
+        y_true,
+        y_pred,
+        from_logits=from_logits,
+        label_smoothing=label_smoothing,
+        ignore_class=ignore_class,
+        axis=axis,
+    )
+    if ignore_class is not None:
+        valid = tf.not_equal(tf.reshape(tf.cast(y_true, tf.int64), tf.shape(loss)), ignore_class)
+        _set_keras_mask(loss, valid)
+    return loss
+
+
+@keras.saving.register_keras_serializable(package=_PACKAGE)
+def categorical_crossentropy(y_true, y_pred, from_logits=False, label_smoothing=0.0, axis=-1):
+    """Computes the categorical crossentropy loss with the fused op.
+
+    Drop-in for `keras.losses.categorical_crossentropy`. Label smoothing uses
+    the number of classes along `axis` (Keras uses the last dimension).
+
+    Args:
+        y_true: Tensor of one-hot (or soft) true targets.
+        y_pred: Tensor of predicted targets.
+        from_logits: Whether `y_pred` is expected to be a logits tensor. By
+            default, we assume that `y_pred` encodes a probability distribution.
+        label_smoothing: Float in [0, 1]. If > `0` then smooth the labels. For
+            example, if `0.1`, use `0.1 / num_classes` for non-target labels
+            and `0.9 + 0.1 / num_classes` for target labels.
+        axis: Defaults to `-1`. The dimension along which the entropy is
+            computed.
+
+    Returns:
+        Categorical crossentropy loss value, in the dtype of `y_pred`.
+
+    Example:
+
+    >>> import tf_xent_ops
+    >>> y_true = [[0, 1, 0], [0, 0, 1]]
+    >>> y_pred = [[0.05, 0.95, 0], [0.1, 0.8, 0.1]]
+    >>> loss = tf_xent_ops.categorical_crossentropy(y_true, y_pred)
+    >>> [round(float(v), 4) for v in loss]
+    [0.0513, 2.3026]
+    """
+    y_pred = tf.convert_to_tensor(y_pred)
+    loss = _categorical(y_true, y_pred, from_logits, label_smoothing, axis)
+    return tf.cast(loss, y_pred.dtype)
+
+
+@keras.saving.register_keras_serializable(package=_PACKAGE)
+def sparse_categorical_crossentropy(
+    y_true, y_pred, from_logits=False, ignore_class=None, axis=-1, label_smoothing=0.0
+):
+    """Computes the sparse categorical crossentropy loss with the fused op.
+
+    Drop-in for `keras.losses.sparse_categorical_crossentropy`, plus any class
+    `axis` and `label_smoothing` (never building a one-hot).
+
+    Args:
+        y_true: Ground truth class indices.
+        y_pred: The predicted values.
+        from_logits: Whether `y_pred` is expected to be a logits tensor.
+        ignore_class: Optional integer. The ID of a class to be ignored during
+            loss computation; its positions get 0 loss and are masked out.
+        axis: Defaults to `-1`. The dimension along which the entropy is
+            computed.
+        label_smoothing: Float in [0, 1], as for `categorical_crossentropy`.
+
+    Returns:
+        Sparse categorical crossentropy loss value, in the dtype of `y_pred`.
+
+    Example:
+
+    >>> import tf_xent_ops
+    >>> y_true = [1, 2]
+    >>> y_pred = [[0.05, 0.95, 0], [0.1, 0.8, 0.1]]
+    >>> loss = tf_xent_ops.sparse_categorical_crossentropy(y_true, y_pred)
+    >>> [round(float(v), 4) for v in loss]
+    [0.0513, 2.3026]
+    """
+    y_pred = tf.convert_to_tensor(y_pred)
+    loss = _sparse_categorical(y_true, y_pred, from_logits, ignore_class, axis, label_smoothing)
+    mask = getattr(loss, "_keras_mask", None)
+    loss = tf.cast(loss, y_pred.dtype)
+    if mask is not None:
+        _set_keras_mask(loss, mask)
+    return loss
+
+
+class _FusedLoss(keras.losses.Loss):
+    """A Loss whose call() is one of the fused functions with fixed kwargs.
+
+    `keras.losses.Loss.__call__` does the rest exactly as for the built-ins:
+    masks, sample weights, reductions and the tf.distribute scaling.
+    """
+
+    def __init__(self, fn, reduction, name, dtype, **fn_kwargs):
+        super().__init__(name=name, reduction=reduction, dtype=dtype)
+        self._fn = fn
+        self._fn_kwargs = fn_kwargs
+        for key, value in fn_kwargs.items():
+            setattr(self, key, value)
+
+    def call(self, y_true, y_pred):
+        return self._fn(y_true, y_pred, **self._fn_kwargs)
+
+    def get_config(self):
+        return {**super().get_config(), **self._fn_kwargs}
+
+
+@keras.saving.register_keras_serializable(package=_PACKAGE)
+class CategoricalCrossentropy(_FusedLoss):
+    """Computes the crossentropy loss between the labels and predictions.
+
+    Drop-in for `keras.losses.CategoricalCrossentropy`: same arguments, same
+    numbers, one fused op (no normalize / clip / log / multiply chain, no
+    stored [N, C] backprop tensor).
+
+    Args:
+        from_logits: Whether `y_pred` is expected to be a logits tensor. By
+            default, we assume that `y_pred` encodes a probability distribution.
+        label_smoothing: Float in [0, 1]. When > 0, label values are smoothed,
+            meaning the confidence on label values are relaxed. For example, if
+            `0.1`, use `0.1 / num_classes` for non-target labels and
+            `0.9 + 0.1 / num_classes` for target labels.
+        axis: The axis along which to compute crossentropy (the features
+            axis). Defaults to `-1`.
+        reduction: Type of reduction to apply to the loss: `"sum"`,
+            `"sum_over_batch_size"` (default), `"mean"`,
+            `"mean_with_sample_weight"`, `"none"` or `None`.
+        name: Optional name for the loss instance.
+        dtype: The dtype of the loss's computations. Defaults to `None`, which
+            means using `keras.backend.floatx()`.
+
+    Example:
+
+    >>> import numpy as np
+    >>> import tf_xent_ops
+    >>> y_true = [[0, 1, 0], [0, 0, 1]]
+    >>> y_pred = [[0.05, 0.95, 0], [0.1, 0.8, 0.1]]
+    >>> cce = tf_xent_ops.losses.CategoricalCrossentropy()
+    >>> round(float(cce(y_true, y_pred)), 3)
+    1.177
+    >>> round(float(cce(y_true, y_pred, sample_weight=np.array([0.3, 0.7]))), 3)
+    0.814
+    >>> cce = tf_xent_ops.losses.CategoricalCrossentropy(reduction="sum")
+    >>> round(float(cce(y_true, y_pred)), 3)
+    2.354
+    >>> cce = tf_xent_ops.losses.CategoricalCrossentropy(reduction=None)
+    >>> [round(float(v), 4) for v in cce(y_true, y_pred)]
+    [0.0513, 2.3026]
+
+    Usage with the `compile()` API:
+
+    ```python
+    model.compile(optimizer="sgd", loss=tf_xent_ops.losses.CategoricalCrossentropy())
+    ```
+    """
+
+    def __init__(
+        self,
+        from_logits=False,
+        label_smoothing=0.0,
+        axis=-1,
+        reduction="sum_over_batch_size",
+        name="categorical_crossentropy",
+        dtype=None,
+    ):
+        super().__init__(
+            _categorical,
+            reduction,
+            name,
+            dtype,
+            from_logits=from_logits,
+            label_smoothing=label_smoothing,
+            axis=axis,
+        )
+
+
+@keras.saving.register_keras_serializable(package=_PACKAGE)
+class SparseCategoricalCrossentropy(_FusedLoss):
+    """Computes the crossentropy loss between integer labels and predictions.
+
+    Drop-in for `keras.losses.SparseCategoricalCrossentropy`, plus any class
+    `axis` and `label_smoothing` for integer labels (never building a
+    one-hot). Positions labelled `ignore_class` get 0 loss and are left out of
+    the `"sum_over_batch_size"` average, as in Keras.
+
+    Args:
+        from_logits: Whether `y_pred` is expected to be a logits tensor. By
+            default, we assume that `y_pred` encodes a probability distribution.
+        ignore_class: Optional integer. The ID of a class to be ignored during
+            loss computation. This is useful, for example, in segmentation
+            problems featuring a "void" class (commonly -1 or 255).
+        reduction: Type of reduction to apply to the loss: `"sum"`,
+            `"sum_over_batch_size"` (default), `"mean"`,
+            `"mean_with_sample_weight"`, `"none"` or `None`.
+        axis: The class axis. Defaults to `-1`.
+        name: Optional name for the loss instance.
+        dtype: The dtype of the loss's computations. Defaults to `None`, which
+            means using `keras.backend.floatx()`.
+        label_smoothing: Float in [0, 1]: the labelled class gets
+            `1 - label_smoothing + label_smoothing / num_classes`, the others
+            `label_smoothing / num_classes`.
+
+    Example:
+
+    >>> import numpy as np
+    >>> import tf_xent_ops
+    >>> y_true = [1, 2]
+    >>> y_pred = [[0.05, 0.95, 0], [0.1, 0.8, 0.1]]
+    >>> scce = tf_xent_ops.losses.SparseCategoricalCrossentropy()
+    >>> round(float(scce(y_true, y_pred)), 3)
+    1.177
+    >>> round(float(scce(y_true, y_pred, sample_weight=np.array([0.3, 0.7]))), 3)
+    0.814
+    >>> scce = tf_xent_ops.losses.SparseCategoricalCrossentropy(reduction="sum")
+    >>> round(float(scce(y_true, y_pred)), 3)
+    2.354
+    >>> scce = tf_xent_ops.losses.SparseCategoricalCrossentropy(reduction=None)
+    >>> [round(float(v), 4) for v in scce(y_true, y_pred)]
+    [0.0513, 2.3026]
+
+    Usage with the `compile()` API:
+
+    ```python
+    model.compile(optimizer="sgd",
+                  loss=tf_xent_ops.losses.SparseCategoricalCrossentropy())
+    ```
+    """
+
+    def __init__(
+        self,
+        from_logits=False,
+        ignore_class=None,
+        reduction="sum_over_batch_size",
+        axis=-1,
+        name="sparse_categorical_crossentropy",
+        dtype=None,
+        label_smoothing=0.0,
+    ):
+        super().__init__(
+            _sparse_categorical,
+            reduction,
+            name,
+            dtype,
+            from_logits=from_logits,
+            ignore_class=ignore_class,
+            axis=axis,
+            label_smoothing=label_smoothing,
+        )

@@ -1,0 +1,140 @@
+"""Drop-in replacements for Keras 3's categorical cross-entropy metrics."""
+
+import keras
+
+from tf_xent_ops import losses
+
+_PACKAGE = "tf_xent_ops"
+
+
+@keras.saving.register_keras_serializable(package=_PACKAGE)
+class CategoricalCrossentropy(keras.metrics.MeanMetricWrapper):
+    """Computes the crossentropy metric between the labels and predictions.
+
+    Drop-in for `keras.metrics.CategoricalCrossentropy`, computed by the fused
+    op. `update_state(y_true, y_pred, sample_weight=None)`, `result()` and
+    `reset_state()` behave as in Keras, across replicas too.
+
+    Args:
+        name: (Optional) string name of the metric instance.
+        dtype: (Optional) data type of the metric result.
+        from_logits: (Optional) Whether output is expected to be a logits
+            tensor. By default, we consider that output encodes a probability
+            distribution.
+        label_smoothing: (Optional) Float in `[0, 1]`. When > 0, label values
+            are smoothed, meaning the confidence on label values are relaxed.
+        axis: (Optional) Defaults to `-1`. The dimension along which entropy
+            is computed.
+
+    Example:
+
+    >>> import numpy as np
+    >>> import tf_xent_ops
+    >>> m = tf_xent_ops.metrics.CategoricalCrossentropy()
+    >>> m.update_state([[0, 1, 0], [0, 0, 1]],
+    ...                [[0.05, 0.95, 0], [0.1, 0.8, 0.1]])
+    >>> round(float(m.result()), 7)
+    1.1769392
+    >>> m.reset_state()
+    >>> m.update_state([[0, 1, 0], [0, 0, 1]],
+    ...                [[0.05, 0.95, 0], [0.1, 0.8, 0.1]],
+    ...                sample_weight=np.array([0.3, 0.7]))
+    >>> round(float(m.result()), 7)
+    1.6271976
+    """
+
+    def __init__(
+        self,
+        name="categorical_crossentropy",
+        dtype=None,
+        from_logits=False,
+        label_smoothing=0,
+        axis=-1,
+    ):
+        super().__init__(
+            losses.categorical_crossentropy,
+            name,
+            dtype=dtype,
+            from_logits=from_logits,
+            label_smoothing=label_smoothing,
+            axis=axis,
+        )
+        self.from_logits = from_logits
+        self.label_smoothing = label_smoothing
+        self.axis = axis
+        # Metric should be minimized during optimization.
+        self._direction = "down"
+
+    def get_config(self):
+        return {
+            "name": self.name,
+            "dtype": self.dtype,
+            "from_logits": self.from_logits,
+            "label_smoothing": self.label_smoothing,
+            "axis": self.axis,
+        }
+
+
+@keras.saving.register_keras_serializable(package=_PACKAGE)
+class SparseCategoricalCrossentropy(keras.metrics.MeanMetricWrapper):
+    """Computes the crossentropy metric between integer labels and predictions.
+
+    Drop-in for `keras.metrics.SparseCategoricalCrossentropy`, computed by the
+    fused op, for any class `axis`.
+
+    Args:
+        name: (Optional) string name of the metric instance.
+        dtype: (Optional) data type of the metric result.
+        from_logits: (Optional) Whether output is expected to be a logits
+            tensor. By default, we consider that output encodes a probability
+            distribution.
+        ignore_class: (Optional) integer class ID to ignore: those positions
+            are masked out of the mean.
+        axis: (Optional) Defaults to `-1`. The dimension along which entropy
+            is computed.
+
+    Example:
+
+    >>> import numpy as np
+    >>> import tf_xent_ops
+    >>> m = tf_xent_ops.metrics.SparseCategoricalCrossentropy()
+    >>> m.update_state([1, 2], [[0.05, 0.95, 0], [0.1, 0.8, 0.1]])
+    >>> round(float(m.result()), 7)
+    1.1769392
+    >>> m.reset_state()
+    >>> m.update_state([1, 2], [[0.05, 0.95, 0], [0.1, 0.8, 0.1]],
+    ...                sample_weight=np.array([0.3, 0.7]))
+    >>> round(float(m.result()), 7)
+    1.6271976
+    """
+
+    def __init__(
+        self,
+        name="sparse_categorical_crossentropy",
+        dtype=None,
+        from_logits=False,
+        ignore_class=None,
+        axis=-1,
+    ):
+        super().__init__(
+            losses.sparse_categorical_crossentropy,
+            name=name,
+            dtype=dtype,
+            from_logits=from_logits,
+            ignore_class=ignore_class,
+            axis=axis,
+        )
+        self.from_logits = from_logits
+        self.ignore_class = ignore_class
+        self.axis = axis
+        # Metric should be minimized during optimization.
+        self._direction = "down"
+
+    def get_config(self):
+        return {
+            "name": self.name,
+            "dtype": self.dtype,
+            "from_logits": self.from_logits,
+            "ignore_class": self.ignore_class,
+            "axis": self.axis,
+        }

@@ -1,0 +1,223 @@
+"""The fused cross-entropy ops on tensors of any rank, with their gradients.
+
+These are the thin layer over the C++ op library: they move the class axis
+last, flatten to rows, call the op and reshape back. Losses come back in
+float32 (float64 for float64 predictions), whatever the prediction dtype:
+16-bit predictions are read directly by the kernels and accumulated in float32.
+"""
+
+import keras
+import tensorflow as tf
+
+from tf_xent_ops._load import library
+
+_COMMON_ATTRS = ("from_logits", "label_smoothing", "epsilon")
+_SPARSE_ATTRS = _COMMON_ATTRS + ("ignore_class", "use_ignore_class")
+_LABEL_DTYPES = (tf.int32, tf.int64)
+
+
+def loss_dtype(dtype):
+    """The dtype of losses computed from predictions of `dtype`."""
+    return tf.float64 if tf.as_dtype(dtype) == tf.float64 else tf.float32
+
+
+def canonicalize_axis(axis, rank):
+    """Returns `axis` in [0, rank), raising ValueError if it is out of range."""
+    if isinstance(axis, bool) or not isinstance(axis, int):
+        raise ValueError(f"`axis` must be an int. Received: axis={axis!r}")
+    if not -rank <= axis < rank:
+        raise ValueError(
+            f"`axis`={axis} is out of range for predictions of rank {rank}; "
+            f"expected an axis in [{-rank}, {rank})."
+        )
+    return axis % rank
+
+
+def _check_label_smoothing(label_smoothing):
+    label_smoothing = float(label_smoothing)
+    if not 0.0 <= label_smoothing <= 1.0:
+        raise ValueError(f"`label_smoothing` must be in [0, 1]. Received: {label_smoothing}")
+    return label_smoothing
+
+
+def _check_predictions(predictions):
+    predictions = tf.convert_to_tensor(predictions)
+    if not predictions.dtype.is_floating:
+        raise TypeError(
+            "Predictions must be half, bfloat16, float32 or float64. "
+            f"Received dtype: {predictions.dtype.name}"
+        )
+    if predictions.shape.rank is None or predictions.shape.rank < 1:
+        raise ValueError(
+            f"Predictions must have a known rank of at least 1. Received shape: {predictions.shape}"
+        )
+    return predictions
+
+
+def _class_axis_last(x, axis):
+    rank = x.shape.rank
+    if axis == rank - 1:
+        return x
+    perm = [d for d in range(rank) if d != axis] + [axis]
+    return tf.transpose(x, perm)
+
+
+def _as_rows(x):
+    """Flattens [..., C] to [N, C]; returns it and the leading shape."""
+    shape = tf.shape(x, out_type=tf.int64)
+    batch_shape = shape[:-1]
+    rows = tf.reshape(x, tf.stack([tf.reduce_prod(batch_shape), shape[-1]]))
+    return rows, batch_shape
+
+
+def dense_crossentropy(labels, predictions, from_logits=False, label_smoothing=0.0, axis=-1):
+    """Cross-entropy with dense (one-hot or soft) labels along `axis`.
+
+    Same as `keras.losses.categorical_crossentropy` on the TensorFlow backend,
+    except that label smoothing uses the number of classes along `axis` and
+    the result is in `loss_dtype(predictions.dtype)`.
+
+    Args:
+        labels: Tensor of the same shape as `predictions`.
+        predictions: Logits (`from_logits=True`) or probabilities.
+        from_logits: Whether `predictions` are logits.
+        label_smoothing: Float in [0, 1].
+        axis: The class axis.
+
+    Returns:
+        The loss for each position, `predictions.shape` without `axis`.
+
+    Example:
+
+    >>> import tf_xent_ops
+    >>> loss = tf_xent_ops.ops.dense_crossentropy(
+    ...     [[0.0, 1.0, 0.0]], [[1.0, 2.0, 0.5]], from_logits=True)
+    >>> round(float(loss[0]), 4)
+    0.4644
+    """
+    predictions = _check_predictions(predictions)
+    rank = predictions.shape.rank
+    axis = canonicalize_axis(axis, rank)
+    labels = tf.cast(tf.convert_to_tensor(labels), loss_dtype(predictions.dtype))
+    if labels.shape.rank != rank or not labels.shape.is_compatible_with(predictions.shape):
+        raise ValueError(
+            "Labels and predictions must have the same shape. "
+            f"Received: labels.shape={labels.shape}, predictions.shape={predictions.shape}"
+        )
+    label_smoothing = _check_label_smoothing(label_smoothing)
+    pred_rows, batch_shape = _as_rows(_class_axis_last(predictions, axis))
+    label_rows, _ = _as_rows(_class_axis_last(labels, axis))
+    loss, _ = library.tf_xent_dense_xent(
+        pred_rows,
+        label_rows,
+        from_logits=bool(from_logits),
+        label_smoothing=label_smoothing,
+        epsilon=keras.config.epsilon(),
+    )
+    return _restore_batch_shape(loss, batch_shape, predictions.shape, axis)
+
+
+def sparse_crossentropy(
+    labels, predictions, from_logits=False, label_smoothing=0.0, ignore_class=None, axis=-1
+):
+    """Cross-entropy with integer class labels along `axis`, without a one-hot.
+
+    With `label_smoothing` = 0 the same as
+    `keras.losses.sparse_categorical_crossentropy` on the TensorFlow backend.
+    Positions whose label equals `ignore_class` get a loss and gradient of 0.
+    Labels outside [0, num_classes) raise InvalidArgumentError on the CPU.
+
+    Args:
+        labels: Integer tensor of `predictions.shape` without `axis` (or with a
+            size-1 dimension at `axis`, which is squeezed).
+        predictions: Logits (`from_logits=True`) or probabilities.
+        from_logits: Whether `predictions` are logits.
+        label_smoothing: Float in [0, 1]; the labelled class gets
+            `1 - label_smoothing + label_smoothing / num_classes`.
+        ignore_class: Optional label value to ignore.
+        axis: The class axis.
+
+    Returns:
+        The loss for each position, `predictions.shape` without `axis`.
+
+    Example:
+
+    >>> import tf_xent_ops
+    >>> loss = tf_xent_ops.ops.sparse_crossentropy(
+    ...     [1], [[1.0, 2.0, 0.5]], from_logits=True)
+    >>> round(float(loss[0]), 4)
+    0.4644
+    """
+    predictions = _check_predictions(predictions)
+    rank = predictions.shape.rank
+    axis = canonicalize_axis(axis, rank)
+    labels = tf.convert_to_tensor(labels)
+    if labels.dtype not in _LABEL_DTYPES:
+        if not (labels.dtype.is_integer or labels.dtype.is_floating or labels.dtype.is_bool):
+            raise TypeError(f"Sparse labels must be integers. Received dtype: {labels.dtype.name}")
+        labels = tf.cast(labels, tf.int64)
+    if labels.shape.rank == rank and labels.shape[axis] == 1:
+        labels = tf.squeeze(labels, axis=axis)
+    expected = predictions.shape[:axis].concatenate(predictions.shape[axis + 1 :])
+    if labels.shape.rank != rank - 1 or not labels.shape.is_compatible_with(expected):
+        raise ValueError(
+            "Sparse labels must have the shape of the predictions without the class axis "
+            f"(axis={axis}). Received: labels.shape={labels.shape}, "
+            f"predictions.shape={predictions.shape}"
+        )
+    label_smoothing = _check_label_smoothing(label_smoothing)
+    pred_rows, batch_shape = _as_rows(_class_axis_last(predictions, axis))
+    loss, _ = library.tf_xent_sparse_xent(
+        pred_rows,
+        tf.reshape(labels, [-1]),
+        Tloss=loss_dtype(predictions.dtype),
+        from_logits=bool(from_logits),
+        label_smoothing=label_smoothing,
+        epsilon=keras.config.epsilon(),
+        ignore_class=0 if ignore_class is None else int(ignore_class),
+        use_ignore_class=ignore_class is not None,
+    )
+    return _restore_batch_shape(loss, batch_shape, predictions.shape, axis)
+
+
+def _restore_batch_shape(loss, batch_shape, predictions_shape, axis):
+    loss = tf.reshape(loss, batch_shape)
+    loss.set_shape(predictions_shape[:axis].concatenate(predictions_shape[axis + 1 :]))
+    return loss
+
+
+def _attrs(op, names):
+    return {name: op.get_attr(name) for name in names}
+
+
+def _skipped(op, index):
+    """Whether eager autodiff told us input `index` needs no gradient."""
+    skip = getattr(op, "skip_input_indices", None)
+    return skip is not None and index in skip
+
+
+@tf.RegisterGradient("TfXent>SparseXent")
+def _sparse_xent_grad(op, grad_loss, _):
+    # The log_sum_exp output is an internal statistic: no gradient flows from it.
+    predictions, labels = op.inputs
+    grad = library.tf_xent_sparse_xent_grad(
+        predictions, labels, op.outputs[1], grad_loss, **_attrs(op, _SPARSE_ATTRS)
+    )
+    return [grad, None]
+
+
+@tf.RegisterGradient("TfXent>DenseXent")
+def _dense_xent_grad(op, grad_loss, _):
+    predictions, labels = op.inputs
+    stats = op.outputs[1]
+    attrs = _attrs(op, _COMMON_ATTRS)
+    grad_predictions = None
+    if not _skipped(op, 0):
+        grad_predictions = library.tf_xent_dense_xent_grad(
+            predictions, labels, stats, grad_loss, **attrs
+        )
+    grad_labels = None
+    if not _skipped(op, 1):
+        # A separate op, so graphs that never use it prune it.
+        grad_labels = library.tf_xent_dense_xent_labels_grad(predictions, stats, grad_loss, **attrs)
+    return [grad_predictions, grad_labels]

@@ -1,0 +1,218 @@
+/* Copyright 2026 The tf_xent_ops Authors. Licensed under the Apache License 2.0.
+
+Framework-independent core of the fused cross-entropy ops.
+
+Everything here works on raw pointers to row-major [num_rows, num_classes]
+buffers. It includes no TensorFlow header, so the CUDA harness (which runs on a
+machine without TensorFlow) and the TensorFlow OpKernels share one copy of the
+math. Both nvcc and the host compiler accept this header.
+
+Semantics (per row, t is the smoothed target, ls the label smoothing):
+  t_k = (1 - ls) * y_k + ls / C       dense labels y (soft labels allowed)
+  t_k = (1 - ls) * [k == y] + ls / C  sparse labels y
+  logits:         loss = sum_k t_k * (lse - z_k),   lse = log sum_k exp(z_k)
+  dense probs:    loss = -sum_k t_k * log(clip(y_k / sum_j y_j, eps, 1 - eps))
+  sparse probs:   z_k = log(clip(p_k, eps, 1 - eps)), then as logits
+The two probability paths differ because Keras's do: the dense one normalizes,
+the sparse one feeds log(clip(p)) to a softmax cross-entropy.
+*/
+#ifndef TF_XENT_OPS_CC_KERNELS_XENT_FUNCTOR_H_
+#define TF_XENT_OPS_CC_KERNELS_XENT_FUNCTOR_H_
+
+#include <cmath>
+#include <cstdint>
+#include <functional>
+
+#if defined(__CUDACC__)
+#define TFXENT_HOST_DEVICE __host__ __device__ __forceinline__
+#else
+#define TFXENT_HOST_DEVICE inline
+#endif
+
+namespace tf_xent_ops {
+
+// Attributes of one op call. Plain data, copied to the device by value.
+struct XentParams {
+  int64_t num_rows = 0;
+  int64_t num_classes = 0;
+  bool from_logits = true;
+  float label_smoothing = 0.0f;
+  float epsilon = 1e-7f;  // keras.config.epsilon() at call time.
+  bool use_ignore_class = false;
+  int64_t ignore_class = 0;
+};
+
+// Accumulation type: float for half, bfloat16 and float; double for double.
+template <typename T>
+struct AccumulatorType {
+  using type = float;
+};
+template <>
+struct AccumulatorType<double> {
+  using type = double;
+};
+
+// Per-call constants in accumulation precision.
+template <typename Tacc>
+struct XentConstants {
+  Tacc on_weight;   // 1 - ls: the weight of the labelled class (or of y_k).
+  Tacc off_weight;  // ls / C: the weight every class gets from smoothing.
+  Tacc clip_lo;     // eps
+  Tacc clip_hi;     // 1 - eps, rounded in Tacc as Keras does.
+  Tacc num_classes;
+
+  TFXENT_HOST_DEVICE explicit XentConstants(const XentParams& p)
+      : on_weight(Tacc(1) - Tacc(p.label_smoothing)),
+        off_weight(p.num_classes > 0
+                       ? Tacc(p.label_smoothing) / Tacc(p.num_classes)
+                       : Tacc(0)),
+        clip_lo(Tacc(p.epsilon)),
+        clip_hi(Tacc(1) - Tacc(p.epsilon)),
+        num_classes(Tacc(p.num_classes)) {}
+
+  // Smoothed dense target.
+  TFXENT_HOST_DEVICE Tacc DenseTarget(Tacc y) const {
+    return on_weight * y + off_weight;
+  }
+  // Smoothed sparse target for class k of a row labelled `label`.
+  TFXENT_HOST_DEVICE Tacc SparseTarget(int64_t k, int64_t label) const {
+    return (k == label ? on_weight : Tacc(0)) + off_weight;
+  }
+  // clip(p, eps, 1 - eps); NaN stays NaN.
+  TFXENT_HOST_DEVICE Tacc Clip(Tacc p) const {
+    return p < clip_lo ? clip_lo : (p > clip_hi ? clip_hi : p);
+  }
+  // Where tf.clip_by_value passes the gradient through (bounds inclusive).
+  TFXENT_HOST_DEVICE bool InClipRange(Tacc p) const {
+    return p >= clip_lo && p <= clip_hi;
+  }
+};
+
+// Whether a sparse row takes part in the loss.
+template <typename Tidx>
+TFXENT_HOST_DEVICE bool IsIgnored(const XentParams& p, Tidx label) {
+  return p.use_ignore_class && static_cast<int64_t>(label) == p.ignore_class;
+}
+
+// exp and log in the accumulation type (float stays float on the host too).
+template <typename Tacc>
+TFXENT_HOST_DEVICE Tacc ExpOf(Tacc x) {
+#if defined(__CUDA_ARCH__)
+  return exp(x);
+#else
+  return std::exp(x);
+#endif
+}
+template <typename Tacc>
+TFXENT_HOST_DEVICE Tacc LogOf(Tacc x) {
+#if defined(__CUDA_ARCH__)
+  return log(x);
+#else
+  return std::log(x);
+#endif
+}
+
+// ---------------------------------------------------------------------------
+// Element-wise gradients, shared by every device. `g` is the upstream
+// gradient of the row's loss.
+
+// d loss / d z_k for logits: g * (softmax_k * sum_t - t_k).
+template <typename Tacc>
+TFXENT_HOST_DEVICE Tacc LogitsGrad(Tacc g, Tacc z, Tacc lse, Tacc sum_t,
+                                   Tacc t) {
+  return g * (ExpOf(z - lse) * sum_t - t);
+}
+
+// d loss / d p_k for sparse probabilities, z_k = log(clip(p_k)): zero outside
+// the clip range, else g * (1 / sum_j clip(p_j) - t_k / p_k).
+template <typename Tacc>
+TFXENT_HOST_DEVICE Tacc SparseProbsGrad(const XentConstants<Tacc>& c, Tacc g,
+                                        Tacc p, Tacc inv_sum, Tacc t) {
+  return c.InClipRange(p) ? g * (inv_sum - t / p) : Tacc(0);
+}
+
+// d loss / d y_k for dense probabilities, with q_k = y_k / S, S = sum_j y_j
+// and A = sum of t_j over in-range classes: g * (A / S - [q_k in range] t_k /
+// y_k). Autodiff of normalize -> clip -> log -> weighted sum, in closed form;
+// q_k is formed by division, as Keras does, so the clip mask matches exactly.
+template <typename Tacc>
+TFXENT_HOST_DEVICE Tacc DenseProbsGrad(const XentConstants<Tacc>& c, Tacc g,
+                                       Tacc y, Tacc s, Tacc a_over_s, Tacc t) {
+  return g * (a_over_s - (c.InClipRange(y / s) ? t / y : Tacc(0)));
+}
+
+}  // namespace tf_xent_ops
+
+namespace tf_xent_ops {
+
+// ---------------------------------------------------------------------------
+// Devices. The CPU device runs shards of rows on a thread pool the caller
+// provides (TensorFlow's intra-op pool in the OpKernels, a serial loop
+// elsewhere); each row is computed by one thread, so results do not depend on
+// the number of threads.
+struct CpuDevice {
+  using ShardFn = std::function<void(int64_t begin, int64_t end)>;
+  std::function<void(int64_t total, int64_t cost_per_unit, const ShardFn& fn)>
+      parallel_for;
+};
+
+// ---------------------------------------------------------------------------
+// Functors. `Tidx` is int32_t or int64_t; T is the prediction type; the loss,
+// the row statistics and dense labels are in AccumulatorType<T>.
+
+// Sparse forward: loss[N] and log_sum_exp[N] (for probabilities, the log of
+// the row sum of clipped probabilities). Labels must already be validated on
+// devices that cannot report errors; the CPU op validates first.
+template <typename Device, typename T, typename Tidx>
+struct SparseXentForward {
+  using Tacc = typename AccumulatorType<T>::type;
+  void operator()(const Device& d, const XentParams& p, const T* predictions,
+                  const Tidx* labels, Tacc* loss, Tacc* log_sum_exp) const;
+};
+
+// Sparse backward: grad_predictions[N, C] from the saved log_sum_exp.
+template <typename Device, typename T, typename Tidx>
+struct SparseXentBackward {
+  using Tacc = typename AccumulatorType<T>::type;
+  void operator()(const Device& d, const XentParams& p, const T* predictions,
+                  const Tidx* labels, const Tacc* log_sum_exp,
+                  const Tacc* grad_loss, T* grad_predictions) const;
+};
+
+// Dense forward: loss[N] and stats[N, 2]:
+//   logits:        (log_sum_exp, sum_k t_k)
+//   probabilities: (sum_k y_k, sum over in-clip-range classes of t_k)
+template <typename Device, typename T>
+struct DenseXentForward {
+  using Tacc = typename AccumulatorType<T>::type;
+  void operator()(const Device& d, const XentParams& p, const T* predictions,
+                  const Tacc* labels, Tacc* loss, Tacc* stats) const;
+};
+
+// Dense backward with respect to the predictions.
+template <typename Device, typename T>
+struct DenseXentBackward {
+  using Tacc = typename AccumulatorType<T>::type;
+  void operator()(const Device& d, const XentParams& p, const T* predictions,
+                  const Tacc* labels, const Tacc* stats, const Tacc* grad_loss,
+                  T* grad_predictions) const;
+};
+
+// Dense backward with respect to the (unsmoothed) labels:
+//   (1 - ls) * g * -log_softmax(z)_k, or (1 - ls) * g * -log(clip(y_k / S)).
+template <typename Device, typename T>
+struct DenseXentLabelsBackward {
+  using Tacc = typename AccumulatorType<T>::type;
+  void operator()(const Device& d, const XentParams& p, const T* predictions,
+                  const Tacc* stats, const Tacc* grad_loss,
+                  Tacc* grad_labels) const;
+};
+
+// Index of the first label outside [0, num_classes) that is not the ignored
+// class, or -1 if all are valid.
+template <typename Tidx>
+int64_t FindInvalidLabel(const XentParams& p, const Tidx* labels);
+
+}  // namespace tf_xent_ops
+
+#endif  // TF_XENT_OPS_CC_KERNELS_XENT_FUNCTOR_H_

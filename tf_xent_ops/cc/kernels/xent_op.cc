@@ -1,0 +1,311 @@
+/* Copyright 2026 The tf_xent_ops Authors. Licensed under the Apache License 2.0.
+
+OpKernels of the fused cross-entropy ops: validate, allocate, call the functor.
+*/
+#include <cstdint>
+
+#include "tensorflow/core/framework/op_kernel.h"
+#include "tensorflow/core/framework/tensor.h"
+#include "tensorflow/core/framework/tensor_shape.h"
+#include "tensorflow/core/lib/core/threadpool.h"
+#include "tf_xent_ops/cc/kernels/xent_functor.h"
+
+namespace tf_xent_ops {
+
+using ::tensorflow::DEVICE_CPU;
+using ::tensorflow::OpKernel;
+using ::tensorflow::OpKernelConstruction;
+using ::tensorflow::OpKernelContext;
+using ::tensorflow::Tensor;
+using ::tensorflow::TensorShape;
+using ::tensorflow::errors::InvalidArgument;
+
+namespace {
+
+// Reads and checks the attributes every op shares.
+void ReadParams(OpKernelConstruction* ctx, XentParams* p) {
+  OP_REQUIRES_OK(ctx, ctx->GetAttr("from_logits", &p->from_logits));
+  OP_REQUIRES_OK(ctx, ctx->GetAttr("label_smoothing", &p->label_smoothing));
+  OP_REQUIRES_OK(ctx, ctx->GetAttr("epsilon", &p->epsilon));
+  OP_REQUIRES(ctx, p->label_smoothing >= 0.0f && p->label_smoothing <= 1.0f,
+              InvalidArgument("label_smoothing must be in [0, 1], got ",
+                              p->label_smoothing));
+  OP_REQUIRES(ctx, p->epsilon >= 0.0f && p->epsilon <= 0.5f,
+              InvalidArgument("epsilon must be in [0, 0.5], got ", p->epsilon));
+  if (ctx->HasAttr("use_ignore_class")) {
+    OP_REQUIRES_OK(ctx, ctx->GetAttr("use_ignore_class", &p->use_ignore_class));
+    OP_REQUIRES_OK(ctx, ctx->GetAttr("ignore_class", &p->ignore_class));
+  }
+}
+
+CpuDevice MakeCpuDevice(OpKernelContext* ctx) {
+  auto* pool = ctx->device()->tensorflow_cpu_worker_threads()->workers;
+  CpuDevice d;
+  d.parallel_for = [pool](int64_t total, int64_t cost_per_unit,
+                          const CpuDevice::ShardFn& fn) {
+    pool->ParallelFor(total, cost_per_unit, fn);
+  };
+  return d;
+}
+
+// Checks predictions is [N, C] and sets num_rows / num_classes.
+void CheckPredictions(OpKernelContext* ctx, const Tensor& predictions,
+                      XentParams* p) {
+  OP_REQUIRES(ctx, predictions.dims() == 2,
+              InvalidArgument("predictions must be 2-D [num_rows, num_classes], "
+                              "got shape ",
+                              predictions.shape().DebugString()));
+  p->num_rows = predictions.dim_size(0);
+  p->num_classes = predictions.dim_size(1);
+  OP_REQUIRES(ctx, p->num_rows == 0 || p->num_classes > 0,
+              InvalidArgument("predictions must have at least one class, got "
+                              "shape ",
+                              predictions.shape().DebugString()));
+}
+
+// Checks `t` has exactly `shape`.
+void CheckShape(OpKernelContext* ctx, const char* name, const Tensor& t,
+                const TensorShape& shape) {
+  OP_REQUIRES(ctx, t.shape() == shape,
+              InvalidArgument(name, " must have shape ", shape.DebugString(),
+                              ", got ", t.shape().DebugString()));
+}
+
+// Every sparse label is a class index or the ignored class: checked before
+// any row is read, so no kernel indexes out of bounds.
+template <typename Tidx>
+void CheckLabels(OpKernelContext* ctx, const XentParams& p,
+                 const Tensor& labels) {
+  const Tidx* data = labels.flat<Tidx>().data();
+  const int64_t bad = FindInvalidLabel(p, data);
+  OP_REQUIRES(
+      ctx, bad < 0,
+      InvalidArgument("Received a label value of ",
+                      bad < 0 ? 0 : static_cast<int64_t>(data[bad]),
+                      " at position ", bad,
+                      " which is outside the valid range of [0, ", p.num_classes,
+                      ")",
+                      p.use_ignore_class
+                          ? ::tensorflow::strings::StrCat(
+                                " and is not ignore_class=", p.ignore_class)
+                          : std::string()));
+}
+
+}  // namespace
+
+template <typename T, typename Tidx>
+class SparseXentOp : public OpKernel {
+ public:
+  using Tacc = typename AccumulatorType<T>::type;
+  explicit SparseXentOp(OpKernelConstruction* ctx) : OpKernel(ctx) {
+    ReadParams(ctx, &params_);
+  }
+
+  void Compute(OpKernelContext* ctx) override {
+    XentParams p = params_;
+    const Tensor& predictions = ctx->input(0);
+    const Tensor& labels = ctx->input(1);
+    CheckPredictions(ctx, predictions, &p);
+    if (!ctx->status().ok()) return;
+    CheckShape(ctx, "labels", labels, TensorShape({p.num_rows}));
+    if (!ctx->status().ok()) return;
+    CheckLabels<Tidx>(ctx, p, labels);
+    if (!ctx->status().ok()) return;
+
+    Tensor *loss = nullptr, *lse = nullptr;
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(0, labels.shape(), &loss));
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(1, labels.shape(), &lse));
+    SparseXentForward<CpuDevice, T, Tidx>()(
+        MakeCpuDevice(ctx), p, predictions.flat<T>().data(),
+        labels.flat<Tidx>().data(), loss->flat<Tacc>().data(),
+        lse->flat<Tacc>().data());
+  }
+
+ private:
+  XentParams params_;
+};
+
+template <typename T, typename Tidx>
+class SparseXentGradOp : public OpKernel {
+ public:
+  using Tacc = typename AccumulatorType<T>::type;
+  explicit SparseXentGradOp(OpKernelConstruction* ctx) : OpKernel(ctx) {
+    ReadParams(ctx, &params_);
+  }
+
+  void Compute(OpKernelContext* ctx) override {
+    XentParams p = params_;
+    const Tensor& predictions = ctx->input(0);
+    const Tensor& labels = ctx->input(1);
+    const Tensor& lse = ctx->input(2);
+    const Tensor& grad_loss = ctx->input(3);
+    CheckPredictions(ctx, predictions, &p);
+    if (!ctx->status().ok()) return;
+    const TensorShape rows({p.num_rows});
+    CheckShape(ctx, "labels", labels, rows);
+    CheckShape(ctx, "log_sum_exp", lse, rows);
+    CheckShape(ctx, "grad_loss", grad_loss, rows);
+    if (!ctx->status().ok()) return;
+    CheckLabels<Tidx>(ctx, p, labels);
+    if (!ctx->status().ok()) return;
+
+    Tensor* grad = nullptr;
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(0, predictions.shape(), &grad));
+    SparseXentBackward<CpuDevice, T, Tidx>()(
+        MakeCpuDevice(ctx), p, predictions.flat<T>().data(),
+        labels.flat<Tidx>().data(), lse.flat<Tacc>().data(),
+        grad_loss.flat<Tacc>().data(), grad->flat<T>().data());
+  }
+
+ private:
+  XentParams params_;
+};
+
+template <typename T>
+class DenseXentOp : public OpKernel {
+ public:
+  using Tacc = typename AccumulatorType<T>::type;
+  explicit DenseXentOp(OpKernelConstruction* ctx) : OpKernel(ctx) {
+    ReadParams(ctx, &params_);
+  }
+
+  void Compute(OpKernelContext* ctx) override {
+    XentParams p = params_;
+    const Tensor& predictions = ctx->input(0);
+    const Tensor& labels = ctx->input(1);
+    CheckPredictions(ctx, predictions, &p);
+    if (!ctx->status().ok()) return;
+    CheckShape(ctx, "labels", labels, predictions.shape());
+    if (!ctx->status().ok()) return;
+
+    Tensor *loss = nullptr, *stats = nullptr;
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(0, TensorShape({p.num_rows}), &loss));
+    OP_REQUIRES_OK(ctx,
+                   ctx->allocate_output(1, TensorShape({p.num_rows, 2}), &stats));
+    DenseXentForward<CpuDevice, T>()(
+        MakeCpuDevice(ctx), p, predictions.flat<T>().data(),
+        labels.flat<Tacc>().data(), loss->flat<Tacc>().data(),
+        stats->flat<Tacc>().data());
+  }
+
+ private:
+  XentParams params_;
+};
+
+template <typename T>
+class DenseXentGradOp : public OpKernel {
+ public:
+  using Tacc = typename AccumulatorType<T>::type;
+  explicit DenseXentGradOp(OpKernelConstruction* ctx) : OpKernel(ctx) {
+    ReadParams(ctx, &params_);
+  }
+
+  void Compute(OpKernelContext* ctx) override {
+    XentParams p = params_;
+    const Tensor& predictions = ctx->input(0);
+    const Tensor& labels = ctx->input(1);
+    const Tensor& stats = ctx->input(2);
+    const Tensor& grad_loss = ctx->input(3);
+    CheckPredictions(ctx, predictions, &p);
+    if (!ctx->status().ok()) return;
+    CheckShape(ctx, "labels", labels, predictions.shape());
+    CheckShape(ctx, "stats", stats, TensorShape({p.num_rows, 2}));
+    CheckShape(ctx, "grad_loss", grad_loss, TensorShape({p.num_rows}));
+    if (!ctx->status().ok()) return;
+
+    Tensor* grad = nullptr;
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(0, predictions.shape(), &grad));
+    DenseXentBackward<CpuDevice, T>()(
+        MakeCpuDevice(ctx), p, predictions.flat<T>().data(),
+        labels.flat<Tacc>().data(), stats.flat<Tacc>().data(),
+        grad_loss.flat<Tacc>().data(), grad->flat<T>().data());
+  }
+
+ private:
+  XentParams params_;
+};
+
+template <typename T>
+class DenseXentLabelsGradOp : public OpKernel {
+ public:
+  using Tacc = typename AccumulatorType<T>::type;
+  explicit DenseXentLabelsGradOp(OpKernelConstruction* ctx) : OpKernel(ctx) {
+    ReadParams(ctx, &params_);
+  }
+
+  void Compute(OpKernelContext* ctx) override {
+    XentParams p = params_;
+    const Tensor& predictions = ctx->input(0);
+    const Tensor& stats = ctx->input(1);
+    const Tensor& grad_loss = ctx->input(2);
+    CheckPredictions(ctx, predictions, &p);
+    if (!ctx->status().ok()) return;
+    CheckShape(ctx, "stats", stats, TensorShape({p.num_rows, 2}));
+    CheckShape(ctx, "grad_loss", grad_loss, TensorShape({p.num_rows}));
+    if (!ctx->status().ok()) return;
+
+    Tensor* grad = nullptr;
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(0, predictions.shape(), &grad));
+    DenseXentLabelsBackward<CpuDevice, T>()(
+        MakeCpuDevice(ctx), p, predictions.flat<T>().data(),
+        stats.flat<Tacc>().data(), grad_loss.flat<Tacc>().data(),
+        grad->flat<Tacc>().data());
+  }
+
+ private:
+  XentParams params_;
+};
+
+// Tloss is pinned to the accumulation type so a mismatched call finds no
+// kernel rather than a kernel writing the wrong type.
+#define TFXENT_REGISTER_SPARSE_CPU(T, Tidx)                              \
+  REGISTER_KERNEL_BUILDER(Name("TfXent>SparseXent")                      \
+                              .Device(DEVICE_CPU)                        \
+                              .TypeConstraint<T>("T")                    \
+                              .TypeConstraint<AccumulatorType<T>::type>( \
+                                  "Tloss")                               \
+                              .TypeConstraint<Tidx>("Tidx"),             \
+                          SparseXentOp<T, Tidx>);                        \
+  REGISTER_KERNEL_BUILDER(Name("TfXent>SparseXentGrad")                  \
+                              .Device(DEVICE_CPU)                        \
+                              .TypeConstraint<T>("T")                    \
+                              .TypeConstraint<AccumulatorType<T>::type>( \
+                                  "Tloss")                               \
+                              .TypeConstraint<Tidx>("Tidx"),             \
+                          SparseXentGradOp<T, Tidx>);
+
+#define TFXENT_REGISTER_DENSE_CPU(T)                                      \
+  REGISTER_KERNEL_BUILDER(Name("TfXent>DenseXent")                        \
+                              .Device(DEVICE_CPU)                         \
+                              .TypeConstraint<T>("T")                     \
+                              .TypeConstraint<AccumulatorType<T>::type>(  \
+                                  "Tloss"),                               \
+                          DenseXentOp<T>);                                \
+  REGISTER_KERNEL_BUILDER(Name("TfXent>DenseXentGrad")                    \
+                              .Device(DEVICE_CPU)                         \
+                              .TypeConstraint<T>("T")                     \
+                              .TypeConstraint<AccumulatorType<T>::type>(  \
+                                  "Tloss"),                               \
+                          DenseXentGradOp<T>);                            \
+  REGISTER_KERNEL_BUILDER(Name("TfXent>DenseXentLabelsGrad")              \
+                              .Device(DEVICE_CPU)                         \
+                              .TypeConstraint<T>("T")                     \
+                              .TypeConstraint<AccumulatorType<T>::type>(  \
+                                  "Tloss"),                               \
+                          DenseXentLabelsGradOp<T>);
+
+#define TFXENT_REGISTER_CPU(T)               \
+  TFXENT_REGISTER_SPARSE_CPU(T, int32_t)     \
+  TFXENT_REGISTER_SPARSE_CPU(T, int64_t)     \
+  TFXENT_REGISTER_DENSE_CPU(T)
+
+TFXENT_REGISTER_CPU(Eigen::half)
+TFXENT_REGISTER_CPU(::tensorflow::bfloat16)
+TFXENT_REGISTER_CPU(float)
+TFXENT_REGISTER_CPU(double)
+
+#undef TFXENT_REGISTER_CPU
+#undef TFXENT_REGISTER_DENSE_CPU
+#undef TFXENT_REGISTER_SPARSE_CPU
+
+}  // namespace tf_xent_ops

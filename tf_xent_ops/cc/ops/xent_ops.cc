@@ -1,0 +1,185 @@
+/* Copyright 2026 The tf_xent_ops Authors. Licensed under the Apache License 2.0.
+
+Registration of the fused cross-entropy ops. Inputs are row-major
+[num_rows, num_classes]; the Python layer moves the class axis last and
+flattens. `Tloss` is float for half/bfloat16/float predictions and double for
+double: losses, row statistics and dense labels are kept in that type.
+*/
+#include "tensorflow/core/framework/common_shape_fns.h"
+#include "tensorflow/core/framework/op.h"
+#include "tensorflow/core/framework/shape_inference.h"
+
+namespace tf_xent_ops {
+namespace {
+
+using ::tensorflow::DataType;
+using ::tensorflow::Status;
+using ::tensorflow::shape_inference::DimensionHandle;
+using ::tensorflow::shape_inference::InferenceContext;
+using ::tensorflow::shape_inference::ShapeHandle;
+
+// Tloss must be the accumulation type of T.
+Status CheckLossType(InferenceContext* c) {
+  DataType t, tloss;
+  TF_RETURN_IF_ERROR(c->GetAttr("T", &t));
+  TF_RETURN_IF_ERROR(c->GetAttr("Tloss", &tloss));
+  const DataType expected =
+      t == ::tensorflow::DT_DOUBLE ? ::tensorflow::DT_DOUBLE : ::tensorflow::DT_FLOAT;
+  if (tloss != expected) {
+    return ::tensorflow::errors::InvalidArgument(
+        "Tloss must be ", ::tensorflow::DataTypeString(expected),
+        " for predictions of type ", ::tensorflow::DataTypeString(t),
+        ", got ", ::tensorflow::DataTypeString(tloss));
+  }
+  return ::tensorflow::OkStatus();
+}
+
+// predictions [N, C] -> the handle, and N merged from `rows`.
+Status PredictionsShape(InferenceContext* c, ShapeHandle* predictions,
+                        DimensionHandle* num_rows) {
+  TF_RETURN_IF_ERROR(c->WithRank(c->input(0), 2, predictions));
+  *num_rows = c->Dim(*predictions, 0);
+  return ::tensorflow::OkStatus();
+}
+
+// Merges dimension 0 of input `index` (rank `rank`) into num_rows.
+Status MergeRows(InferenceContext* c, int index, int rank,
+                 DimensionHandle* num_rows, ShapeHandle* shape) {
+  TF_RETURN_IF_ERROR(c->WithRank(c->input(index), rank, shape));
+  return c->Merge(*num_rows, c->Dim(*shape, 0), num_rows);
+}
+
+Status SparseForwardShape(InferenceContext* c) {
+  TF_RETURN_IF_ERROR(CheckLossType(c));
+  ShapeHandle predictions, labels;
+  DimensionHandle n;
+  TF_RETURN_IF_ERROR(PredictionsShape(c, &predictions, &n));
+  TF_RETURN_IF_ERROR(MergeRows(c, 1, 1, &n, &labels));
+  c->set_output(0, c->Vector(n));
+  c->set_output(1, c->Vector(n));
+  return ::tensorflow::OkStatus();
+}
+
+Status SparseBackwardShape(InferenceContext* c) {
+  TF_RETURN_IF_ERROR(CheckLossType(c));
+  ShapeHandle predictions, other;
+  DimensionHandle n;
+  TF_RETURN_IF_ERROR(PredictionsShape(c, &predictions, &n));
+  for (int i = 1; i <= 3; ++i) TF_RETURN_IF_ERROR(MergeRows(c, i, 1, &n, &other));
+  c->set_output(0, c->Matrix(n, c->Dim(predictions, 1)));
+  return ::tensorflow::OkStatus();
+}
+
+Status DenseForwardShape(InferenceContext* c) {
+  TF_RETURN_IF_ERROR(CheckLossType(c));
+  ShapeHandle predictions, labels;
+  DimensionHandle n;
+  TF_RETURN_IF_ERROR(PredictionsShape(c, &predictions, &n));
+  TF_RETURN_IF_ERROR(c->Merge(predictions, c->input(1), &labels));
+  n = c->Dim(labels, 0);
+  c->set_output(0, c->Vector(n));
+  c->set_output(1, c->Matrix(n, 2));
+  return ::tensorflow::OkStatus();
+}
+
+Status DenseBackwardShape(InferenceContext* c) {
+  TF_RETURN_IF_ERROR(CheckLossType(c));
+  const bool with_labels = c->num_inputs() == 4;
+  ShapeHandle predictions, other;
+  DimensionHandle n;
+  TF_RETURN_IF_ERROR(PredictionsShape(c, &predictions, &n));
+  int next = 1;
+  if (with_labels) {
+    TF_RETURN_IF_ERROR(c->Merge(predictions, c->input(next++), &predictions));
+    n = c->Dim(predictions, 0);
+  }
+  ShapeHandle stats;
+  TF_RETURN_IF_ERROR(MergeRows(c, next++, 2, &n, &stats));
+  DimensionHandle two;
+  TF_RETURN_IF_ERROR(c->WithValue(c->Dim(stats, 1), 2, &two));
+  TF_RETURN_IF_ERROR(MergeRows(c, next, 1, &n, &other));
+  c->set_output(0, c->Matrix(n, c->Dim(predictions, 1)));
+  return ::tensorflow::OkStatus();
+}
+
+}  // namespace
+
+#define TFXENT_COMMON_ATTRS                               \
+  Attr("T: {half, bfloat16, float, double}")              \
+      .Attr("Tloss: {float, double} = DT_FLOAT")          \
+      .Attr("from_logits: bool = true")                   \
+      .Attr("label_smoothing: float = 0.0")               \
+      .Attr("epsilon: float = 1e-7")
+
+#define TFXENT_SPARSE_ATTRS                               \
+  TFXENT_COMMON_ATTRS.Attr("Tidx: {int32, int64} = DT_INT64") \
+      .Attr("ignore_class: int = 0")                      \
+      .Attr("use_ignore_class: bool = false")
+
+REGISTER_OP("TfXent>SparseXent")
+    .Input("predictions: T")
+    .Input("labels: Tidx")
+    .Output("loss: Tloss")
+    .Output("log_sum_exp: Tloss")
+    .TFXENT_SPARSE_ATTRS
+    .SetShapeFn(SparseForwardShape)
+    .Doc(R"doc(
+Per-row softmax cross-entropy with integer labels, fused.
+
+predictions: [N, C] logits (from_logits) or probabilities.
+labels: [N] class indices in [0, C), or ignore_class when use_ignore_class.
+loss: [N] per-row loss; 0 for ignored rows.
+log_sum_exp: [N] row statistic for the gradient (log of the row's sum of
+  clipped probabilities when from_logits is false).
+)doc");
+
+REGISTER_OP("TfXent>SparseXentGrad")
+    .Input("predictions: T")
+    .Input("labels: Tidx")
+    .Input("log_sum_exp: Tloss")
+    .Input("grad_loss: Tloss")
+    .Output("grad_predictions: T")
+    .TFXENT_SPARSE_ATTRS
+    .SetShapeFn(SparseBackwardShape)
+    .Doc("Gradient of TfXent>SparseXent with respect to the predictions.");
+
+REGISTER_OP("TfXent>DenseXent")
+    .Input("predictions: T")
+    .Input("labels: Tloss")
+    .Output("loss: Tloss")
+    .Output("stats: Tloss")
+    .TFXENT_COMMON_ATTRS
+    .SetShapeFn(DenseForwardShape)
+    .Doc(R"doc(
+Per-row cross-entropy with dense (soft) labels, fused.
+
+predictions: [N, C] logits (from_logits) or probabilities.
+labels: [N, C] targets, smoothed inside the op by label_smoothing.
+loss: [N] per-row loss.
+stats: [N, 2] row statistics for the gradients: (log_sum_exp, sum of
+  targets) for logits, (row sum, sum of in-range targets) for probabilities.
+)doc");
+
+REGISTER_OP("TfXent>DenseXentGrad")
+    .Input("predictions: T")
+    .Input("labels: Tloss")
+    .Input("stats: Tloss")
+    .Input("grad_loss: Tloss")
+    .Output("grad_predictions: T")
+    .TFXENT_COMMON_ATTRS
+    .SetShapeFn(DenseBackwardShape)
+    .Doc("Gradient of TfXent>DenseXent with respect to the predictions.");
+
+REGISTER_OP("TfXent>DenseXentLabelsGrad")
+    .Input("predictions: T")
+    .Input("stats: Tloss")
+    .Input("grad_loss: Tloss")
+    .Output("grad_labels: Tloss")
+    .TFXENT_COMMON_ATTRS
+    .SetShapeFn(DenseBackwardShape)
+    .Doc("Gradient of TfXent>DenseXent with respect to the labels.");
+
+#undef TFXENT_SPARSE_ATTRS
+#undef TFXENT_COMMON_ATTRS
+
+}  // namespace tf_xent_ops
