@@ -56,7 +56,9 @@ class BuildTfOps(build_ext):
         cxx = os.environ.get("CXX", "g++")
         cflags = (
             tf.sysconfig.get_compile_flags()
-            + ["-I" + root, "-O3", "-fPIC", "-Wall", "-Wno-sign-compare", "-Wno-deprecated-declarations"]
+            + ["-I" + root, "-O3", "-fPIC", "-Wall", "-Wno-sign-compare"]
+            # TensorFlow's own headers trip these.
+            + ["-Wno-deprecated-declarations"]
             + shlex.split(self.extra_cflags)
         )
         headers = [os.path.join(root, h) for h in HEADERS]
@@ -71,7 +73,8 @@ class BuildTfOps(build_ext):
 
         with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
             objs = list(pool.map(compile_one, ext.sources))
-        self._run([cxx, "-shared", *objs, "-o", out, *tf.sysconfig.get_link_flags(), *shlex.split(self.extra_cflags)])
+        link_flags = tf.sysconfig.get_link_flags() + shlex.split(self.extra_cflags)
+        self._run([cxx, "-shared", *objs, "-o", out, *link_flags])
         _write_build_info(os.path.dirname(out), tf.__version__)
 
     def run(self):

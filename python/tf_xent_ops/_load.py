@@ -27,7 +27,9 @@ def _load_library():
     try:
         return tf.load_op_library(_LIBRARY_PATH)
     except (tf.errors.NotFoundError, OSError) as e:
-        raise ImportError(f"tf_xent_ops: could not load {_LIBRARY_PATH}: {e}. {_REBUILD_HINT}") from e
+        raise ImportError(
+            f"tf_xent_ops: could not load {_LIBRARY_PATH}: {e}. {_REBUILD_HINT}"
+        ) from e
 
 
 library = _load_library()

@@ -16,9 +16,7 @@ def resolve_logits(output, from_logits, fn_name):
     """Returns (predictions, from_logits), using a softmax's logits when known."""
     has_keras_logits = hasattr(output, "_keras_logits")
     from_softmax_op = (
-        not has_keras_logits
-        and tf.is_symbolic_tensor(output)
-        and output.op.type == "Softmax"
+        not has_keras_logits and tf.is_symbolic_tensor(output) and output.op.type == "Softmax"
     )
     if from_logits and (has_keras_logits or from_softmax_op):
         warnings.warn(
@@ -101,4 +99,3 @@ def sparse_categorical_crossentropy(target, output, from_logits=False, axis=-1):
     output, from_logits = resolve_logits(output, from_logits, "sparse_categorical_crossentropy")
     loss = ops.sparse_crossentropy(target, output, from_logits=from_logits, axis=axis)
     return tf.cast(loss, output.dtype)
-

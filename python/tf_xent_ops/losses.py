@@ -19,7 +19,9 @@ def _set_keras_mask(x, mask):
 def _categorical(y_true, y_pred, from_logits, label_smoothing, axis):
     """The loss in ops.loss_dtype(y_pred.dtype): the shared body of every form."""
     if isinstance(axis, bool):
-        raise ValueError(f"`axis` must be of type `int`. Received: axis={axis} of type {type(axis)}")
+        raise ValueError(
+            f"`axis` must be of type `int`. Received: axis={axis} of type {type(axis)}"
+        )
     y_pred = tf.convert_to_tensor(y_pred)
     if y_pred.shape.rank and y_pred.shape[-1] == 1:
         warnings.warn(

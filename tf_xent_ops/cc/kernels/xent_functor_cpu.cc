@@ -1,4 +1,5 @@
-/* Copyright 2026 The tf_xent_ops Authors. Licensed under the Apache License 2.0.
+/* Copyright 2026 The tf_xent_ops Authors. Licensed under the Apache
+License 2.0.
 
 CPU specializations of the cross-entropy functors: one thread per shard of
 rows, each row computed start to finish by that thread (bitwise the same result
@@ -37,7 +38,8 @@ inline Tacc RowMax(const T* z, int64_t num_classes) {
 template <typename RowFn>
 void ForEachRow(const CpuDevice& d, const XentParams& p, const RowFn& row_fn) {
   if (p.num_rows == 0) return;
-  d.parallel_for(p.num_rows, std::max<int64_t>(1, p.num_classes) * kCyclesPerElement,
+  d.parallel_for(p.num_rows,
+                 std::max<int64_t>(1, p.num_classes) * kCyclesPerElement,
                  [&row_fn](int64_t begin, int64_t end) {
                    for (int64_t r = begin; r < end; ++r) row_fn(r);
                  });
@@ -74,28 +76,28 @@ struct SparseXentForward<CpuDevice, T, Tidx> {
       if (p.from_logits) {
         // loss = log(s) - sum_k t_k (z_k - m), with s = sum_k exp(z_k - m).
         const Tacc m = RowMax<Tacc>(x, num_classes);
-        Tacc s = 0, sum_shifted = 0;
+        CompensatedSum<Tacc> s, sum_shifted;
         for (int64_t k = 0; k < num_classes; ++k) {
           const Tacc shifted = Load<Tacc>(x, k) - m;
-          s += ExpOf(shifted);
-          if (smoothing) sum_shifted += shifted;
+          s.Add(ExpOf(shifted));
+          if (smoothing) sum_shifted.Add(shifted);
         }
-        const Tacc log_s = LogOf(s);
+        const Tacc log_s = LogOf(s.Total());
         log_sum_exp[r] = m + log_s;
         loss[r] = log_s - c.on_weight * (Load<Tacc>(x, label) - m) -
-                  c.off_weight * sum_shifted;
+                  c.off_weight * sum_shifted.Total();
       } else {
         // z_k = log(clip(p_k)): lse = log(sum_k clip(p_k)).
-        Tacc s = 0, sum_log = 0;
+        CompensatedSum<Tacc> s, sum_log;
         for (int64_t k = 0; k < num_classes; ++k) {
           const Tacc clipped = c.Clip(Load<Tacc>(x, k));
-          s += clipped;
-          if (smoothing) sum_log += LogOf(clipped);
+          s.Add(clipped);
+          if (smoothing) sum_log.Add(LogOf(clipped));
         }
-        const Tacc lse = LogOf(s);
+        const Tacc lse = LogOf(s.Total());
         log_sum_exp[r] = lse;
         loss[r] = lse - c.on_weight * LogOf(c.Clip(Load<Tacc>(x, label))) -
-                  c.off_weight * sum_log;
+                  c.off_weight * sum_log.Total();
       }
     });
   }
@@ -149,31 +151,32 @@ struct DenseXentForward<CpuDevice, T> {
         // loss = sum_t * log(s) - sum_k t_k (z_k - m). Zero targets are
         // skipped so that a -inf logit with no target mass costs nothing.
         const Tacc m = RowMax<Tacc>(x, num_classes);
-        Tacc s = 0, sum_t = 0, sum_t_shifted = 0;
+        CompensatedSum<Tacc> s, sum_t, sum_t_shifted;
         for (int64_t k = 0; k < num_classes; ++k) {
           const Tacc shifted = Load<Tacc>(x, k) - m;
           const Tacc t = c.DenseTarget(y[k]);
-          s += ExpOf(shifted);
-          sum_t += t;
-          if (t != Tacc(0)) sum_t_shifted += t * shifted;
+          s.Add(ExpOf(shifted));
+          sum_t.Add(t);
+          if (t != Tacc(0)) sum_t_shifted.Add(t * shifted);
         }
-        const Tacc log_s = LogOf(s);
-        loss[r] = sum_t * log_s - sum_t_shifted;
+        const Tacc log_s = LogOf(s.Total());
+        loss[r] = sum_t.Total() * log_s - sum_t_shifted.Total();
         stats[2 * r] = m + log_s;
-        stats[2 * r + 1] = sum_t;
+        stats[2 * r + 1] = sum_t.Total();
       } else {
-        Tacc s = 0;
-        for (int64_t k = 0; k < num_classes; ++k) s += Load<Tacc>(x, k);
-        Tacc total = 0, in_range_t = 0;
+        CompensatedSum<Tacc> row_sum;
+        for (int64_t k = 0; k < num_classes; ++k) row_sum.Add(Load<Tacc>(x, k));
+        const Tacc s = row_sum.Total();
+        CompensatedSum<Tacc> total, in_range_t;
         for (int64_t k = 0; k < num_classes; ++k) {
           const Tacc q = Load<Tacc>(x, k) / s;
           const Tacc t = c.DenseTarget(y[k]);
-          total -= t * LogOf(c.Clip(q));
-          if (c.InClipRange(q)) in_range_t += t;
+          total.Add(t * LogOf(c.Clip(q)));
+          if (c.InClipRange(q)) in_range_t.Add(t);
         }
-        loss[r] = total;
+        loss[r] = -total.Total();
         stats[2 * r] = s;
-        stats[2 * r + 1] = in_range_t;
+        stats[2 * r + 1] = in_range_t.Total();
       }
     });
   }
@@ -232,13 +235,13 @@ struct DenseXentLabelsBackward<CpuDevice, T> {
   }
 };
 
-#define TFXENT_INSTANTIATE_CPU(T)                                \
-  template struct SparseXentForward<CpuDevice, T, int32_t>;      \
-  template struct SparseXentForward<CpuDevice, T, int64_t>;      \
-  template struct SparseXentBackward<CpuDevice, T, int32_t>;     \
-  template struct SparseXentBackward<CpuDevice, T, int64_t>;     \
-  template struct DenseXentForward<CpuDevice, T>;                \
-  template struct DenseXentBackward<CpuDevice, T>;               \
+#define TFXENT_INSTANTIATE_CPU(T)                            \
+  template struct SparseXentForward<CpuDevice, T, int32_t>;  \
+  template struct SparseXentForward<CpuDevice, T, int64_t>;  \
+  template struct SparseXentBackward<CpuDevice, T, int32_t>; \
+  template struct SparseXentBackward<CpuDevice, T, int64_t>; \
+  template struct DenseXentForward<CpuDevice, T>;            \
+  template struct DenseXentBackward<CpuDevice, T>;           \
   template struct DenseXentLabelsBackward<CpuDevice, T>;
 
 TFXENT_INSTANTIATE_CPU(Eigen::half)

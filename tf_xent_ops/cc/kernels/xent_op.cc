@@ -1,4 +1,5 @@
-/* Copyright 2026 The tf_xent_ops Authors. Licensed under the Apache License 2.0.
+/* Copyright 2026 The tf_xent_ops Authors. Licensed under the Apache
+License 2.0.
 
 OpKernels of the fused cross-entropy ops: validate, allocate, call the functor.
 */
@@ -51,10 +52,11 @@ CpuDevice MakeCpuDevice(OpKernelContext* ctx) {
 // Checks predictions is [N, C] and sets num_rows / num_classes.
 void CheckPredictions(OpKernelContext* ctx, const Tensor& predictions,
                       XentParams* p) {
-  OP_REQUIRES(ctx, predictions.dims() == 2,
-              InvalidArgument("predictions must be 2-D [num_rows, num_classes], "
-                              "got shape ",
-                              predictions.shape().DebugString()));
+  OP_REQUIRES(
+      ctx, predictions.dims() == 2,
+      InvalidArgument("predictions must be 2-D [num_rows, num_classes], "
+                      "got shape ",
+                      predictions.shape().DebugString()));
   p->num_rows = predictions.dim_size(0);
   p->num_classes = predictions.dim_size(1);
   OP_REQUIRES(ctx, p->num_rows == 0 || p->num_classes > 0,
@@ -80,15 +82,13 @@ void CheckLabels(OpKernelContext* ctx, const XentParams& p,
   const int64_t bad = FindInvalidLabel(p, data);
   OP_REQUIRES(
       ctx, bad < 0,
-      InvalidArgument("Received a label value of ",
-                      bad < 0 ? 0 : static_cast<int64_t>(data[bad]),
-                      " at position ", bad,
-                      " which is outside the valid range of [0, ", p.num_classes,
-                      ")",
-                      p.use_ignore_class
-                          ? ::tensorflow::strings::StrCat(
-                                " and is not ignore_class=", p.ignore_class)
-                          : std::string()));
+      InvalidArgument(
+          "Received a label value of ",
+          bad < 0 ? 0 : static_cast<int64_t>(data[bad]), " at position ", bad,
+          " which is outside the valid range of [0, ", p.num_classes, ")",
+          p.use_ignore_class ? ::tensorflow::strings::StrCat(
+                                   " and is not ignore_class=", p.ignore_class)
+                             : std::string()));
 }
 
 }  // namespace
@@ -179,9 +179,10 @@ class DenseXentOp : public OpKernel {
     if (!ctx->status().ok()) return;
 
     Tensor *loss = nullptr, *stats = nullptr;
-    OP_REQUIRES_OK(ctx, ctx->allocate_output(0, TensorShape({p.num_rows}), &loss));
     OP_REQUIRES_OK(ctx,
-                   ctx->allocate_output(1, TensorShape({p.num_rows, 2}), &stats));
+                   ctx->allocate_output(0, TensorShape({p.num_rows}), &loss));
+    OP_REQUIRES_OK(
+        ctx, ctx->allocate_output(1, TensorShape({p.num_rows, 2}), &stats));
     DenseXentForward<CpuDevice, T>()(
         MakeCpuDevice(ctx), p, predictions.flat<T>().data(),
         labels.flat<Tacc>().data(), loss->flat<Tacc>().data(),
@@ -258,45 +259,45 @@ class DenseXentLabelsGradOp : public OpKernel {
 
 // Tloss is pinned to the accumulation type so a mismatched call finds no
 // kernel rather than a kernel writing the wrong type.
-#define TFXENT_REGISTER_SPARSE_CPU(T, Tidx)                              \
-  REGISTER_KERNEL_BUILDER(Name("TfXent>SparseXent")                      \
-                              .Device(DEVICE_CPU)                        \
-                              .TypeConstraint<T>("T")                    \
-                              .TypeConstraint<AccumulatorType<T>::type>( \
-                                  "Tloss")                               \
-                              .TypeConstraint<Tidx>("Tidx"),             \
-                          SparseXentOp<T, Tidx>);                        \
-  REGISTER_KERNEL_BUILDER(Name("TfXent>SparseXentGrad")                  \
-                              .Device(DEVICE_CPU)                        \
-                              .TypeConstraint<T>("T")                    \
-                              .TypeConstraint<AccumulatorType<T>::type>( \
-                                  "Tloss")                               \
-                              .TypeConstraint<Tidx>("Tidx"),             \
-                          SparseXentGradOp<T, Tidx>);
+#define TFXENT_REGISTER_SPARSE_CPU(T, Tidx)                  \
+  REGISTER_KERNEL_BUILDER(                                   \
+      Name("TfXent>SparseXent")                              \
+          .Device(DEVICE_CPU)                                \
+          .TypeConstraint<T>("T")                            \
+          .TypeConstraint<AccumulatorType<T>::type>("Tloss") \
+          .TypeConstraint<Tidx>("Tidx"),                     \
+      SparseXentOp<T, Tidx>);                                \
+  REGISTER_KERNEL_BUILDER(                                   \
+      Name("TfXent>SparseXentGrad")                          \
+          .Device(DEVICE_CPU)                                \
+          .TypeConstraint<T>("T")                            \
+          .TypeConstraint<AccumulatorType<T>::type>("Tloss") \
+          .TypeConstraint<Tidx>("Tidx"),                     \
+      SparseXentGradOp<T, Tidx>);
 
-#define TFXENT_REGISTER_DENSE_CPU(T)                                      \
-  REGISTER_KERNEL_BUILDER(Name("TfXent>DenseXent")                        \
-                              .Device(DEVICE_CPU)                         \
-                              .TypeConstraint<T>("T")                     \
-                              .TypeConstraint<AccumulatorType<T>::type>(  \
-                                  "Tloss"),                               \
-                          DenseXentOp<T>);                                \
-  REGISTER_KERNEL_BUILDER(Name("TfXent>DenseXentGrad")                    \
-                              .Device(DEVICE_CPU)                         \
-                              .TypeConstraint<T>("T")                     \
-                              .TypeConstraint<AccumulatorType<T>::type>(  \
-                                  "Tloss"),                               \
-                          DenseXentGradOp<T>);                            \
-  REGISTER_KERNEL_BUILDER(Name("TfXent>DenseXentLabelsGrad")              \
-                              .Device(DEVICE_CPU)                         \
-                              .TypeConstraint<T>("T")                     \
-                              .TypeConstraint<AccumulatorType<T>::type>(  \
-                                  "Tloss"),                               \
-                          DenseXentLabelsGradOp<T>);
+#define TFXENT_REGISTER_DENSE_CPU(T)                          \
+  REGISTER_KERNEL_BUILDER(                                    \
+      Name("TfXent>DenseXent")                                \
+          .Device(DEVICE_CPU)                                 \
+          .TypeConstraint<T>("T")                             \
+          .TypeConstraint<AccumulatorType<T>::type>("Tloss"), \
+      DenseXentOp<T>);                                        \
+  REGISTER_KERNEL_BUILDER(                                    \
+      Name("TfXent>DenseXentGrad")                            \
+          .Device(DEVICE_CPU)                                 \
+          .TypeConstraint<T>("T")                             \
+          .TypeConstraint<AccumulatorType<T>::type>("Tloss"), \
+      DenseXentGradOp<T>);                                    \
+  REGISTER_KERNEL_BUILDER(                                    \
+      Name("TfXent>DenseXentLabelsGrad")                      \
+          .Device(DEVICE_CPU)                                 \
+          .TypeConstraint<T>("T")                             \
+          .TypeConstraint<AccumulatorType<T>::type>("Tloss"), \
+      DenseXentLabelsGradOp<T>);
 
-#define TFXENT_REGISTER_CPU(T)               \
-  TFXENT_REGISTER_SPARSE_CPU(T, int32_t)     \
-  TFXENT_REGISTER_SPARSE_CPU(T, int64_t)     \
+#define TFXENT_REGISTER_CPU(T)           \
+  TFXENT_REGISTER_SPARSE_CPU(T, int32_t) \
+  TFXENT_REGISTER_SPARSE_CPU(T, int64_t) \
   TFXENT_REGISTER_DENSE_CPU(T)
 
 TFXENT_REGISTER_CPU(Eigen::half)

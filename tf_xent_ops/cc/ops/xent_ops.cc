@@ -1,4 +1,5 @@
-/* Copyright 2026 The tf_xent_ops Authors. Licensed under the Apache License 2.0.
+/* Copyright 2026 The tf_xent_ops Authors. Licensed under the Apache
+License 2.0.
 
 Registration of the fused cross-entropy ops. Inputs are row-major
 [num_rows, num_classes]; the Python layer moves the class axis last and
@@ -23,13 +24,14 @@ Status CheckLossType(InferenceContext* c) {
   DataType t, tloss;
   TF_RETURN_IF_ERROR(c->GetAttr("T", &t));
   TF_RETURN_IF_ERROR(c->GetAttr("Tloss", &tloss));
-  const DataType expected =
-      t == ::tensorflow::DT_DOUBLE ? ::tensorflow::DT_DOUBLE : ::tensorflow::DT_FLOAT;
+  const DataType expected = t == ::tensorflow::DT_DOUBLE
+                                ? ::tensorflow::DT_DOUBLE
+                                : ::tensorflow::DT_FLOAT;
   if (tloss != expected) {
     return ::tensorflow::errors::InvalidArgument(
         "Tloss must be ", ::tensorflow::DataTypeString(expected),
-        " for predictions of type ", ::tensorflow::DataTypeString(t),
-        ", got ", ::tensorflow::DataTypeString(tloss));
+        " for predictions of type ", ::tensorflow::DataTypeString(t), ", got ",
+        ::tensorflow::DataTypeString(tloss));
   }
   return ::tensorflow::OkStatus();
 }
@@ -65,7 +67,8 @@ Status SparseBackwardShape(InferenceContext* c) {
   ShapeHandle predictions, other;
   DimensionHandle n;
   TF_RETURN_IF_ERROR(PredictionsShape(c, &predictions, &n));
-  for (int i = 1; i <= 3; ++i) TF_RETURN_IF_ERROR(MergeRows(c, i, 1, &n, &other));
+  for (int i = 1; i <= 3; ++i)
+    TF_RETURN_IF_ERROR(MergeRows(c, i, 1, &n, &other));
   c->set_output(0, c->Matrix(n, c->Dim(predictions, 1)));
   return ::tensorflow::OkStatus();
 }
@@ -104,16 +107,16 @@ Status DenseBackwardShape(InferenceContext* c) {
 
 }  // namespace
 
-#define TFXENT_COMMON_ATTRS                               \
-  Attr("T: {half, bfloat16, float, double}")              \
-      .Attr("Tloss: {float, double} = DT_FLOAT")          \
-      .Attr("from_logits: bool = true")                   \
-      .Attr("label_smoothing: float = 0.0")               \
+#define TFXENT_COMMON_ATTRS                      \
+  Attr("T: {half, bfloat16, float, double}")     \
+      .Attr("Tloss: {float, double} = DT_FLOAT") \
+      .Attr("from_logits: bool = true")          \
+      .Attr("label_smoothing: float = 0.0")      \
       .Attr("epsilon: float = 1e-7")
 
-#define TFXENT_SPARSE_ATTRS                               \
+#define TFXENT_SPARSE_ATTRS                                   \
   TFXENT_COMMON_ATTRS.Attr("Tidx: {int32, int64} = DT_INT64") \
-      .Attr("ignore_class: int = 0")                      \
+      .Attr("ignore_class: int = 0")                          \
       .Attr("use_ignore_class: bool = false")
 
 REGISTER_OP("TfXent>SparseXent")
@@ -121,8 +124,7 @@ REGISTER_OP("TfXent>SparseXent")
     .Input("labels: Tidx")
     .Output("loss: Tloss")
     .Output("log_sum_exp: Tloss")
-    .TFXENT_SPARSE_ATTRS
-    .SetShapeFn(SparseForwardShape)
+    .TFXENT_SPARSE_ATTRS.SetShapeFn(SparseForwardShape)
     .Doc(R"doc(
 Per-row softmax cross-entropy with integer labels, fused.
 
@@ -139,8 +141,7 @@ REGISTER_OP("TfXent>SparseXentGrad")
     .Input("log_sum_exp: Tloss")
     .Input("grad_loss: Tloss")
     .Output("grad_predictions: T")
-    .TFXENT_SPARSE_ATTRS
-    .SetShapeFn(SparseBackwardShape)
+    .TFXENT_SPARSE_ATTRS.SetShapeFn(SparseBackwardShape)
     .Doc("Gradient of TfXent>SparseXent with respect to the predictions.");
 
 REGISTER_OP("TfXent>DenseXent")
@@ -148,8 +149,7 @@ REGISTER_OP("TfXent>DenseXent")
     .Input("labels: Tloss")
     .Output("loss: Tloss")
     .Output("stats: Tloss")
-    .TFXENT_COMMON_ATTRS
-    .SetShapeFn(DenseForwardShape)
+    .TFXENT_COMMON_ATTRS.SetShapeFn(DenseForwardShape)
     .Doc(R"doc(
 Per-row cross-entropy with dense (soft) labels, fused.
 
@@ -166,8 +166,7 @@ REGISTER_OP("TfXent>DenseXentGrad")
     .Input("stats: Tloss")
     .Input("grad_loss: Tloss")
     .Output("grad_predictions: T")
-    .TFXENT_COMMON_ATTRS
-    .SetShapeFn(DenseBackwardShape)
+    .TFXENT_COMMON_ATTRS.SetShapeFn(DenseBackwardShape)
     .Doc("Gradient of TfXent>DenseXent with respect to the predictions.");
 
 REGISTER_OP("TfXent>DenseXentLabelsGrad")
@@ -175,8 +174,7 @@ REGISTER_OP("TfXent>DenseXentLabelsGrad")
     .Input("stats: Tloss")
     .Input("grad_loss: Tloss")
     .Output("grad_labels: Tloss")
-    .TFXENT_COMMON_ATTRS
-    .SetShapeFn(DenseBackwardShape)
+    .TFXENT_COMMON_ATTRS.SetShapeFn(DenseBackwardShape)
     .Doc("Gradient of TfXent>DenseXent with respect to the labels.");
 
 #undef TFXENT_SPARSE_ATTRS

@@ -1,0 +1,19 @@
+"""Shared fixtures: fresh random inputs every run, with the seed reported."""
+
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+
+@pytest.fixture
+def rng(request):
+    """A generator seeded fresh each run; the seed is printed on failure.
+
+    Set TFXENT_TEST_SEED to replay a failing run.
+    """
+    seed = int(os.environ.get("TFXENT_TEST_SEED", np.random.SeedSequence().entropy % 2**63))
+    print(f"\n[{request.node.name}] TFXENT_TEST_SEED={seed}")
+    return np.random.default_rng(seed)

@@ -1,0 +1,100 @@
+"""Float64 NumPy references for the cross-entropy semantics, and input makers.
+
+Written from the definitions (Keras 3.15, TensorFlow backend), not from the
+kernels: the dense probability path normalizes, clips to [eps, 1 - eps] and
+takes the log; the sparse one clips, takes the log and log-softmaxes.
+"""
+
+import ml_dtypes
+import numpy as np
+
+# The ops take label_smoothing and epsilon as TensorFlow `float` attributes
+# (there are no double attributes), so the references round them the same way.
+EPSILON = 1e-7
+
+
+def as_attr(x):
+    return float(np.float32(x))
+
+NUMPY_DTYPES = {
+    "float16": np.float16,
+    "bfloat16": ml_dtypes.bfloat16,
+    "float32": np.float32,
+    "float64": np.float64,
+}
+
+
+def _logsumexp(z):
+    m = np.max(z, axis=-1, keepdims=True)
+    return (m + np.log(np.sum(np.exp(z - m), axis=-1, keepdims=True)))[..., 0]
+
+
+def dense(labels, predictions, from_logits, label_smoothing=0.0, axis=-1, epsilon=EPSILON):
+    """Per-position loss with dense labels; smoothing over the classes on `axis`."""
+    label_smoothing, epsilon = as_attr(label_smoothing), as_attr(epsilon)
+    y = np.moveaxis(np.asarray(labels, np.float64), axis, -1)
+    p = np.moveaxis(np.asarray(predictions).astype(np.float64), axis, -1)
+    t = y * (1.0 - label_smoothing) + label_smoothing / p.shape[-1]
+    if from_logits:
+        lse = _logsumexp(p)[..., None]
+        return np.sum(t * (lse - p), axis=-1)
+    q = np.clip(p / np.sum(p, axis=-1, keepdims=True), epsilon, 1.0 - epsilon)
+    return -np.sum(t * np.log(q), axis=-1)
+
+
+def sparse(
+    labels,
+    predictions,
+    from_logits,
+    label_smoothing=0.0,
+    ignore_class=None,
+    axis=-1,
+    epsilon=EPSILON,
+):
+    """Per-position loss with integer labels."""
+    label_smoothing, epsilon = as_attr(label_smoothing), as_attr(epsilon)
+    p = np.moveaxis(np.asarray(predictions).astype(np.float64), axis, -1)
+    labels = np.asarray(labels).astype(np.int64).reshape(p.shape[:-1])
+    z = p if from_logits else np.log(np.clip(p, epsilon, 1.0 - epsilon))
+    num_classes = p.shape[-1]
+    valid = np.ones(labels.shape, bool) if ignore_class is None else labels != ignore_class
+    safe = np.where(valid, labels, 0)
+    neg_log_softmax = _logsumexp(z)[..., None] - z
+    at_label = np.take_along_axis(neg_log_softmax, safe[..., None], axis=-1)[..., 0]
+    loss = (1.0 - label_smoothing) * at_label + label_smoothing / num_classes * np.sum(
+        neg_log_softmax, axis=-1
+    )
+    return np.where(valid, loss, 0.0)
+
+
+def logits(rng, shape, dtype, scale=4.0):
+    return (rng.standard_normal(shape) * scale).astype(NUMPY_DTYPES[dtype])
+
+
+def probabilities(rng, shape, dtype, axis=-1):
+    """Rows of a softmax, some entries tiny enough to be clipped, not normalized
+    exactly (so the dense path's normalization matters)."""
+    z = rng.standard_normal(shape) * 6.0
+    p = np.exp(z - z.max(axis=axis, keepdims=True))
+    p /= p.sum(axis=axis, keepdims=True)
+    p *= rng.uniform(0.9, 1.1, size=p.shape)
+    return p.astype(NUMPY_DTYPES[dtype])
+
+
+def soft_labels(rng, shape, axis=-1):
+    """Label distributions (rows sum to one along `axis`)."""
+    y = rng.uniform(0.0, 1.0, size=shape) ** 3
+    return (y / y.sum(axis=axis, keepdims=True)).astype(np.float32)
+
+
+def one_hot(labels, num_classes, axis=-1):
+    labels = np.asarray(labels)
+    y = np.zeros(labels.shape + (num_classes,), np.float32)
+    np.put_along_axis(y, labels[..., None], 1.0, axis=-1)
+    return np.moveaxis(y, -1, axis)
+
+
+def tolerance(dtype):
+    """(rtol, atol) for losses against the float64 reference on the same
+    (already rounded) inputs: 16-bit inputs are accumulated in float32."""
+    return {"float64": (1e-10, 1e-10)}.get(dtype, (2e-5, 2e-5))
