@@ -30,8 +30,8 @@ lint: setup
 	$(VENV)/bin/clang-format --dry-run --Werror $(CC_FILES)
 
 format: setup
-	$(PY) -m ruff check --fix .
 	$(PY) -m ruff format .
+	$(PY) -m ruff check --fix --exit-zero .
 	$(VENV)/bin/clang-format -i $(CC_FILES)
 
 demo: build

@@ -16,6 +16,7 @@ EPSILON = 1e-7
 def as_attr(x):
     return float(np.float32(x))
 
+
 NUMPY_DTYPES = {
     "float16": np.float16,
     "bfloat16": ml_dtypes.bfloat16,

@@ -28,7 +28,9 @@ def _assert_close(actual, expected, dtype):
 def test_dense_matches_reference(rng, dtype, from_logits, label_smoothing, shape):
     p = _predictions(rng, shape, dtype, from_logits)
     y = ref.soft_labels(rng, shape)
-    loss = txo.ops.dense_crossentropy(y, p, from_logits=from_logits, label_smoothing=label_smoothing)
+    loss = txo.ops.dense_crossentropy(
+        y, p, from_logits=from_logits, label_smoothing=label_smoothing
+    )
     assert loss.dtype == (tf.float64 if dtype == "float64" else tf.float32)
     assert loss.shape == shape[:1]
     _assert_close(loss, ref.dense(y, p, from_logits, label_smoothing), dtype)
@@ -99,9 +101,7 @@ def test_sparse_equals_dense_one_hot_with_smoothing(rng):
     p = ref.logits(rng, (25, 11), "float32")
     y = rng.integers(0, 11, size=25)
     sparse = txo.ops.sparse_crossentropy(y, p, from_logits=True, label_smoothing=0.3)
-    dense = txo.ops.dense_crossentropy(
-        ref.one_hot(y, 11), p, from_logits=True, label_smoothing=0.3
-    )
+    dense = txo.ops.dense_crossentropy(ref.one_hot(y, 11), p, from_logits=True, label_smoothing=0.3)
     np.testing.assert_allclose(sparse, dense, rtol=1e-5, atol=1e-6)
 
 
