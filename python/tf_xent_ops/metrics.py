@@ -5,9 +5,11 @@ import keras
 from tf_xent_ops import losses
 
 _PACKAGE = "tf_xent_ops"
+# The loss classes hold the plain class names in the package's registry, so the
+# metrics register as "tf_xent_ops>...Metric".
 
 
-@keras.saving.register_keras_serializable(package=_PACKAGE)
+@keras.saving.register_keras_serializable(package=_PACKAGE, name="CategoricalCrossentropyMetric")
 class CategoricalCrossentropy(keras.metrics.MeanMetricWrapper):
     """Computes the crossentropy metric between the labels and predictions.
 
@@ -75,7 +77,9 @@ class CategoricalCrossentropy(keras.metrics.MeanMetricWrapper):
         }
 
 
-@keras.saving.register_keras_serializable(package=_PACKAGE)
+@keras.saving.register_keras_serializable(
+    package=_PACKAGE, name="SparseCategoricalCrossentropyMetric"
+)
 class SparseCategoricalCrossentropy(keras.metrics.MeanMetricWrapper):
     """Computes the crossentropy metric between integer labels and predictions.
 

@@ -1,0 +1,178 @@
+"""Bad input gets an exception that names the problem; never a crash."""
+
+import numpy as np
+import pytest
+import reference as ref
+import tensorflow as tf
+from tf_xent_ops._load import library
+
+import tf_xent_ops as txo
+
+
+def test_sparse_label_out_of_range_names_value_and_range(rng):
+    p = ref.logits(rng, (4, 5), "float32")
+    with pytest.raises(
+        tf.errors.InvalidArgumentError,
+        match=r"label value of 7 at position 2 .*valid range of \[0, 5\)",
+    ):
+        txo.ops.sparse_crossentropy([0, 1, 7, 2], p, from_logits=True)
+    with pytest.raises(tf.errors.InvalidArgumentError, match=r"label value of -1 at position 0"):
+        txo.losses.SparseCategoricalCrossentropy(from_logits=True)([-1, 1, 2, 3], p)
+
+
+def test_label_out_of_range_mentions_ignore_class(rng):
+    p = ref.logits(rng, (2, 3), "float32")
+    with pytest.raises(tf.errors.InvalidArgumentError, match="is not ignore_class=-1"):
+        txo.ops.sparse_crossentropy([-2, 0], p, from_logits=True, ignore_class=-1)
+
+
+def test_int64_labels_beyond_int32(rng):
+    p = ref.logits(rng, (2, 3), "float32")
+    with pytest.raises(tf.errors.InvalidArgumentError, match="label value of 4294967296"):
+        txo.ops.sparse_crossentropy(np.array([0, 2**32], np.int64), p, from_logits=True)
+
+
+def test_label_out_of_range_in_gradient_op(rng):
+    p = tf.constant(ref.logits(rng, (2, 3), "float32"))
+    with pytest.raises(tf.errors.InvalidArgumentError, match="outside the valid range"):
+        library.tf_xent_sparse_xent_grad(
+            p, tf.constant([0, 3], tf.int64), tf.zeros([2]), tf.ones([2]), from_logits=True
+        )
+
+
+@pytest.mark.parametrize(
+    "labels_shape, predictions_shape",
+    [((4, 3), (4, 5)), ((4, 5, 1), (4, 5)), ((3,), (4, 5))],
+)
+def test_dense_shape_mismatch(labels_shape, predictions_shape):
+    with pytest.raises(ValueError, match="same shape"):
+        txo.categorical_crossentropy(np.zeros(labels_shape), np.ones(predictions_shape))
+
+
+def test_sparse_shape_mismatch():
+    with pytest.raises(ValueError, match="shape of the predictions without the class axis"):
+        txo.sparse_categorical_crossentropy(np.zeros((3,), np.int64), np.ones((4, 5)))
+    with pytest.raises(ValueError, match="shape of the predictions without the class axis"):
+        txo.sparse_categorical_crossentropy(np.zeros((4, 2), np.int64), np.ones((4, 5)))
+
+
+def test_scalar_predictions():
+    with pytest.raises(ValueError, match="rank of at least 1"):
+        txo.ops.dense_crossentropy(1.0, 1.0)
+    with pytest.raises(ValueError, match="at least rank 1"):
+        txo.backend.categorical_crossentropy(1.0, [1.0])
+
+
+@pytest.mark.parametrize("label_smoothing", [-0.1, 1.5, float("nan")])
+def test_label_smoothing_out_of_range(label_smoothing):
+    with pytest.raises(ValueError, match="label_smoothing"):
+        txo.losses.CategoricalCrossentropy(label_smoothing=label_smoothing)(
+            [[0.0, 1.0]], [[0.3, 0.7]]
+        )
+
+
+@pytest.mark.parametrize("axis", [2, -3, 1.0, True])
+def test_bad_axis(axis):
+    with pytest.raises(ValueError, match="axis"):
+        txo.ops.sparse_crossentropy([0, 1], [[0.5, 0.5], [0.5, 0.5]], axis=axis)
+
+
+def test_integer_predictions():
+    with pytest.raises(TypeError, match="Predictions must be"):
+        txo.ops.sparse_crossentropy([0], tf.constant([[1, 2]]))
+
+
+def test_string_labels():
+    with pytest.raises(TypeError, match="Sparse labels must be integers"):
+        txo.ops.sparse_crossentropy(tf.constant(["a"]), [[0.5, 0.5]])
+
+
+def test_zero_classes():
+    with pytest.raises(tf.errors.InvalidArgumentError, match="at least one class"):
+        txo.ops.dense_crossentropy(np.zeros((2, 0)), np.zeros((2, 0)), from_logits=True)
+
+
+@pytest.mark.parametrize(
+    "call, message",
+    [
+        (
+            lambda: library.tf_xent_sparse_xent(
+                tf.zeros([2, 3]), tf.zeros([3], tf.int64), Tloss=tf.float32
+            ),
+            "Dimensions must be equal|must have shape",
+        ),
+        (
+            lambda: library.tf_xent_sparse_xent(
+                tf.zeros([2, 3, 1]), tf.zeros([2], tf.int64), Tloss=tf.float32
+            ),
+            "must be rank 2|must be 2-D",
+        ),
+        (
+            # Eagerly, the kernel lookup fails first and lists the valid T/Tloss
+            # pairs; in a graph, the shape function says it in words.
+            lambda: library.tf_xent_sparse_xent(
+                tf.zeros([2, 3]), tf.zeros([2], tf.int64), Tloss=tf.float64
+            ),
+            "Tloss",
+        ),
+        (
+            lambda: library.tf_xent_dense_xent(tf.zeros([2, 3]), tf.zeros([2, 4])),
+            "Dimensions must be equal|must have shape",
+        ),
+        (
+            lambda: library.tf_xent_dense_xent_grad(
+                tf.zeros([2, 3]), tf.zeros([2, 3]), tf.zeros([2, 3]), tf.zeros([2])
+            ),
+            "must be 2|must have shape",
+        ),
+        (
+            lambda: library.tf_xent_dense_xent_labels_grad(
+                tf.zeros([2, 3]), tf.zeros([2, 2]), tf.zeros([5])
+            ),
+            "Dimensions must be equal|must have shape",
+        ),
+        (
+            lambda: library.tf_xent_sparse_xent(
+                tf.zeros([2, 3]), tf.zeros([2], tf.int64), Tloss=tf.float32, label_smoothing=2.0
+            ),
+            r"label_smoothing must be in \[0, 1\]",
+        ),
+        (
+            lambda: library.tf_xent_dense_xent(tf.zeros([2, 3]), tf.zeros([2, 3]), epsilon=0.9),
+            r"epsilon must be in \[0, 0.5\]",
+        ),
+    ],
+)
+def test_raw_op_validation(call, message):
+    errors = (tf.errors.InvalidArgumentError, tf.errors.NotFoundError, ValueError)
+    with pytest.raises(errors, match=message):
+        call()
+
+
+def test_loss_type_mismatch_in_graph():
+    @tf.function
+    def f():
+        return library.tf_xent_sparse_xent(
+            tf.zeros([2, 3]), tf.zeros([2], tf.int64), Tloss=tf.float64
+        )
+
+    with pytest.raises(ValueError, match="Tloss must be float for predictions of type float"):
+        f.get_concrete_function()
+
+
+def test_raw_op_validation_in_graph_with_unknown_shapes():
+    @tf.function(input_signature=[tf.TensorSpec(None, tf.float32), tf.TensorSpec(None, tf.int64)])
+    def f(p, y):
+        return library.tf_xent_sparse_xent(p, y, Tloss=tf.float32)
+
+    with pytest.raises(tf.errors.InvalidArgumentError, match="must be 2-D"):
+        f(tf.zeros([2, 3, 4]), tf.zeros([2], tf.int64))
+    with pytest.raises(tf.errors.InvalidArgumentError, match="labels must have shape"):
+        f(tf.zeros([2, 3]), tf.zeros([4], tf.int64))
+
+
+def test_nan_propagates_to_its_row_only(rng):
+    p = ref.logits(rng, (3, 4), "float32")
+    p[1, 2] = np.nan
+    loss = txo.ops.sparse_crossentropy([0, 1, 2], p, from_logits=True)
+    assert np.isnan(loss[1]) and np.all(np.isfinite(loss.numpy()[[0, 2]]))

@@ -1,0 +1,189 @@
+"""Gradients: numerical checks, and the Keras built-ins' autodiff."""
+
+import keras
+import numpy as np
+import pytest
+import reference as ref
+import tensorflow as tf
+
+import tf_xent_ops as txo
+
+
+def _max_error(f, *xs):
+    # float64 inputs: a small step keeps the finite-difference error below 1e-8.
+    theoretical, numerical = tf.test.compute_gradient(f, list(xs), delta=1e-6)
+    return max(np.max(np.abs(t - n)) for t, n in zip(theoretical, numerical, strict=True))
+
+
+def _unclipped_probabilities(rng, shape):
+    # Far from the clip bounds, where finite differences are meaningful.
+    return rng.uniform(0.05, 1.0, size=shape)
+
+
+@pytest.mark.parametrize("from_logits", [True, False])
+@pytest.mark.parametrize("label_smoothing", [0.0, 0.3])
+def test_dense_numerical_gradient_wrt_predictions_and_labels(rng, from_logits, label_smoothing):
+    shape = (4, 6)
+    p = ref.logits(rng, shape, "float64") if from_logits else _unclipped_probabilities(rng, shape)
+    # Labels that do not sum to one: the gradient is the true one, softmax *
+    # sum(t) - t (TensorFlow's built-in assumes sum(t) == 1).
+    y = rng.uniform(0.0, 1.0, size=shape)
+
+    def f(labels, predictions):
+        return txo.ops.dense_crossentropy(
+            labels, predictions, from_logits=from_logits, label_smoothing=label_smoothing
+        )
+
+    assert _max_error(f, tf.constant(y), tf.constant(p)) < 1e-6
+
+
+@pytest.mark.parametrize("from_logits", [True, False])
+@pytest.mark.parametrize("label_smoothing", [0.0, 0.3])
+@pytest.mark.parametrize("ignore_class", [None, 1])
+def test_sparse_numerical_gradient(rng, from_logits, label_smoothing, ignore_class):
+    shape = (6, 5)
+    p = ref.logits(rng, shape, "float64") if from_logits else _unclipped_probabilities(rng, shape)
+    y = tf.constant(rng.integers(0, 5, size=6))
+
+    def f(predictions):
+        return txo.ops.sparse_crossentropy(
+            y,
+            predictions,
+            from_logits=from_logits,
+            label_smoothing=label_smoothing,
+            ignore_class=ignore_class,
+        )
+
+    assert _max_error(f, tf.constant(p)) < 1e-6
+
+
+@pytest.mark.parametrize("axis", [0, 1])
+def test_numerical_gradient_any_axis(rng, axis):
+    p = tf.constant(ref.logits(rng, (3, 4, 5), "float64"))
+    batch_shape = tuple(d for i, d in enumerate((3, 4, 5)) if i != axis)
+    y = tf.constant(rng.integers(0, p.shape[axis], size=batch_shape))
+
+    def f(predictions):
+        return txo.ops.sparse_crossentropy(y, predictions, True, 0.1, axis=axis)
+
+    assert _max_error(f, p) < 1e-6
+
+
+def _grads(loss_obj, y, p, sw=None, wrt_labels=False):
+    y, p = tf.constant(y), tf.constant(p)
+    with tf.GradientTape() as tape:
+        tape.watch(p)
+        if wrt_labels:
+            tape.watch(y)
+        loss = loss_obj(y, p, sample_weight=sw)
+    return tape.gradient(loss, [p, y] if wrt_labels else p)
+
+
+@pytest.mark.parametrize("from_logits", [True, False])
+@pytest.mark.parametrize("label_smoothing", [0.0, 0.2])
+@pytest.mark.parametrize("reduction", ["sum_over_batch_size", "sum", "mean_with_sample_weight"])
+def test_categorical_gradients_match_keras(rng, from_logits, label_smoothing, reduction):
+    shape = (12, 9)
+    p = (
+        ref.logits(rng, shape, "float32")
+        if from_logits
+        else ref.probabilities(rng, shape, "float32")
+    )
+    y = ref.soft_labels(rng, shape)
+    sw = rng.uniform(0, 2, size=12).astype(np.float32)
+    kwargs = dict(from_logits=from_logits, label_smoothing=label_smoothing, reduction=reduction)
+    ours = _grads(txo.losses.CategoricalCrossentropy(**kwargs), y, p, sw, wrt_labels=True)
+    theirs = _grads(keras.losses.CategoricalCrossentropy(**kwargs), y, p, sw, wrt_labels=True)
+    for a, b in zip(ours, theirs, strict=True):
+        np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-6)
+
+
+@pytest.mark.parametrize("from_logits", [True, False])
+@pytest.mark.parametrize("ignore_class", [None, 2])
+def test_sparse_gradients_match_keras(rng, from_logits, ignore_class):
+    shape = (4, 5, 8)
+    p = (
+        ref.logits(rng, shape, "float32")
+        if from_logits
+        else ref.probabilities(rng, shape, "float32")
+    )
+    y = rng.integers(0, 8, size=shape[:-1])
+    kwargs = dict(from_logits=from_logits, ignore_class=ignore_class)
+    ours = _grads(txo.losses.SparseCategoricalCrossentropy(**kwargs), y, p)
+    theirs = _grads(keras.losses.SparseCategoricalCrossentropy(**kwargs), y, p)
+    np.testing.assert_allclose(ours, theirs, rtol=2e-5, atol=2e-6)
+    if ignore_class is not None:
+        assert np.all(ours.numpy()[y == ignore_class] == 0.0)
+
+
+def test_probability_gradients_with_clipped_entries_match_keras(rng):
+    p = ref.probabilities(rng, (8, 6), "float32")
+    p[0, :3] = 0.0
+    p[1] = [1.0, 0, 0, 0, 0, 0]
+    p[2, 4] = 1e-9
+    labels = rng.integers(0, 6, size=8)
+    for ours_cls, theirs_cls, y in (
+        (
+            txo.losses.SparseCategoricalCrossentropy,
+            keras.losses.SparseCategoricalCrossentropy,
+            labels,
+        ),
+        (
+            txo.losses.CategoricalCrossentropy,
+            keras.losses.CategoricalCrossentropy,
+            ref.one_hot(labels, 6),
+        ),
+    ):
+        np.testing.assert_allclose(
+            _grads(ours_cls(), y, p), _grads(theirs_cls(), y, p), rtol=2e-5, atol=2e-6
+        )
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+@pytest.mark.parametrize("sparse", [True, False])
+def test_16_bit_gradients(rng, dtype, sparse):
+    shape = (6, 40)
+    p16 = tf.constant(ref.logits(rng, shape, dtype))
+    labels = rng.integers(0, 40, size=6)
+    y = labels if sparse else ref.one_hot(labels, 40)
+    fn = txo.ops.sparse_crossentropy if sparse else txo.ops.dense_crossentropy
+
+    def grad(p):
+        with tf.GradientTape() as tape:
+            tape.watch(p)
+            loss = tf.reduce_sum(fn(y, p, from_logits=True))
+        return tape.gradient(loss, p)
+
+    g16 = grad(p16)
+    assert g16.dtype == p16.dtype
+    g32 = grad(tf.cast(p16, tf.float32))
+    # The gradient is formed in float32 and rounded once to the 16-bit type.
+    np.testing.assert_allclose(
+        tf.cast(g16, tf.float32), tf.cast(tf.cast(g32, p16.dtype), tf.float32), rtol=0, atol=1e-7
+    )
+
+
+def test_labels_gradient_is_pruned_when_not_needed(rng):
+    p = tf.constant(ref.logits(rng, (4, 3), "float32"))
+    y = tf.constant(ref.soft_labels(rng, (4, 3)))
+
+    @tf.function
+    def grad(y, p):
+        with tf.GradientTape() as tape:
+            tape.watch(p)
+            loss = tf.reduce_sum(txo.ops.dense_crossentropy(y, p, from_logits=True))
+        return tape.gradient(loss, p)
+
+    graph = grad.get_concrete_function(y, p).graph
+    op_types = {op.type for op in graph.get_operations()}
+    assert "TfXent>DenseXentGrad" in op_types
+    # The labels' gradient op, if created, has no consumer and is pruned at run time;
+    # its value is never requested.
+    np.testing.assert_allclose(grad(y, p), _grads_plain(y, p), rtol=1e-6, atol=1e-7)
+
+
+def _grads_plain(y, p):
+    with tf.GradientTape() as tape:
+        tape.watch(p)
+        loss = tf.reduce_sum(tf.nn.softmax_cross_entropy_with_logits(y, p))
+    return tape.gradient(loss, p)

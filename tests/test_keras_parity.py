@@ -1,0 +1,322 @@
+"""Values of the losses, functions and metrics against the Keras built-ins."""
+
+import keras
+import numpy as np
+import pytest
+import reference as ref
+import tensorflow as tf
+
+import tf_xent_ops as txo
+
+REDUCTIONS = ["sum_over_batch_size", "sum", "mean", "mean_with_sample_weight", None, "none"]
+RTOL, ATOL = 2e-5, 2e-6
+
+
+def _inputs(rng, shape, from_logits, dtype="float32", axis=-1):
+    if from_logits:
+        return ref.logits(rng, shape, dtype)
+    return ref.probabilities(rng, shape, dtype, axis=axis)
+
+
+def _sample_weight(rng, kind, batch_shape):
+    if kind is None:
+        return None
+    if kind == "scalar":
+        return np.float32(rng.uniform(0.1, 2.0))
+    if kind == "per_sample":
+        return rng.uniform(0.0, 2.0, size=batch_shape[:1]).astype(np.float32)
+    if kind == "per_sample_column":
+        return rng.uniform(0.0, 2.0, size=batch_shape[:1] + (1,)).astype(np.float32)
+    if kind == "per_position":
+        return rng.uniform(0.0, 2.0, size=batch_shape).astype(np.float32)
+    raise ValueError(kind)
+
+
+def _close(actual, expected, rtol=RTOL, atol=ATOL):
+    actual, expected = np.asarray(actual), np.asarray(expected)
+    assert actual.shape == expected.shape
+    np.testing.assert_allclose(actual, expected, rtol=rtol, atol=atol)
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("from_logits", [True, False])
+@pytest.mark.parametrize("label_smoothing", [0.0, 0.15])
+@pytest.mark.parametrize("weights", [None, "scalar", "per_sample", "per_sample_column"])
+def test_categorical_loss_class(rng, reduction, from_logits, label_smoothing, weights):
+    shape = (16, 10)
+    p = _inputs(rng, shape, from_logits)
+    y = ref.soft_labels(rng, shape)
+    sw = _sample_weight(rng, weights, shape[:1])
+    kwargs = dict(from_logits=from_logits, label_smoothing=label_smoothing, reduction=reduction)
+    ours = txo.losses.CategoricalCrossentropy(**kwargs)(y, p, sample_weight=sw)
+    theirs = keras.losses.CategoricalCrossentropy(**kwargs)(y, p, sample_weight=sw)
+    _close(ours, theirs)
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("from_logits", [True, False])
+@pytest.mark.parametrize("ignore_class", [None, -1, 3])
+@pytest.mark.parametrize("weights", [None, "scalar", "per_sample"])
+def test_sparse_loss_class(rng, reduction, from_logits, ignore_class, weights):
+    shape = (24, 7)
+    p = _inputs(rng, shape, from_logits)
+    y = rng.integers(0, shape[1], size=shape[:1])
+    if ignore_class == -1:
+        y[rng.uniform(size=y.shape) < 0.3] = -1
+    sw = _sample_weight(rng, weights, shape[:1])
+    kwargs = dict(from_logits=from_logits, ignore_class=ignore_class, reduction=reduction)
+    ours = txo.losses.SparseCategoricalCrossentropy(**kwargs)(y, p, sample_weight=sw)
+    theirs = keras.losses.SparseCategoricalCrossentropy(**kwargs)(y, p, sample_weight=sw)
+    _close(ours, theirs)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float64"])
+@pytest.mark.parametrize("sparse", [True, False])
+@pytest.mark.parametrize("from_logits", [True, False])
+def test_loss_classes_other_prediction_dtypes(rng, dtype, sparse, from_logits):
+    # Keras casts predictions to the loss dtype (float32) first; upcasting is
+    # exact, so the two agree to float32 rounding.
+    shape = (12, 33)
+    p = tf.constant(_inputs(rng, shape, from_logits, dtype))
+    if sparse:
+        y = rng.integers(0, shape[1], size=shape[:1])
+        cls_ours, cls_theirs = (
+            txo.losses.SparseCategoricalCrossentropy,
+            (keras.losses.SparseCategoricalCrossentropy),
+        )
+    else:
+        y = ref.soft_labels(rng, shape)
+        cls_ours, cls_theirs = (
+            txo.losses.CategoricalCrossentropy,
+            (keras.losses.CategoricalCrossentropy),
+        )
+    ours = cls_ours(from_logits=from_logits, reduction=None)(y, p)
+    theirs = cls_theirs(from_logits=from_logits, reduction=None)(y, p)
+    assert ours.dtype == theirs.dtype == tf.float32
+    _close(ours, theirs)
+
+
+@pytest.mark.parametrize("axis", [-1, 1, 0])
+@pytest.mark.parametrize("from_logits", [True, False])
+@pytest.mark.parametrize("weights", [None, "per_position"])
+def test_categorical_3d_axes(rng, axis, from_logits, weights):
+    shape = (5, 6, 4)
+    p = _inputs(rng, shape, from_logits, axis=axis)
+    y = ref.soft_labels(rng, shape, axis=axis)
+    batch_shape = tuple(d for i, d in enumerate(shape) if i != axis % 3)
+    sw = _sample_weight(rng, weights, batch_shape)
+    # Keras smooths with the last dimension's size; without smoothing the
+    # semantics agree on every axis.
+    ours = txo.losses.CategoricalCrossentropy(from_logits=from_logits, axis=axis)(y, p, sw)
+    theirs = keras.losses.CategoricalCrossentropy(from_logits=from_logits, axis=axis)(y, p, sw)
+    _close(ours, theirs)
+
+
+@pytest.mark.parametrize("from_logits", [True, False])
+@pytest.mark.parametrize("ignore_class", [None, 0])
+def test_sparse_segmentation_shapes(rng, from_logits, ignore_class):
+    shape = (3, 5, 6, 8)
+    p = _inputs(rng, shape, from_logits)
+    y = rng.integers(0, shape[-1], size=shape[:-1])
+    sw = _sample_weight(rng, "per_position", shape[:-1])
+    kwargs = dict(from_logits=from_logits, ignore_class=ignore_class)
+    ours = txo.losses.SparseCategoricalCrossentropy(**kwargs)(y, p, sw)
+    theirs = keras.losses.SparseCategoricalCrossentropy(**kwargs)(y, p, sw)
+    _close(ours, theirs)
+
+
+@pytest.mark.parametrize("axis", [0, 1])
+def test_sparse_any_axis_equals_keras_on_transposed_input(rng, axis):
+    shape = (4, 9, 5)
+    p = ref.logits(rng, shape, "float32")
+    batch_shape = tuple(d for i, d in enumerate(shape) if i != axis)
+    y = rng.integers(0, shape[axis], size=batch_shape)
+    loss = txo.losses.SparseCategoricalCrossentropy(from_logits=True, axis=axis)
+    keras_loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    _close(loss(y, p), keras_loss(y, np.moveaxis(p, axis, -1)))
+
+
+def test_sparse_label_smoothing_equals_keras_dense_one_hot(rng):
+    p = ref.logits(rng, (20, 9), "float32")
+    y = rng.integers(0, 9, size=20)
+    ours = txo.losses.SparseCategoricalCrossentropy(from_logits=True, label_smoothing=0.2)(y, p)
+    theirs = keras.losses.CategoricalCrossentropy(from_logits=True, label_smoothing=0.2)(
+        ref.one_hot(y, 9), p
+    )
+    _close(ours, theirs)
+
+
+@pytest.mark.parametrize("reduction", ["sum_over_batch_size", "sum", "mean"])
+@pytest.mark.parametrize("sparse", [True, False])
+def test_keras_mask_on_predictions(rng, reduction, sparse):
+    shape = (6, 4, 5)
+    p = tf.constant(ref.logits(rng, shape, "float32"))
+    mask = tf.constant(rng.uniform(size=shape[:2]) < 0.6)
+    if sparse:
+        y = rng.integers(0, 5, size=shape[:2])
+        ours_cls, theirs_cls = (
+            txo.losses.SparseCategoricalCrossentropy,
+            keras.losses.SparseCategoricalCrossentropy,
+        )
+    else:
+        y = ref.soft_labels(rng, shape)
+        ours_cls, theirs_cls = (
+            txo.losses.CategoricalCrossentropy,
+            keras.losses.CategoricalCrossentropy,
+        )
+    p._keras_mask = mask
+    ours = ours_cls(from_logits=True, reduction=reduction)(y, p)
+    theirs = theirs_cls(from_logits=True, reduction=reduction)(y, p)
+    _close(ours, theirs)
+
+
+@pytest.mark.parametrize("n", [0, 1])
+def test_zero_and_one_sample_batches(rng, n):
+    p = ref.logits(rng, (n, 6), "float32")
+    y = rng.integers(0, 6, size=n)
+    for reduction in REDUCTIONS:
+        ours = txo.losses.SparseCategoricalCrossentropy(from_logits=True, reduction=reduction)
+        theirs = keras.losses.SparseCategoricalCrossentropy(from_logits=True, reduction=reduction)
+        _close(ours(y, p), theirs(y, p))
+        dense_ours = txo.losses.CategoricalCrossentropy(from_logits=True, reduction=reduction)
+        dense_theirs = keras.losses.CategoricalCrossentropy(from_logits=True, reduction=reduction)
+        _close(dense_ours(ref.one_hot(y, 6), p), dense_theirs(ref.one_hot(y, 6), p))
+
+
+@pytest.mark.parametrize("from_logits", [True, False])
+@pytest.mark.parametrize("label_smoothing", [0.0, 0.1])
+def test_functions(rng, from_logits, label_smoothing):
+    shape = (9, 6)
+    p = _inputs(rng, shape, from_logits)
+    y = ref.soft_labels(rng, shape)
+    _close(
+        txo.categorical_crossentropy(y, p, from_logits, label_smoothing),
+        keras.losses.categorical_crossentropy(y, p, from_logits, label_smoothing),
+    )
+    labels = rng.integers(0, 6, size=9)
+    for ignore_class in (None, 2):
+        _close(
+            txo.sparse_categorical_crossentropy(labels, p, from_logits, ignore_class),
+            keras.losses.sparse_categorical_crossentropy(labels, p, from_logits, ignore_class),
+        )
+
+
+def test_function_dtype_follows_predictions(rng):
+    p = tf.constant(ref.logits(rng, (4, 5), "bfloat16"))
+    y = rng.integers(0, 5, size=4)
+    assert txo.sparse_categorical_crossentropy(y, p, from_logits=True).dtype == tf.bfloat16
+    assert txo.categorical_crossentropy(ref.one_hot(y, 5), p, True).dtype == tf.bfloat16
+
+
+def test_sparse_ignore_class_sets_keras_mask(rng):
+    p = ref.logits(rng, (8, 5), "float32")
+    y = np.array([0, 1, -1, 2, -1, 4, 3, 0])
+    loss = txo.sparse_categorical_crossentropy(y, p, from_logits=True, ignore_class=-1)
+    np.testing.assert_array_equal(loss._keras_mask.numpy(), y != -1)
+
+
+@pytest.mark.parametrize("axis", [-1, 1])
+@pytest.mark.parametrize("from_logits", [True, False])
+def test_backend_forms(rng, axis, from_logits):
+    shape = (3, 7, 5)
+    p = _inputs(rng, shape, from_logits, axis=axis)
+    y = ref.soft_labels(rng, shape, axis=axis)
+    _close(
+        txo.backend.categorical_crossentropy(y, p, from_logits, axis),
+        keras.ops.categorical_crossentropy(y, p, from_logits, axis),
+    )
+    if axis == -1:
+        labels = rng.integers(0, shape[-1], size=shape[:-1])
+        _close(
+            txo.backend.sparse_categorical_crossentropy(labels, p, from_logits, axis),
+            keras.ops.sparse_categorical_crossentropy(labels, p, from_logits, axis),
+        )
+
+
+@pytest.mark.parametrize("sparse", [True, False])
+@pytest.mark.parametrize("from_logits", [True, False])
+def test_metrics_over_batches(rng, sparse, from_logits):
+    kwargs = dict(from_logits=from_logits)
+    if sparse:
+        ours = txo.metrics.SparseCategoricalCrossentropy(**kwargs, ignore_class=0)
+        theirs = keras.metrics.SparseCategoricalCrossentropy(**kwargs, ignore_class=0)
+    else:
+        ours = txo.metrics.CategoricalCrossentropy(**kwargs, label_smoothing=0.1)
+        theirs = keras.metrics.CategoricalCrossentropy(**kwargs, label_smoothing=0.1)
+    for step in range(3):
+        p = _inputs(rng, (10, 4), from_logits)
+        labels = rng.integers(0, 4, size=10)
+        y = labels if sparse else ref.one_hot(labels, 4)
+        sw = None if step == 0 else rng.uniform(0, 1, size=10).astype(np.float32)
+        ours.update_state(y, p, sample_weight=sw)
+        theirs.update_state(y, p, sample_weight=sw)
+        _close(ours.result(), theirs.result())
+    ours.reset_state()
+    assert float(ours.result()) == 0.0
+
+
+def test_softmax_logits_shortcut(rng):
+    logits = tf.constant(ref.logits(rng, (6, 5), "float32") * 10.0)
+    probs = keras.activations.softmax(logits)
+    assert hasattr(probs, "_keras_logits")
+    y = rng.integers(0, 5, size=6)
+    ours = txo.losses.SparseCategoricalCrossentropy()(y, probs)
+    theirs = keras.losses.SparseCategoricalCrossentropy()(y, probs)
+    _close(ours, theirs)
+    _close(ours, keras.losses.SparseCategoricalCrossentropy(from_logits=True)(y, logits))
+    with pytest.warns(UserWarning, match="from_logits=True"):
+        txo.sparse_categorical_crossentropy(y, probs, from_logits=True)
+
+
+def test_softmax_op_shortcut_in_graph(rng):
+    logits = ref.logits(rng, (6, 5), "float32") * 10.0
+    y = ref.one_hot(rng.integers(0, 5, size=6), 5)
+
+    @tf.function
+    def both(y, logits):
+        probs = tf.nn.softmax(logits)
+        return (
+            txo.losses.CategoricalCrossentropy()(y, probs),
+            keras.losses.CategoricalCrossentropy()(y, probs),
+        )
+
+    ours, theirs = both(y, logits)
+    _close(ours, theirs)
+
+
+@pytest.mark.parametrize("doc_case", ["dense", "sparse"])
+def test_tensorflow_documentation_examples(doc_case):
+    y_pred = [[0.05, 0.95, 0], [0.1, 0.8, 0.1]]
+    y_true = [[0, 1, 0], [0, 0, 1]] if doc_case == "dense" else [1, 2]
+    cls = (
+        txo.losses.CategoricalCrossentropy
+        if doc_case == "dense"
+        else txo.losses.SparseCategoricalCrossentropy
+    )
+    np.testing.assert_allclose(cls()(y_true, y_pred), 1.177, atol=5e-4)
+    np.testing.assert_allclose(cls()(y_true, y_pred, sample_weight=[0.3, 0.7]), 0.814, atol=5e-4)
+    np.testing.assert_allclose(cls(reduction="sum")(y_true, y_pred), 2.354, atol=5e-4)
+    np.testing.assert_allclose(cls(reduction=None)(y_true, y_pred), [0.0513, 2.303], atol=5e-4)
+    metric = (
+        txo.metrics.CategoricalCrossentropy()
+        if doc_case == "dense"
+        else txo.metrics.SparseCategoricalCrossentropy()
+    )
+    metric.update_state(y_true, y_pred)
+    np.testing.assert_allclose(metric.result(), 1.1769392, rtol=1e-6)
+    metric.reset_state()
+    metric.update_state(y_true, y_pred, sample_weight=[0.3, 0.7])
+    np.testing.assert_allclose(metric.result(), 1.6271976, rtol=1e-6)
+
+
+def test_tensorflow_backend_documentation_examples():
+    a = [[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]]
+    b = [[0.9, 0.05, 0.05], [0.5, 0.89, 0.6], [0.05, 0.01, 0.94]]
+    np.testing.assert_allclose(
+        txo.backend.categorical_crossentropy(a, b), [0.10536, 0.80467, 0.06188], atol=1e-5
+    )
+    c = [[0.9, 0.05, 0.05], [0.05, 0.89, 0.06], [0.05, 0.01, 0.94]]
+    np.testing.assert_allclose(txo.losses.CategoricalCrossentropy()(a, c), 0.0945, atol=1e-4)
+    np.testing.assert_allclose(
+        txo.backend.categorical_crossentropy(a, a), [0.0, 0.0, 0.0], atol=1e-6
+    )
