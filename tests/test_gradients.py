@@ -179,7 +179,7 @@ def test_labels_gradient_is_pruned_when_not_needed(rng):
     assert "TfXent>DenseXentGrad" in op_types
     # The labels' gradient op, if created, has no consumer and is pruned at run time;
     # its value is never requested.
-    np.testing.assert_allclose(grad(y, p), _grads_plain(y, p), rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(grad(y, p), _grads_plain(y, p), rtol=2e-5, atol=2e-6)
 
 
 def _grads_plain(y, p):
