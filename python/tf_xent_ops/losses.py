@@ -134,12 +134,16 @@ def sparse_categorical_crossentropy(
     return loss
 
 
-class _FusedLoss(keras.losses.Loss):
-    """A Loss whose call() is one of the fused functions with fixed kwargs.
+class _Reduction(keras.losses.Loss):
+    """Keras's own masking, sample weighting, reduction and tf.distribute
+    scaling, applied to per-sample losses passed as `y_pred`."""
 
-    `keras.losses.Loss.__call__` does the rest exactly as for the built-ins:
-    masks, sample weights, reductions and the tf.distribute scaling.
-    """
+    def call(self, y_true, y_pred):
+        return y_pred
+
+
+class _FusedLoss(keras.losses.Loss):
+    """A Loss whose call() is one of the fused functions with fixed kwargs."""
 
     def __init__(self, fn, reduction, name, dtype, **fn_kwargs):
         super().__init__(name=name, reduction=reduction, dtype=dtype)
@@ -147,6 +151,26 @@ class _FusedLoss(keras.losses.Loss):
         self._fn_kwargs = fn_kwargs
         for key, value in fn_kwargs.items():
             setattr(self, key, value)
+
+    def __call__(self, y_true, y_pred, sample_weight=None):
+        # keras.losses.Loss.__call__ first casts y_pred and y_true to the loss
+        # dtype: a full float32 copy of float16/bfloat16 predictions, and
+        # integer labels sent through a float. The fused op reads them as they
+        # are; only the O(N) per-sample losses are handed to Keras's reduction.
+        in_mask = getattr(y_pred, "_keras_mask", None)
+        with tf.name_scope(self.name):
+            if not (tf.is_tensor(y_pred) and y_pred.dtype.is_floating):
+                y_pred = tf.convert_to_tensor(y_pred, dtype=self.dtype)
+            losses = self.call(y_true, y_pred)
+            out_mask = getattr(losses, "_keras_mask", None)
+            losses = tf.cast(losses, self.dtype)
+        if in_mask is not None and out_mask is not None:
+            mask = tf.logical_and(tf.cast(in_mask, tf.bool), tf.cast(out_mask, tf.bool))
+        else:
+            mask = in_mask if in_mask is not None else out_mask
+        _set_keras_mask(losses, mask)
+        reduction = _Reduction(name=self.name, reduction=self.reduction, dtype=self.dtype)
+        return reduction(losses, losses, sample_weight=sample_weight)
 
     def call(self, y_true, y_pred):
         return self._fn(y_true, y_pred, **self._fn_kwargs)

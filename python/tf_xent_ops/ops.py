@@ -9,6 +9,10 @@ float32 (float64 for float64 predictions), whatever the prediction dtype:
 import keras
 import tensorflow as tf
 
+# No public API tells whether a trace is being compiled by XLA (jit_compile=True,
+# TPU); this is the check TensorFlow's own ops use.
+from tensorflow.python.ops import control_flow_util
+
 from tf_xent_ops._load import library
 
 _COMMON_ATTRS = ("from_logits", "label_smoothing", "epsilon")
@@ -52,6 +56,13 @@ def _check_predictions(predictions):
             f"Predictions must have a known rank of at least 1. Received shape: {predictions.shape}"
         )
     return predictions
+
+
+def in_xla_context():
+    """Whether ops created now will be compiled by XLA, where the custom op has
+    no kernel; the losses then use `_composite_*`, with the same semantics."""
+    graph = tf.compat.v1.get_default_graph()
+    return control_flow_util.GraphOrParentsInXlaContext(graph)
 
 
 def _class_axis_last(x, axis):
@@ -107,13 +118,15 @@ def dense_crossentropy(labels, predictions, from_logits=False, label_smoothing=0
     label_smoothing = _check_label_smoothing(label_smoothing)
     pred_rows, batch_shape = _as_rows(_class_axis_last(predictions, axis))
     label_rows, _ = _as_rows(_class_axis_last(labels, axis))
-    loss, _ = library.tf_xent_dense_xent(
-        pred_rows,
-        label_rows,
+    attrs = dict(
         from_logits=bool(from_logits),
         label_smoothing=label_smoothing,
         epsilon=keras.config.epsilon(),
     )
+    if in_xla_context():
+        loss = _composite_dense(pred_rows, label_rows, **attrs)
+    else:
+        loss, _ = library.tf_xent_dense_xent(pred_rows, label_rows, **attrs)
     return _restore_batch_shape(loss, batch_shape, predictions.shape, axis)
 
 
@@ -167,17 +180,61 @@ def sparse_crossentropy(
         )
     label_smoothing = _check_label_smoothing(label_smoothing)
     pred_rows, batch_shape = _as_rows(_class_axis_last(predictions, axis))
-    loss, _ = library.tf_xent_sparse_xent(
-        pred_rows,
-        tf.reshape(labels, [-1]),
-        Tloss=loss_dtype(predictions.dtype),
+    attrs = dict(
         from_logits=bool(from_logits),
         label_smoothing=label_smoothing,
         epsilon=keras.config.epsilon(),
         ignore_class=0 if ignore_class is None else int(ignore_class),
         use_ignore_class=ignore_class is not None,
     )
+    label_rows = tf.reshape(labels, [-1])
+    if in_xla_context():
+        loss = _composite_sparse(pred_rows, label_rows, **attrs)
+    else:
+        loss, _ = library.tf_xent_sparse_xent(
+            pred_rows, label_rows, Tloss=loss_dtype(predictions.dtype), **attrs
+        )
     return _restore_batch_shape(loss, batch_shape, predictions.shape, axis)
+
+
+def _composite_dense(predictions, labels, from_logits, label_smoothing, epsilon):
+    """TensorFlow-op version of TfXent>DenseXent's loss, for XLA. Autodiff of it
+    gives the op's gradients."""
+    z = tf.cast(predictions, labels.dtype)
+    num_classes = tf.cast(tf.shape(z)[-1], z.dtype)
+    t = labels * (1.0 - label_smoothing) + label_smoothing / num_classes
+    if from_logits:
+        neg_log_softmax = tf.reduce_logsumexp(z, axis=-1, keepdims=True) - z
+    else:
+        q = tf.clip_by_value(z / tf.reduce_sum(z, axis=-1, keepdims=True), epsilon, 1.0 - epsilon)
+        neg_log_softmax = -tf.math.log(q)
+    # Zero targets contribute nothing, even against a -inf logit.
+    return tf.reduce_sum(tf.math.multiply_no_nan(neg_log_softmax, t), axis=-1)
+
+
+def _composite_sparse(
+    predictions, labels, from_logits, label_smoothing, epsilon, ignore_class, use_ignore_class
+):
+    """TensorFlow-op version of TfXent>SparseXent's loss, for XLA. XLA cannot
+    raise on a bad label, so such rows get NaN (never an out-of-bounds read)."""
+    acc_dtype = loss_dtype(predictions.dtype)
+    z = tf.cast(predictions, acc_dtype)
+    if not from_logits:
+        z = tf.math.log(tf.clip_by_value(z, epsilon, 1.0 - epsilon))
+    num_classes = tf.shape(z, out_type=labels.dtype)[-1]
+    ignored = tf.equal(labels, ignore_class) if use_ignore_class else tf.zeros_like(labels, tf.bool)
+    in_range = (labels >= 0) & (labels < num_classes)
+    safe_labels = tf.where(in_range, labels, tf.zeros_like(labels))
+    neg_log_softmax = tf.reduce_logsumexp(z, axis=-1, keepdims=True) - z
+    loss = (1.0 - label_smoothing) * tf.gather(neg_log_softmax, safe_labels, batch_dims=1)
+    if label_smoothing:
+        loss += (
+            label_smoothing
+            / tf.cast(num_classes, acc_dtype)
+            * tf.reduce_sum(neg_log_softmax, axis=-1)
+        )
+    loss = tf.where(in_range | ignored, loss, tf.constant(float("nan"), acc_dtype))
+    return tf.where(ignored, tf.zeros_like(loss), loss)
 
 
 def _restore_batch_shape(loss, batch_shape, predictions_shape, axis):

@@ -1,0 +1,23 @@
+"""Runs Python code in a fresh interpreter that sees the package and the tests."""
+
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def python_env(**extra):
+    path = os.pathsep.join([os.path.join(ROOT, "python"), os.path.join(ROOT, "tests")])
+    return {**os.environ, "PYTHONPATH": path, "TF_CPP_MIN_LOG_LEVEL": "3", **extra}
+
+
+def run_python(code, *args, timeout=180, check=True, env=None):
+    return subprocess.run(
+        [sys.executable, "-c", code, *map(str, args)],
+        env=env or python_env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=check,
+    )

@@ -1,0 +1,49 @@
+"""Small deterministic models and data shared by the training tests and the
+multi-worker script."""
+
+import keras
+import numpy as np
+import tensorflow as tf
+from sklearn.datasets import load_digits
+
+
+def digits(n=128):
+    x, y = load_digits(return_X_y=True)
+    weights = np.random.default_rng(0).uniform(0.2, 2.0, size=n).astype("float32")
+    return (x[:n] / 16.0).astype("float32"), y[:n].astype("int64"), weights
+
+
+def classifier(seed=1):
+    keras.utils.set_random_seed(seed)
+    return keras.Sequential(
+        [keras.Input((64,)), keras.layers.Dense(16, activation="relu"), keras.layers.Dense(10)]
+    )
+
+
+def custom_loop(loss_obj, strategy, steps=4, global_batch=32):
+    """Trains with strategy.run + apply_gradients; returns the weights.
+
+    Unreduced losses are averaged over the global batch, as the tf.distribute
+    guide prescribes; the others are used as Keras returns them (Keras scales
+    'sum_over_batch_size' by 1 / num_replicas inside a replica context)."""
+    x, y, w = digits(steps * global_batch)
+    with strategy.scope():
+        model = classifier()
+        optimizer = keras.optimizers.SGD(0.5)
+    dataset = tf.data.Dataset.from_tensor_slices((x, y, w)).batch(global_batch)
+
+    def replica_step(x, y, w):
+        with tf.GradientTape() as tape:
+            loss = loss_obj(y, model(x), sample_weight=w)
+            if loss.shape.rank:
+                loss = tf.reduce_sum(loss) / global_batch
+        grads = tape.gradient(loss, model.trainable_variables)
+        optimizer.apply_gradients(zip(grads, model.trainable_variables, strict=True))
+
+    @tf.function
+    def step(batch):
+        strategy.run(replica_step, args=batch)
+
+    for batch in strategy.experimental_distribute_dataset(dataset):
+        step(batch)
+    return [np.asarray(v) for v in model.get_weights()]
