@@ -306,3 +306,12 @@ def test_keras_file_round_trip_resumes_training_identically(tmp_path):
     resumed = np.load(tmp_path / "resumed.npz")
     for i, expected in enumerate(model.get_weights()):
         np.testing.assert_allclose(resumed[f"arr_{i}"], expected, rtol=1e-5, atol=1e-7)
+
+
+def test_distributed_custom_loop_example_runs():
+    example = os.path.join(os.path.dirname(HERE), "examples", "distributed_custom_loop.py")
+    result = subprocess.run(
+        [sys.executable, example], env=python_env(), capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("max |weights") == 3
