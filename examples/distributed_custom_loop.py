@@ -65,9 +65,8 @@ def main():
         single = train(tf.distribute.get_strategy(), reduction)
         distributed = train(mirrored, reduction)
         diff = max(np.max(np.abs(a - b)) for a, b in zip(single, distributed, strict=True))
-        print(
-            f"reduction={reduction!s:<20} max |weights(2 replicas) - weights(1 device)| = {diff:.1e}"
-        )
+        label = f"reduction={reduction!s:<20}"
+        print(f"{label} max |weights(2 replicas) - weights(1 device)| = {diff:.1e}")
         assert diff < 1e-5
 
 
