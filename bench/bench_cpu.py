@@ -1,0 +1,323 @@
+"""CPU benchmark: tf_xent_ops against the Keras built-ins, side by side.
+
+For each case both losses are called as a user calls them (the Loss object,
+inside a tf.function, forward or forward + gradient with respect to the
+predictions), on the same inputs, after checking that they agree. Reported:
+median milliseconds, the speed-up over the built-in, and the multiple of the
+floor: the bytes that must move (read the predictions, and dense labels, once;
+write the gradient once) over the copy bandwidth measured in this run. Peak
+memory of forward + backward is measured per case in a fresh subprocess (peak
+RSS over the process's baseline after setup).
+
+    python bench/bench_cpu.py                 # default grid, writes bench/out/
+    python bench/bench_cpu.py --quick         # a few cases
+    python bench/bench_cpu.py --memory-only   # only the memory column
+"""
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+import numpy as np  # noqa: E402
+
+SHAPES = [(65536, 10), (4096, 1000), (1024, 32768), (256, 131072)]
+OUT_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "out")
+
+
+def case_grid(quick):
+    cases = []
+    for n, c in SHAPES:
+        for dtype in ("float32", "bfloat16"):
+            for labels in ("sparse", "dense"):
+                for from_logits in (True, False):
+                    for ls in (0.0, 0.1):
+                        if labels == "sparse" and not from_logits and ls:
+                            continue  # Keras has no sparse smoothing to compare with
+                        for direction in ("fwd", "fwd+bwd"):
+                            cases.append(
+                                dict(
+                                    n=n,
+                                    c=c,
+                                    dtype=dtype,
+                                    labels=labels,
+                                    from_logits=from_logits,
+                                    ls=ls,
+                                    direction=direction,
+                                )
+                            )
+    if quick:
+        cases = [
+            k
+            for k in cases
+            if k["dtype"] == "float32" and k["direction"] == "fwd+bwd" and k["ls"] == 0.0
+        ]
+    return cases
+
+
+def case_name(k):
+    kind = "logits" if k["from_logits"] else "probs"
+    ls = f" ls={k['ls']}" if k["ls"] else ""
+    return f"{k['labels']} {kind}{ls} {k['dtype']} {k['direction']}"
+
+
+def make_inputs(k, rng):
+    import ml_dtypes
+
+    n, c = k["n"], k["c"]
+    z = rng.standard_normal((n, c), dtype=np.float32) * 3
+    if not k["from_logits"]:
+        z = np.exp(z - z.max(-1, keepdims=True))
+        z /= z.sum(-1, keepdims=True)
+    pred = z.astype(ml_dtypes.bfloat16) if k["dtype"] == "bfloat16" else z
+    y = rng.integers(0, c, size=n)
+    if k["labels"] == "dense":
+        dense = np.zeros((n, c), np.float32)
+        dense[np.arange(n), y] = 1.0
+        y = dense
+    return y, pred
+
+
+def loss_fns(k):
+    import keras
+
+    import tf_xent_ops as txo
+
+    kwargs = dict(from_logits=k["from_logits"])
+    if k["labels"] == "sparse":
+        ours = txo.losses.SparseCategoricalCrossentropy(**kwargs, label_smoothing=k["ls"])
+        if k["ls"]:
+            # The built-in needs a one-hot for smoothing: that is its cost.
+            dense = keras.losses.CategoricalCrossentropy(**kwargs, label_smoothing=k["ls"])
+
+            def theirs(y, p):
+                return dense(keras.ops.one_hot(y, k["c"]), p)
+
+        else:
+            theirs = keras.losses.SparseCategoricalCrossentropy(**kwargs)
+    else:
+        ours = txo.losses.CategoricalCrossentropy(**kwargs, label_smoothing=k["ls"])
+        theirs = keras.losses.CategoricalCrossentropy(**kwargs, label_smoothing=k["ls"])
+    return ours, theirs
+
+
+def compiled(loss_fn, direction):
+    import tensorflow as tf
+
+    @tf.function
+    def run(y, p):
+        if direction == "fwd":
+            return loss_fn(y, p), tf.zeros([])
+        with tf.GradientTape() as tape:
+            tape.watch(p)
+            loss = loss_fn(y, p)
+        return loss, tape.gradient(loss, p)
+
+    return run
+
+
+def time_ms(fn, *args, min_runs=5, min_seconds=1.0):
+    fn(*args)  # trace and warm up
+    times, start = [], time.perf_counter()
+    while len(times) < min_runs or time.perf_counter() - start < min_seconds:
+        t0 = time.perf_counter()
+        out = fn(*args)
+        _ = out[0].numpy()
+        times.append((time.perf_counter() - t0) * 1e3)
+        if len(times) >= 50:
+            break
+    return statistics.median(times)
+
+
+def copy_bandwidth():
+    """Bytes moved per second by a large copy (read + write), this run."""
+    src = np.ones(64 * 2**20, np.float32)
+    dst = np.empty_like(src)
+    best = float("inf")
+    for _ in range(7):
+        t0 = time.perf_counter()
+        np.copyto(dst, src)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * src.nbytes / best
+
+
+def floor_bytes(k):
+    elem = 2 if k["dtype"] == "bfloat16" else 4
+    nc = k["n"] * k["c"]
+    moved = nc * elem  # read the predictions once
+    if k["labels"] == "dense":
+        moved += nc * 4  # and the float32 labels
+    if k["direction"] == "fwd+bwd":
+        moved += nc * elem  # write the gradient once
+    return moved
+
+
+def check_agree(k, ours_out, theirs_out):
+    tol = 2e-2 if k["dtype"] == "bfloat16" else 1e-4
+    for a, b in zip(ours_out, theirs_out, strict=True):
+        a = np.asarray(a, np.float32)
+        b = np.asarray(b, np.float32)
+        scale = max(1.0, float(np.max(np.abs(b))))
+        if np.max(np.abs(a - b)) > tol * scale:
+            raise AssertionError(f"{case_name(k)}: results differ by {np.max(np.abs(a - b))}")
+
+
+def run_timing(cases):
+    import tensorflow as tf
+
+    bandwidth = copy_bandwidth()
+    print(f"copy bandwidth: {bandwidth / 1e9:.1f} GB/s; threads: {os.cpu_count()}")
+    rng = np.random.default_rng(0)
+    rows = []
+    for k in cases:
+        y, p = make_inputs(k, rng)
+        y, p = tf.constant(y), tf.constant(p)
+        ours, theirs = (compiled(f, k["direction"]) for f in loss_fns(k))
+        check_agree(k, ours(y, p), theirs(y, p))
+        ours_ms, theirs_ms = time_ms(ours, y, p), time_ms(theirs, y, p)
+        floor_ms = floor_bytes(k) / bandwidth * 1e3
+        row = dict(
+            k,
+            name=case_name(k),
+            ours_ms=ours_ms,
+            builtin_ms=theirs_ms,
+            speedup=theirs_ms / ours_ms,
+            ours_x_floor=ours_ms / floor_ms,
+            builtin_x_floor=theirs_ms / floor_ms,
+        )
+        rows.append(row)
+        print(
+            f"{k['n']:>6}x{k['c']:<6} {row['name']:<36} ours {ours_ms:8.2f} ms"
+            f"  built-in {theirs_ms:8.2f} ms  speed-up {row['speedup']:5.2f}x"
+            f"  ours/floor {row['ours_x_floor']:5.2f}",
+            flush=True,
+        )
+    return rows, bandwidth
+
+
+def peak_memory_child(spec):
+    """In a fresh process: peak RSS growth of one forward + backward."""
+    import tensorflow as tf
+
+    k, impl = json.loads(spec)
+    y, p = make_inputs(k, np.random.default_rng(0))
+    y, p = tf.constant(y), tf.constant(p)
+    fn = compiled(loss_fns(k)[0 if impl == "ours" else 1], "fwd+bwd")
+    fn.get_concrete_function(y, p)  # trace without running
+    baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    out = fn(y, p)
+    _ = out[1].numpy()
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    print(json.dumps({"peak_mib": (peak - baseline) / 1024.0}))
+
+
+def peak_memory(k, impl):
+    out = subprocess.run(
+        [sys.executable, __file__, "--memory-child", json.dumps([k, impl])],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return json.loads(out.stdout.strip().splitlines()[-1])["peak_mib"]
+
+
+def memory_cases(cases):
+    keep = {(k["n"], k["c"], k["dtype"], k["labels"], k["from_logits"], k["ls"]) for k in cases}
+    return [
+        dict(n=n, c=c, dtype=d, labels=lab, from_logits=fl, ls=ls, direction="fwd+bwd")
+        for (n, c, d, lab, fl, ls) in sorted(keep)
+        if ls == 0.0 and n * c >= 2**24
+    ]
+
+
+def write_outputs(rows, memory, bandwidth):
+    os.makedirs(OUT_DIR, exist_ok=True)
+    lines = [
+        f"Copy bandwidth measured in the run: {bandwidth / 1e9:.1f} GB/s. "
+        "Floor = bytes that must move / that bandwidth.",
+        "",
+        "| N x C | case | ours ms | built-in ms | speed-up | ours x floor | built-in x floor |",
+        "|---|---|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['n']} x {r['c']} | {r['name']} | {r['ours_ms']:.2f} | {r['builtin_ms']:.2f}"
+            f" | {r['speedup']:.2f}x | {r['ours_x_floor']:.1f} | {r['builtin_x_floor']:.1f} |"
+        )
+    if memory:
+        lines += [
+            "",
+            "Peak memory of forward + backward (MiB over the process baseline, fresh process):",
+            "",
+            "| N x C | case | ours MiB | built-in MiB | saved MiB |",
+            "|---|---|---:|---:|---:|",
+        ]
+        for m in memory:
+            lines.append(
+                f"| {m['n']} x {m['c']} | {m['name']} | {m['ours_mib']:.0f} | "
+                f"{m['builtin_mib']:.0f} | {m['builtin_mib'] - m['ours_mib']:.0f} |"
+            )
+    with open(os.path.join(OUT_DIR, "cpu_results.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    with open(os.path.join(OUT_DIR, "cpu_results.json"), "w") as f:
+        json.dump({"bandwidth": bandwidth, "rows": rows, "memory": memory}, f, indent=1)
+    if rows:
+        plot(rows)
+
+
+def plot(rows):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in rows if r["direction"] == "fwd+bwd" and r["dtype"] == "float32"]
+    labels = [f"{r['n']}x{r['c']}\n{r['name'].replace(' float32 fwd+bwd', '')}" for r in rows]
+    x = np.arange(len(rows))
+    fig, ax = plt.subplots(figsize=(max(8, 0.6 * len(rows)), 5))
+    ax.bar(x - 0.2, [r["builtin_x_floor"] for r in rows], 0.4, label="Keras built-in")
+    ax.bar(x + 0.2, [r["ours_x_floor"] for r in rows], 0.4, label="tf_xent_ops")
+    ax.axhline(1.0, color="k", lw=0.8)
+    ax.set_yscale("log")
+    ax.set_ylabel("time / memory-bandwidth floor (lower is better)")
+    ax.set_title("CPU cross-entropy, float32, forward + backward")
+    ax.set_xticks(x, labels, rotation=90, fontsize=7)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(os.path.join(OUT_DIR, "cpu_results.png"), dpi=110)
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--memory-only", action="store_true")
+    parser.add_argument("--no-memory", action="store_true")
+    parser.add_argument("--memory-child")
+    args = parser.parse_args()
+    if args.memory_child:
+        peak_memory_child(args.memory_child)
+        return
+    cases = case_grid(args.quick)
+    rows, bandwidth = ([], 0.0) if args.memory_only else run_timing(cases)
+    memory = []
+    if not args.no_memory:
+        for k in memory_cases(cases):
+            m = dict(k, name=case_name(k))
+            m["ours_mib"], m["builtin_mib"] = peak_memory(k, "ours"), peak_memory(k, "builtin")
+            memory.append(m)
+            print(
+                f"peak {k['n']}x{k['c']} {m['name']}: ours {m['ours_mib']:.0f} MiB, "
+                f"built-in {m['builtin_mib']:.0f} MiB",
+                flush=True,
+            )
+    write_outputs(rows, memory, bandwidth)
+
+
+if __name__ == "__main__":
+    main()
