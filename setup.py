@@ -41,6 +41,22 @@ class BuildTfOps(build_ext):
         super().initialize_options()
         self.extra_cflags = os.environ.get("TFXENT_EXTRA_CFLAGS", "")
 
+    def _arch_flags(self, cxx):
+        """SIMD for the CPU kernels (Eigen's packet exp/log). The library is built
+        on the machine that runs it, so the default is that machine's ISA; set
+        TFXENT_ARCH_FLAGS (e.g. to "" for SSE2 only) for a portable build."""
+        flags = shlex.split(os.environ.get("TFXENT_ARCH_FLAGS", "-march=native"))
+        # TensorFlow 2.21's bundled Eigen does not compile with AVX512-FP16.
+        probe = subprocess.run(
+            [cxx, "-mno-avx512fp16", "-x", "c++", "-E", "-", "-o", os.devnull],
+            input="",
+            capture_output=True,
+            text=True,
+        )
+        if flags and probe.returncode == 0:
+            flags.append("-mno-avx512fp16")
+        return flags
+
     def get_ext_filename(self, fullname):
         # A plain op library, not a Python extension: no ABI tag.
         return os.path.join(*fullname.split(".")) + ".so"
@@ -59,6 +75,7 @@ class BuildTfOps(build_ext):
             + ["-I" + root, "-O3", "-fPIC", "-Wall", "-Wno-sign-compare"]
             # TensorFlow's own headers trip these.
             + ["-Wno-deprecated-declarations"]
+            + self._arch_flags(cxx)
             + shlex.split(self.extra_cflags)
         )
         headers = [os.path.join(root, h) for h in HEADERS]

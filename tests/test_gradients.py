@@ -187,3 +187,39 @@ def _grads_plain(y, p):
         tape.watch(p)
         loss = tf.reduce_sum(tf.nn.softmax_cross_entropy_with_logits(y, p))
     return tape.gradient(loss, p)
+
+
+@pytest.mark.parametrize("sparse", [True, False])
+@pytest.mark.parametrize("from_logits", [True, False])
+def test_gradient_written_in_place_equals_fresh_buffer(rng, sparse, from_logits):
+    # Inside a function the logits made there can be overwritten by the
+    # gradient op; from a held tensor they cannot. Both must agree bitwise.
+    shape = (8, 300)
+    p = tf.constant(
+        ref.logits(rng, shape, "float32")
+        if from_logits
+        else ref.probabilities(rng, shape, "float32")
+    )
+    labels = rng.integers(0, 300, size=8)
+    y = tf.constant(labels if sparse else ref.one_hot(labels, 300))
+    fn = txo.ops.sparse_crossentropy if sparse else txo.ops.dense_crossentropy
+
+    @tf.function
+    def made_inside(y, p):
+        with tf.GradientTape() as tape:
+            tape.watch(p)
+            q = p * 1.0
+            loss = tf.reduce_sum(fn(y, q, from_logits=from_logits))
+        return tape.gradient(loss, q)
+
+    @tf.function
+    def held(y, p):
+        with tf.GradientTape() as tape:
+            tape.watch(p)
+            loss = tf.reduce_sum(fn(y, p, from_logits=from_logits))
+        return tape.gradient(loss, p), p
+
+    in_place = made_inside(y, p).numpy()
+    fresh, p_after = held(y, p)
+    np.testing.assert_array_equal(in_place, fresh.numpy())
+    np.testing.assert_array_equal(p_after.numpy(), p.numpy())  # the input is untouched

@@ -53,6 +53,43 @@ struct AccumulatorType<double> {
   using type = double;
 };
 
+// Element-wise helpers. They are templates over a scalar or, on the CPU, an
+// Eigen array expression (exp/log found by argument-dependent lookup, Where
+// specialized for Eigen's boolean arrays in the CPU file), so every formula
+// below is written once for the scalar, vectorized and CUDA paths.
+template <typename X>
+TFXENT_HOST_DEVICE auto ExpOf(const X& x) {
+#if defined(__CUDA_ARCH__)
+  return exp(x);
+#else
+  using std::exp;
+  return exp(x);
+#endif
+}
+template <typename X>
+TFXENT_HOST_DEVICE auto LogOf(const X& x) {
+#if defined(__CUDA_ARCH__)
+  return log(x);
+#else
+  using std::log;
+  return log(x);
+#endif
+}
+
+// cond ? a : b, element-wise.
+template <typename Cond, typename Enable = void>
+struct WhereImpl {
+  template <typename A, typename B>
+  static TFXENT_HOST_DEVICE auto Apply(const Cond& cond, const A& a,
+                                       const B& b) {
+    return cond ? a : b;
+  }
+};
+template <typename Cond, typename A, typename B>
+TFXENT_HOST_DEVICE auto Where(const Cond& cond, const A& a, const B& b) {
+  return WhereImpl<Cond>::Apply(cond, a, b);
+}
+
 // Per-call constants in accumulation precision.
 template <typename Tacc>
 struct XentConstants {
@@ -72,7 +109,8 @@ struct XentConstants {
         num_classes(Tacc(p.num_classes)) {}
 
   // Smoothed dense target.
-  TFXENT_HOST_DEVICE Tacc DenseTarget(Tacc y) const {
+  template <typename X>
+  TFXENT_HOST_DEVICE auto DenseTarget(const X& y) const {
     return on_weight * y + off_weight;
   }
   // Smoothed sparse target for class k of a row labelled `label`.
@@ -80,12 +118,14 @@ struct XentConstants {
     return (k == label ? on_weight : Tacc(0)) + off_weight;
   }
   // clip(p, eps, 1 - eps); NaN stays NaN.
-  TFXENT_HOST_DEVICE Tacc Clip(Tacc p) const {
-    return p < clip_lo ? clip_lo : (p > clip_hi ? clip_hi : p);
+  template <typename X>
+  TFXENT_HOST_DEVICE auto Clip(const X& p) const {
+    return Where(p < clip_lo, clip_lo, Where(p > clip_hi, clip_hi, p));
   }
   // Where tf.clip_by_value passes the gradient through (bounds inclusive).
-  TFXENT_HOST_DEVICE bool InClipRange(Tacc p) const {
-    return p >= clip_lo && p <= clip_hi;
+  template <typename X>
+  TFXENT_HOST_DEVICE auto InClipRange(const X& p) const {
+    return (p >= clip_lo) && (p <= clip_hi);
   }
 };
 
@@ -93,24 +133,6 @@ struct XentConstants {
 template <typename Tidx>
 TFXENT_HOST_DEVICE bool IsIgnored(const XentParams& p, Tidx label) {
   return p.use_ignore_class && static_cast<int64_t>(label) == p.ignore_class;
-}
-
-// exp and log in the accumulation type (float stays float on the host too).
-template <typename Tacc>
-TFXENT_HOST_DEVICE Tacc ExpOf(Tacc x) {
-#if defined(__CUDA_ARCH__)
-  return exp(x);
-#else
-  return std::exp(x);
-#endif
-}
-template <typename Tacc>
-TFXENT_HOST_DEVICE Tacc LogOf(Tacc x) {
-#if defined(__CUDA_ARCH__)
-  return log(x);
-#else
-  return std::log(x);
-#endif
 }
 
 // Compensated (Kahan) sum. A plain float running sum that adds many terms far
@@ -136,28 +158,29 @@ struct CompensatedSum {
 // gradient of the row's loss.
 
 // d loss / d z_k for logits: g * (softmax_k * sum_t - t_k).
-template <typename Tacc>
-TFXENT_HOST_DEVICE Tacc LogitsGrad(Tacc g, Tacc z, Tacc lse, Tacc sum_t,
-                                   Tacc t) {
+template <typename Tacc, typename Z, typename T>
+TFXENT_HOST_DEVICE auto LogitsGrad(Tacc g, const Z& z, Tacc lse, Tacc sum_t,
+                                   const T& t) {
   return g * (ExpOf(z - lse) * sum_t - t);
 }
 
 // d loss / d p_k for sparse probabilities, z_k = log(clip(p_k)): zero outside
 // the clip range, else g * (1 / sum_j clip(p_j) - t_k / p_k).
-template <typename Tacc>
-TFXENT_HOST_DEVICE Tacc SparseProbsGrad(const XentConstants<Tacc>& c, Tacc g,
-                                        Tacc p, Tacc inv_sum, Tacc t) {
-  return c.InClipRange(p) ? g * (inv_sum - t / p) : Tacc(0);
+template <typename Tacc, typename P, typename T>
+TFXENT_HOST_DEVICE auto SparseProbsGrad(const XentConstants<Tacc>& c, Tacc g,
+                                        const P& p, Tacc inv_sum, const T& t) {
+  return Where(c.InClipRange(p), g * (inv_sum - t / p), Tacc(0));
 }
 
 // d loss / d y_k for dense probabilities, with q_k = y_k / S, S = sum_j y_j
 // and A = sum of t_j over in-range classes: g * (A / S - [q_k in range] t_k /
 // y_k). Autodiff of normalize -> clip -> log -> weighted sum, in closed form;
 // q_k is formed by division, as Keras does, so the clip mask matches exactly.
-template <typename Tacc>
-TFXENT_HOST_DEVICE Tacc DenseProbsGrad(const XentConstants<Tacc>& c, Tacc g,
-                                       Tacc y, Tacc s, Tacc a_over_s, Tacc t) {
-  return g * (a_over_s - (c.InClipRange(y / s) ? t / y : Tacc(0)));
+template <typename Tacc, typename Y, typename T>
+TFXENT_HOST_DEVICE auto DenseProbsGrad(const XentConstants<Tacc>& c, Tacc g,
+                                       const Y& y, Tacc s, Tacc a_over_s,
+                                       const T& t) {
+  return g * (a_over_s - Where(c.InClipRange(y / s), t / y, Tacc(0)));
 }
 
 }  // namespace tf_xent_ops
@@ -189,7 +212,9 @@ struct SparseXentForward {
                   const Tidx* labels, Tacc* loss, Tacc* log_sum_exp) const;
 };
 
-// Sparse backward: grad_predictions[N, C] from the saved log_sum_exp.
+// Sparse backward: grad_predictions[N, C] from the saved log_sum_exp. The
+// backward functors allow grad_predictions to alias predictions (the OpKernels
+// reuse the predictions' buffer when nothing else holds it).
 template <typename Device, typename T, typename Tidx>
 struct SparseXentBackward {
   using Tacc = typename AccumulatorType<T>::type;

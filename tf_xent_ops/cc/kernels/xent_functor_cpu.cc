@@ -3,46 +3,102 @@ License 2.0.
 
 CPU specializations of the cross-entropy functors: one thread per shard of
 rows, each row computed start to finish by that thread (bitwise the same result
-whatever the thread count). Forward passes keep only O(N) statistics; backward
-passes read the predictions once and write the gradient once.
+whatever the thread count). The header's element-wise formulas are applied to
+whole rows as Eigen array expressions, so exp, log and the arithmetic run on
+SIMD packets. Forward passes keep only O(N) statistics; backward passes read
+the predictions once and write the gradient once.
 */
 #include <algorithm>
 #include <cstdint>
-#include <limits>
+#include <type_traits>
+#include <vector>
 
-#include "Eigen/Core"  // Eigen::half and Eigen::bfloat16, as TensorFlow uses.
+#include "Eigen/Core"  // Eigen::half, Eigen::bfloat16 and the array expressions.
 #include "tf_xent_ops/cc/kernels/xent_functor.h"
 
 namespace tf_xent_ops {
+
+// Where() on Eigen boolean arrays is Eigen's select().
+template <typename Cond>
+struct WhereImpl<
+    Cond, std::enable_if_t<std::is_base_of_v<Eigen::ArrayBase<Cond>, Cond>>> {
+  template <typename A, typename B>
+  static auto Apply(const Cond& cond, const A& a, const B& b) {
+    return cond.select(a, b);
+  }
+};
+
 namespace {
 
 // Rough cycles per element of one row pass, for the thread pool's sharding.
-constexpr int64_t kCyclesPerElement = 40;
+constexpr int64_t kCyclesPerElement = 10;
+// Partial sums of this many elements (SIMD lanes, Eigen's tree of packets)
+// are combined with a compensated sum: accurate whatever C is.
+constexpr Eigen::Index kSumBlock = 1024;
 
-template <typename Tacc, typename T>
-inline Tacc Load(const T* x, int64_t i) {
-  return static_cast<Tacc>(x[i]);
-}
+template <typename Tacc>
+using ConstRow = Eigen::Map<const Eigen::Array<Tacc, Eigen::Dynamic, 1>>;
+template <typename T>
+using MutableRow = Eigen::Map<Eigen::Array<T, Eigen::Dynamic, 1>>;
 
-template <typename Tacc, typename T>
-inline Tacc RowMax(const T* z, int64_t num_classes) {
-  Tacc m = -std::numeric_limits<Tacc>::infinity();
-  for (int64_t k = 0; k < num_classes; ++k) {
-    const Tacc x = Load<Tacc>(z, k);
-    m = x > m ? x : m;
+template <typename Expr>
+typename Expr::Scalar BlockedSum(const Expr& e) {
+  using Scalar = typename Expr::Scalar;
+  const Eigen::Index n = e.size();
+  CompensatedSum<Scalar> total;
+  for (Eigen::Index b = 0; b < n; b += kSumBlock) {
+    total.Add(e.segment(b, std::min(kSumBlock, n - b)).sum());
   }
-  return m;
+  return total.Total();
 }
 
-// Runs row_fn(r) for every row on the device's thread pool.
-template <typename RowFn>
+// Rows of T as arrays of Tacc: float and double rows are read in place;
+// 16-bit rows are widened into a buffer of one row per thread (never [N, C]).
+template <typename T, typename Tacc>
+class RowReader {
+ public:
+  explicit RowReader(int64_t num_classes)
+      : num_classes_(num_classes),
+        buffer_(std::is_same_v<T, Tacc> ? 0 : num_classes) {}
+
+  ConstRow<Tacc> Read(const T* row) {
+    if constexpr (std::is_same_v<T, Tacc>) {
+      return ConstRow<Tacc>(row, num_classes_);
+    } else {
+      MutableRow<Tacc>(buffer_.data(), num_classes_) =
+          Eigen::Map<const Eigen::Array<T, Eigen::Dynamic, 1>>(row,
+                                                               num_classes_)
+              .template cast<Tacc>();
+      return ConstRow<Tacc>(buffer_.data(), num_classes_);
+    }
+  }
+
+ private:
+  int64_t num_classes_;
+  std::vector<Tacc> buffer_;
+};
+
+// Writes an expression in Tacc to a row of T.
+template <typename T, typename Expr>
+void WriteRow(T* row, int64_t num_classes, const Expr& value) {
+  using Tacc = typename Expr::Scalar;
+  if constexpr (std::is_same_v<T, Tacc>) {
+    MutableRow<T>(row, num_classes) = value;
+  } else {
+    MutableRow<T>(row, num_classes) = value.template cast<T>();
+  }
+}
+
+// Runs row_fn(reader, r) for every row on the device's thread pool, with one
+// RowReader per shard.
+template <typename T, typename Tacc, typename RowFn>
 void ForEachRow(const CpuDevice& d, const XentParams& p, const RowFn& row_fn) {
   if (p.num_rows == 0) return;
-  d.parallel_for(p.num_rows,
-                 std::max<int64_t>(1, p.num_classes) * kCyclesPerElement,
-                 [&row_fn](int64_t begin, int64_t end) {
-                   for (int64_t r = begin; r < end; ++r) row_fn(r);
-                 });
+  const int64_t cost = std::max<int64_t>(1, p.num_classes) * kCyclesPerElement;
+  d.parallel_for(p.num_rows, cost, [&](int64_t begin, int64_t end) {
+    RowReader<T, Tacc> reader(p.num_classes);
+    for (int64_t r = begin; r < end; ++r) row_fn(reader, r);
+  });
 }
 
 }  // namespace
@@ -65,39 +121,29 @@ struct SparseXentForward<CpuDevice, T, Tidx> {
     const XentConstants<Tacc> c(p);
     const int64_t num_classes = p.num_classes;
     const bool smoothing = p.label_smoothing != 0.0f;
-    ForEachRow(d, p, [&](int64_t r) {
+    ForEachRow<T, Tacc>(d, p, [&](RowReader<T, Tacc>& reader, int64_t r) {
       if (IsIgnored(p, labels[r])) {
         loss[r] = Tacc(0);
         log_sum_exp[r] = Tacc(0);
         return;
       }
-      const T* x = predictions + r * num_classes;
+      const auto x = reader.Read(predictions + r * num_classes);
       const int64_t label = static_cast<int64_t>(labels[r]);
       if (p.from_logits) {
         // loss = log(s) - sum_k t_k (z_k - m), with s = sum_k exp(z_k - m).
-        const Tacc m = RowMax<Tacc>(x, num_classes);
-        CompensatedSum<Tacc> s, sum_shifted;
-        for (int64_t k = 0; k < num_classes; ++k) {
-          const Tacc shifted = Load<Tacc>(x, k) - m;
-          s.Add(ExpOf(shifted));
-          if (smoothing) sum_shifted.Add(shifted);
-        }
-        const Tacc log_s = LogOf(s.Total());
+        const Tacc m = x.maxCoeff();
+        const Tacc log_s = LogOf(BlockedSum(ExpOf(x - m)));
+        const Tacc sum_shifted = smoothing ? BlockedSum(x - m) : Tacc(0);
         log_sum_exp[r] = m + log_s;
-        loss[r] = log_s - c.on_weight * (Load<Tacc>(x, label) - m) -
-                  c.off_weight * sum_shifted.Total();
+        loss[r] =
+            log_s - c.on_weight * (x[label] - m) - c.off_weight * sum_shifted;
       } else {
         // z_k = log(clip(p_k)): lse = log(sum_k clip(p_k)).
-        CompensatedSum<Tacc> s, sum_log;
-        for (int64_t k = 0; k < num_classes; ++k) {
-          const Tacc clipped = c.Clip(Load<Tacc>(x, k));
-          s.Add(clipped);
-          if (smoothing) sum_log.Add(LogOf(clipped));
-        }
-        const Tacc lse = LogOf(s.Total());
+        const Tacc lse = LogOf(BlockedSum(c.Clip(x)));
+        const Tacc sum_log = smoothing ? BlockedSum(LogOf(c.Clip(x))) : Tacc(0);
         log_sum_exp[r] = lse;
-        loss[r] = lse - c.on_weight * LogOf(c.Clip(Load<Tacc>(x, label))) -
-                  c.off_weight * sum_log.Total();
+        loss[r] = lse - c.on_weight * LogOf(c.Clip(x[label])) -
+                  c.off_weight * sum_log;
       }
     });
   }
@@ -111,27 +157,30 @@ struct SparseXentBackward<CpuDevice, T, Tidx> {
                   const Tacc* grad_loss, T* grad_predictions) const {
     const XentConstants<Tacc> c(p);
     const int64_t num_classes = p.num_classes;
-    ForEachRow(d, p, [&](int64_t r) {
-      const T* x = predictions + r * num_classes;
-      T* dx = grad_predictions + r * num_classes;
+    ForEachRow<T, Tacc>(d, p, [&](RowReader<T, Tacc>& reader, int64_t r) {
+      T* dx = grad_predictions + r * num_classes;  // May alias the row.
       if (IsIgnored(p, labels[r])) {
         std::fill(dx, dx + num_classes, T(0));
         return;
       }
+      const auto x = reader.Read(predictions + r * num_classes);
       const int64_t label = static_cast<int64_t>(labels[r]);
       const Tacc g = grad_loss[r];
       const Tacc lse = log_sum_exp[r];
+      const Tacc label_t = c.SparseTarget(label, label);
+      // Every class gets the off-label target, then the labelled one is
+      // redone. dx may alias the predictions (the op reuses their buffer), so
+      // the labelled element's gradient is formed before the row is written.
       if (p.from_logits) {
-        for (int64_t k = 0; k < num_classes; ++k) {
-          dx[k] = static_cast<T>(LogitsGrad(g, Load<Tacc>(x, k), lse, Tacc(1),
-                                            c.SparseTarget(k, label)));
-        }
+        const Tacc at_label = LogitsGrad(g, x[label], lse, Tacc(1), label_t);
+        WriteRow(dx, num_classes, LogitsGrad(g, x, lse, Tacc(1), c.off_weight));
+        dx[label] = static_cast<T>(at_label);
       } else {
         const Tacc inv_sum = ExpOf(-lse);
-        for (int64_t k = 0; k < num_classes; ++k) {
-          dx[k] = static_cast<T>(SparseProbsGrad(
-              c, g, Load<Tacc>(x, k), inv_sum, c.SparseTarget(k, label)));
-        }
+        const Tacc at_label = SparseProbsGrad(c, g, x[label], inv_sum, label_t);
+        WriteRow(dx, num_classes,
+                 SparseProbsGrad(c, g, x, inv_sum, c.off_weight));
+        dx[label] = static_cast<T>(at_label);
       }
     });
   }
@@ -144,39 +193,27 @@ struct DenseXentForward<CpuDevice, T> {
                   const Tacc* labels, Tacc* loss, Tacc* stats) const {
     const XentConstants<Tacc> c(p);
     const int64_t num_classes = p.num_classes;
-    ForEachRow(d, p, [&](int64_t r) {
-      const T* x = predictions + r * num_classes;
-      const Tacc* y = labels + r * num_classes;
+    ForEachRow<T, Tacc>(d, p, [&](RowReader<T, Tacc>& reader, int64_t r) {
+      const auto x = reader.Read(predictions + r * num_classes);
+      const auto t =
+          c.DenseTarget(ConstRow<Tacc>(labels + r * num_classes, num_classes));
       if (p.from_logits) {
         // loss = sum_t * log(s) - sum_k t_k (z_k - m). Zero targets are
         // skipped so that a -inf logit with no target mass costs nothing.
-        const Tacc m = RowMax<Tacc>(x, num_classes);
-        CompensatedSum<Tacc> s, sum_t, sum_t_shifted;
-        for (int64_t k = 0; k < num_classes; ++k) {
-          const Tacc shifted = Load<Tacc>(x, k) - m;
-          const Tacc t = c.DenseTarget(y[k]);
-          s.Add(ExpOf(shifted));
-          sum_t.Add(t);
-          if (t != Tacc(0)) sum_t_shifted.Add(t * shifted);
-        }
-        const Tacc log_s = LogOf(s.Total());
-        loss[r] = sum_t.Total() * log_s - sum_t_shifted.Total();
+        const Tacc m = x.maxCoeff();
+        const Tacc log_s = LogOf(BlockedSum(ExpOf(x - m)));
+        const Tacc sum_t = BlockedSum(t);
+        const Tacc sum_t_shifted =
+            BlockedSum(Where(t != Tacc(0), t * (x - m), Tacc(0)));
+        loss[r] = sum_t * log_s - sum_t_shifted;
         stats[2 * r] = m + log_s;
-        stats[2 * r + 1] = sum_t.Total();
+        stats[2 * r + 1] = sum_t;
       } else {
-        CompensatedSum<Tacc> row_sum;
-        for (int64_t k = 0; k < num_classes; ++k) row_sum.Add(Load<Tacc>(x, k));
-        const Tacc s = row_sum.Total();
-        CompensatedSum<Tacc> total, in_range_t;
-        for (int64_t k = 0; k < num_classes; ++k) {
-          const Tacc q = Load<Tacc>(x, k) / s;
-          const Tacc t = c.DenseTarget(y[k]);
-          total.Add(t * LogOf(c.Clip(q)));
-          if (c.InClipRange(q)) in_range_t.Add(t);
-        }
-        loss[r] = -total.Total();
+        const Tacc s = BlockedSum(x);
+        const auto q = x / s;
+        loss[r] = -BlockedSum(t * LogOf(c.Clip(q)));
         stats[2 * r] = s;
-        stats[2 * r + 1] = in_range_t.Total();
+        stats[2 * r + 1] = BlockedSum(Where(c.InClipRange(q), t, Tacc(0)));
       }
     });
   }
@@ -190,23 +227,19 @@ struct DenseXentBackward<CpuDevice, T> {
                   T* grad_predictions) const {
     const XentConstants<Tacc> c(p);
     const int64_t num_classes = p.num_classes;
-    ForEachRow(d, p, [&](int64_t r) {
-      const T* x = predictions + r * num_classes;
-      const Tacc* y = labels + r * num_classes;
+    ForEachRow<T, Tacc>(d, p, [&](RowReader<T, Tacc>& reader, int64_t r) {
+      const auto x = reader.Read(predictions + r * num_classes);
+      const auto t =
+          c.DenseTarget(ConstRow<Tacc>(labels + r * num_classes, num_classes));
       T* dx = grad_predictions + r * num_classes;
       const Tacc g = grad_loss[r];
       if (p.from_logits) {
-        const Tacc lse = stats[2 * r], sum_t = stats[2 * r + 1];
-        for (int64_t k = 0; k < num_classes; ++k) {
-          dx[k] = static_cast<T>(
-              LogitsGrad(g, Load<Tacc>(x, k), lse, sum_t, c.DenseTarget(y[k])));
-        }
+        WriteRow(dx, num_classes,
+                 LogitsGrad(g, x, stats[2 * r], stats[2 * r + 1], t));
       } else {
-        const Tacc s = stats[2 * r], a_over_s = stats[2 * r + 1] / s;
-        for (int64_t k = 0; k < num_classes; ++k) {
-          dx[k] = static_cast<T>(DenseProbsGrad(c, g, Load<Tacc>(x, k), s,
-                                                a_over_s, c.DenseTarget(y[k])));
-        }
+        const Tacc s = stats[2 * r];
+        WriteRow(dx, num_classes,
+                 DenseProbsGrad(c, g, x, s, stats[2 * r + 1] / s, t));
       }
     });
   }
@@ -220,16 +253,17 @@ struct DenseXentLabelsBackward<CpuDevice, T> {
                   Tacc* grad_labels) const {
     const XentConstants<Tacc> c(p);
     const int64_t num_classes = p.num_classes;
-    ForEachRow(d, p, [&](int64_t r) {
-      const T* x = predictions + r * num_classes;
-      Tacc* dy = grad_labels + r * num_classes;
+    ForEachRow<T, Tacc>(d, p, [&](RowReader<T, Tacc>& reader, int64_t r) {
+      const auto x = reader.Read(predictions + r * num_classes);
       const Tacc scale = c.on_weight * grad_loss[r];
       const Tacc stat = stats[2 * r];  // log_sum_exp, or the row sum.
-      for (int64_t k = 0; k < num_classes; ++k) {
-        const Tacc neg_log_q = p.from_logits
-                                   ? stat - Load<Tacc>(x, k)
-                                   : -LogOf(c.Clip(Load<Tacc>(x, k) / stat));
-        dy[k] = scale * neg_log_q;
+      // (1 - ls) * g * -log q, q the softmax or the clipped normalized row.
+      if (p.from_logits) {
+        WriteRow(grad_labels + r * num_classes, num_classes,
+                 scale * (stat - x));
+      } else {
+        WriteRow(grad_labels + r * num_classes, num_classes,
+                 -scale * LogOf(c.Clip(x / stat)));
       }
     });
   }

@@ -150,7 +150,8 @@ class SparseXentGradOp : public OpKernel {
     if (!ctx->status().ok()) return;
 
     Tensor* grad = nullptr;
-    OP_REQUIRES_OK(ctx, ctx->allocate_output(0, predictions.shape(), &grad));
+    OP_REQUIRES_OK(ctx, ctx->forward_input_or_allocate_output(
+                            {0}, 0, predictions.shape(), &grad));
     SparseXentBackward<CpuDevice, T, Tidx>()(
         MakeCpuDevice(ctx), p, predictions.flat<T>().data(),
         labels.flat<Tidx>().data(), lse.flat<Tacc>().data(),
@@ -215,7 +216,8 @@ class DenseXentGradOp : public OpKernel {
     if (!ctx->status().ok()) return;
 
     Tensor* grad = nullptr;
-    OP_REQUIRES_OK(ctx, ctx->allocate_output(0, predictions.shape(), &grad));
+    OP_REQUIRES_OK(ctx, ctx->forward_input_or_allocate_output(
+                            {0}, 0, predictions.shape(), &grad));
     DenseXentBackward<CpuDevice, T>()(
         MakeCpuDevice(ctx), p, predictions.flat<T>().data(),
         labels.flat<Tacc>().data(), stats.flat<Tacc>().data(),
