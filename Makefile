@@ -7,7 +7,7 @@ CC_FILES := $(shell find tf_xent_ops -name '*.h' -o -name '*.cc' -o -name '*.cu.
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 export PYTHONPATH := $(CURDIR)/python
 
-.PHONY: setup build test lint format demo bench clean
+.PHONY: setup build test lint format demo bench sanitize bazel-build bazel-wheel bazel-test clean
 
 setup: $(VENV)/.requirements-installed
 
@@ -39,6 +39,50 @@ demo: build
 
 bench: build
 	$(PY) bench/bench_cpu.py
+
+# The op library built with AddressSanitizer and UndefinedBehaviorSanitizer
+# into build/sanitize, and the test suite run against it with the sanitizer
+# runtimes preloaded (Python itself is not instrumented, so leaks are not
+# checked). Any report aborts the run.
+SANITIZE_DIR := $(CURDIR)/build/sanitize
+SANITIZE_FLAGS := -fsanitize=address,undefined -fno-sanitize-recover=all -fno-omit-frame-pointer -g
+sanitize: setup
+	rm -rf $(SANITIZE_DIR) && mkdir -p $(SANITIZE_DIR)
+	cp -r python/tf_xent_ops $(SANITIZE_DIR)/
+	rm -f $(SANITIZE_DIR)/tf_xent_ops/_xent_ops.so $(SANITIZE_DIR)/tf_xent_ops/_build_info.py
+	TFXENT_EXTRA_CFLAGS="$(SANITIZE_FLAGS)" $(PY) setup.py -q build_ext --force \
+		--build-lib $(SANITIZE_DIR) --build-temp $(CURDIR)/build/sanitize-objs
+	LD_PRELOAD="$$(g++ -print-file-name=libasan.so) $$(g++ -print-file-name=libubsan.so)" \
+	ASAN_OPTIONS=detect_leaks=0:abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1 \
+	TFXENT_PACKAGE_DIR=$(SANITIZE_DIR) PYTHONPATH=$(SANITIZE_DIR) TFXENT_FUZZ_EXAMPLES=1000 \
+	$(PY) -m pytest -o pythonpath=tests -o addopts="-ra -p no:cacheprovider" tests -m "not slow" \
+		--deselect tests/test_install.py
+
+# The second build path: Bazel (Debian's bazel-bootstrap 4.2.3 installs
+# /usr/bin/bazel-4; bazelisk reads .bazelversion), offline, CPU kernels.
+BAZEL ?= $(shell command -v bazel-4 || command -v bazelisk || command -v bazel)
+WHEEL_VENV := $(CURDIR)/build/wheel-venv
+bazel-build: setup
+	$(BAZEL) build --repo_env=PYTHON_BIN_PATH=$(CURDIR)/$(PY) \
+		//tf_xent_ops:_xent_ops.so //tf_xent_ops:build_info
+
+bazel-wheel: bazel-build
+	rm -rf build/wheel
+	pip_package/build_pip_package.sh build/wheel $(CURDIR)/$(PY)
+
+# The wheel installed into a fresh virtual environment (with its pinned
+# dependencies), then the test suite run against that installation.
+bazel-test: bazel-wheel
+	rm -rf $(WHEEL_VENV) && $(PYTHON) -m venv $(WHEEL_VENV)
+	# PYTHONPATH cleared: the source tree must not stand in for the wheel.
+	PYTHONPATH= $(WHEEL_VENV)/bin/python -m pip install -q --upgrade pip
+	PYTHONPATH= $(WHEEL_VENV)/bin/python -m pip install -q -r requirements.txt
+	PYTHONPATH= $(WHEEL_VENV)/bin/python -m pip install -q build/wheel/tf_xent_ops-*.whl
+	PYTHONPATH= $(WHEEL_VENV)/bin/python -m pip show -f tf-xent-ops | grep -q _xent_ops.so
+	cd $(CURDIR) && PYTHONPATH= TFXENT_PACKAGE_DIR=$$($(WHEEL_VENV)/bin/python -c \
+		"import sysconfig; print(sysconfig.get_paths()['platlib'])") \
+	$(WHEEL_VENV)/bin/python -m pytest -o pythonpath=tests -o addopts="-ra -p no:cacheprovider" \
+		tests --deselect tests/test_install.py
 
 clean:
 	rm -rf build python/tf_xent_ops/_xent_ops.so python/tf_xent_ops/_build_info.py

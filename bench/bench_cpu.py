@@ -7,8 +7,8 @@ layer's output is), on the same inputs, after checking that they agree. Reported
 median milliseconds, the speed-up over the built-in, and the multiple of the
 floor: the bytes that must move (read the predictions, and dense labels, once;
 write the gradient once) over the copy bandwidth measured in this run. Peak
-memory of forward + backward is measured per case in a fresh subprocess (peak
-RSS over the process's baseline after setup).
+memory of forward + backward is measured per case in a fresh subprocess: the
+peak resident set (VmHWM, reset after setup) over the resident set before it.
 
     python bench/bench_cpu.py                 # default grid, writes bench/out/
     python bench/bench_cpu.py --quick         # a few cases
@@ -18,7 +18,6 @@ RSS over the process's baseline after setup).
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -214,11 +213,22 @@ def peak_memory_child(spec):
     y, p = tf.constant(y), tf.constant(p)
     fn = compiled(loss_fns(k)[0 if impl == "ours" else 1], "fwd+bwd")
     fn.get_concrete_function(y, p)  # trace without running
-    baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    # Setting up the inputs already set the lifetime peak: reset it (Linux).
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    baseline = _status_kib("VmRSS")
     out = fn(y, p)
-    _ = out[1].numpy()
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    peak = _status_kib("VmHWM")
+    del out
     print(json.dumps({"peak_mib": (peak - baseline) / 1024.0}))
+
+
+def _status_kib(field):
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise KeyError(field)
 
 
 def peak_memory(k, impl):

@@ -26,7 +26,7 @@ NUMPY_DTYPES = {
 
 
 def _logsumexp(z):
-    m = np.max(z, axis=-1, keepdims=True)
+    m = np.max(z, axis=-1, keepdims=True, initial=-np.inf)
     return (m + np.log(np.sum(np.exp(z - m), axis=-1, keepdims=True)))[..., 0]
 
 
@@ -35,10 +35,11 @@ def dense(labels, predictions, from_logits, label_smoothing=0.0, axis=-1, epsilo
     label_smoothing, epsilon = as_attr(label_smoothing), as_attr(epsilon)
     y = np.moveaxis(np.asarray(labels, np.float64), axis, -1)
     p = np.moveaxis(np.asarray(predictions).astype(np.float64), axis, -1)
-    t = y * (1.0 - label_smoothing) + label_smoothing / p.shape[-1]
+    t = y * (1.0 - label_smoothing) + label_smoothing / max(p.shape[-1], 1)
     if from_logits:
         lse = _logsumexp(p)[..., None]
-        return np.sum(t * (lse - p), axis=-1)
+        # Zero targets carry no mass, even against a -inf logit.
+        return np.sum(np.where(t != 0, t * (lse - p), 0.0), axis=-1)
     q = np.clip(p / np.sum(p, axis=-1, keepdims=True), epsilon, 1.0 - epsilon)
     return -np.sum(t * np.log(q), axis=-1)
 
@@ -62,9 +63,9 @@ def sparse(
     safe = np.where(valid, labels, 0)
     neg_log_softmax = _logsumexp(z)[..., None] - z
     at_label = np.take_along_axis(neg_log_softmax, safe[..., None], axis=-1)[..., 0]
-    loss = (1.0 - label_smoothing) * at_label + label_smoothing / num_classes * np.sum(
-        neg_log_softmax, axis=-1
-    )
+    loss = (1.0 - label_smoothing) * at_label
+    if label_smoothing and num_classes:  # only then do other classes carry target mass
+        loss = loss + label_smoothing / num_classes * np.sum(neg_log_softmax, axis=-1)
     return np.where(valid, loss, 0.0)
 
 

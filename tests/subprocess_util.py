@@ -8,7 +8,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def python_env(**extra):
-    path = os.pathsep.join([os.path.join(ROOT, "python"), os.path.join(ROOT, "tests")])
+    # TFXENT_PACKAGE_DIR points child processes at another build (make sanitize).
+    package_dir = os.environ.get("TFXENT_PACKAGE_DIR", os.path.join(ROOT, "python"))
+    path = os.pathsep.join([package_dir, os.path.join(ROOT, "tests")])
     return {**os.environ, "PYTHONPATH": path, "TF_CPP_MIN_LOG_LEVEL": "3", **extra}
 
 

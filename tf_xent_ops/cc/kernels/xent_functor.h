@@ -148,6 +148,8 @@ struct CompensatedSum {
     const Tacc y = x - carry;
     const Tacc t = sum + y;
     carry = (t - sum) - y;
+    // Once the sum is infinite the carry is inf - inf: keep the infinity.
+    if (carry != carry) carry = Tacc(0);
     sum = t;
   }
   TFXENT_HOST_DEVICE Tacc Total() const { return sum; }
