@@ -10,7 +10,7 @@ write the gradient once) over the copy bandwidth measured in this run. Peak
 memory of forward + backward is measured per case in a fresh subprocess: the
 peak resident set (VmHWM, reset after setup) over the resident set before it.
 
-    python bench/bench_cpu.py                 # default grid, writes bench/out/
+    python bench/bench_cpu.py                 # default grid, writes bench/results/
     python bench/bench_cpu.py --quick         # a few cases
     python bench/bench_cpu.py --memory-only   # only the memory column
 """
@@ -28,7 +28,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 import numpy as np  # noqa: E402
 
 SHAPES = [(65536, 10), (4096, 1000), (1024, 32768), (256, 131072)]
-OUT_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "out")
+OUT_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
 
 def case_grid(quick):
