@@ -7,7 +7,9 @@ TensorFlow than the one that loads the library.
 """
 
 import os
+import re
 import shlex
+import shutil
 import subprocess
 from concurrent.futures import ThreadPoolExecutor
 
@@ -20,14 +22,50 @@ CC_SOURCES = [
     "tf_xent_ops/cc/kernels/xent_op.cc",
     "tf_xent_ops/cc/kernels/xent_functor_cpu.cc",
 ]
-HEADERS = ["tf_xent_ops/cc/kernels/xent_functor.h"]
+CUDA_SOURCES = ["tf_xent_ops/cc/kernels/xent_functor_gpu.cu.cc"]
+HEADERS = [
+    "tf_xent_ops/cc/kernels/xent_functor.h",
+    "tf_xent_ops/cc/kernels/xent_functor_gpu.cu.h",
+]
 LIBRARY_NAME = "tf_xent_ops._xent_ops"
 
 
-def _write_build_info(package_dir, tf_version):
+def _write_build_info(package_dir, tf_version, cuda_version):
     # The library only loads in the TensorFlow it was built against.
     with open(os.path.join(package_dir, "_build_info.py"), "w") as f:
-        f.write(f'"""Written by setup.py."""\n\nTF_VERSION = "{tf_version}"\n')
+        f.write(
+            f'"""Written by setup.py."""\n\nTF_VERSION = "{tf_version}"\n'
+            f"CUDA_VERSION = {cuda_version!r}  # None: built without GPU kernels\n"
+            'BUILT_BY = "setup.py"\n'
+        )
+
+
+def find_nvcc():
+    """nvcc from $CUDA_HOME or PATH, unless TFXENT_CUDA=0."""
+    if os.environ.get("TFXENT_CUDA", "1") == "0":
+        return None
+    cuda_home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
+    if cuda_home and os.path.exists(os.path.join(cuda_home, "bin", "nvcc")):
+        return os.path.join(cuda_home, "bin", "nvcc")
+    return shutil.which("nvcc")
+
+
+def _cuda_toolkit(nvcc):
+    """The toolkit nvcc belongs to (nvcc may be a wrapper script elsewhere)."""
+    dry = subprocess.run(
+        [nvcc, "--dryrun", "-c", "-x", "cu", os.devnull, "-o", os.devnull],
+        capture_output=True,
+        text=True,
+    )
+    match = re.search(r"TOP=(\S+)", dry.stdout + dry.stderr)
+    top = match.group(1) if match else os.path.join(os.path.dirname(nvcc), "..")
+    return os.path.realpath(top)
+
+
+def _nvcc_version(nvcc):
+    out = subprocess.run([nvcc, "--version"], capture_output=True, text=True).stdout
+    match = re.search(r"release (\d+\.\d+)", out)
+    return match.group(1) if match else "unknown"
 
 
 class BuildTfOps(build_ext):
@@ -88,20 +126,50 @@ class BuildTfOps(build_ext):
                 self._run([cxx, *cflags, "-c", path, "-o", obj])
             return obj
 
+        nvcc = find_nvcc()
+        link_flags = tf.sysconfig.get_link_flags() + shlex.split(self.extra_cflags)
+        cuda_version = None
+        if nvcc:
+            # GPU kernels: registered by xent_op.cc, linked with the static CUDA
+            # runtime of this toolkit (use CUDA 12.x to match TF 2.21's pip build).
+            cuda_version = _nvcc_version(nvcc)
+            cflags.append("-DTFXENT_WITH_CUDA")
+            cuda_lib = os.path.join(_cuda_toolkit(nvcc), "lib64")
+            link_flags += [f"-L{cuda_lib}", "-lcudart_static", "-ldl", "-lrt", "-lpthread"]
         with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
             objs = list(pool.map(compile_one, ext.sources))
-        link_flags = tf.sysconfig.get_link_flags() + shlex.split(self.extra_cflags)
+            if nvcc:
+                objs += list(
+                    pool.map(
+                        lambda src: self._compile_cuda(nvcc, root, objdir, src, headers),
+                        CUDA_SOURCES,
+                    )
+                )
         self._run([cxx, "-shared", *objs, "-o", out, *link_flags])
-        _write_build_info(os.path.dirname(out), tf.__version__)
+        _write_build_info(os.path.dirname(out), tf.__version__, cuda_version)
+
+    def _compile_cuda(self, nvcc, root, objdir, src, headers):
+        path = os.path.join(root, src)
+        obj = os.path.join(objdir, src.replace("/", "_") + ".o")
+        newest_input = max(os.path.getmtime(p) for p in [path, *headers])
+        if not self.force and os.path.exists(obj) and os.path.getmtime(obj) >= newest_input:
+            return obj
+        archs = os.environ.get("TFXENT_CUDA_ARCHS", "80;90").split(";")
+        gencode = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs]
+        gencode.append(f"-gencode=arch=compute_{archs[-1]},code=compute_{archs[-1]}")
+        self._run(
+            [nvcc, "-x", "cu", "-std=c++17", "-O3", "-I" + root, "--expt-relaxed-constexpr"]
+            + ["-Xcompiler", "-fPIC", *gencode, "-c", path, "-o", obj]
+        )
+        return obj
 
     def run(self):
         inplace = self.inplace  # setuptools clears it while building.
         super().run()
-        if inplace:
-            import tensorflow as tf
-
+        if inplace:  # setuptools copies only the library back
             package_dir = self.get_finalized_command("build_py").get_package_dir("tf_xent_ops")
-            _write_build_info(package_dir, tf.__version__)
+            info = os.path.join(self.build_lib, "tf_xent_ops", "_build_info.py")
+            shutil.copy(info, package_dir)
 
     @staticmethod
     def _run(cmd):

@@ -185,6 +185,32 @@ TFXENT_HOST_DEVICE auto DenseProbsGrad(const XentConstants<Tacc>& c, Tacc g,
   return g * (a_over_s - Where(c.InClipRange(y / s), t / y, Tacc(0)));
 }
 
+// ---------------------------------------------------------------------------
+// Row losses from a row's reductions, shared by every device. m is the row
+// max, log_s = log(sum_k exp(z_k - m)).
+
+// Sparse logits: log_s - (1 - ls)(z_label - m) - (ls / C) sum_k (z_k - m).
+template <typename Tacc>
+TFXENT_HOST_DEVICE Tacc SparseLogitsLoss(const XentConstants<Tacc>& c,
+                                         Tacc log_s, Tacc label_shifted,
+                                         Tacc sum_shifted) {
+  return log_s - c.on_weight * label_shifted - c.off_weight * sum_shifted;
+}
+
+// Sparse probabilities, z_k = log(clip(p_k)), lse = log(sum_k clip(p_k)).
+template <typename Tacc>
+TFXENT_HOST_DEVICE Tacc SparseProbsLoss(const XentConstants<Tacc>& c, Tacc lse,
+                                        Tacc label_log, Tacc sum_log) {
+  return lse - c.on_weight * label_log - c.off_weight * sum_log;
+}
+
+// Dense logits: sum_t * log_s - sum_k t_k (z_k - m).
+template <typename Tacc>
+TFXENT_HOST_DEVICE Tacc DenseLogitsLoss(Tacc log_s, Tacc sum_t,
+                                        Tacc sum_t_shifted) {
+  return sum_t * log_s - sum_t_shifted;
+}
+
 }  // namespace tf_xent_ops
 
 namespace tf_xent_ops {
@@ -198,6 +224,13 @@ struct CpuDevice {
   using ShardFn = std::function<void(int64_t begin, int64_t end)>;
   std::function<void(int64_t total, int64_t cost_per_unit, const ShardFn& fn)>
       parallel_for;
+};
+
+// The GPU device is a CUDA stream (a cudaStream_t, kept as void* so that
+// host-only files need no CUDA header). GPU kernels use one block per row and
+// fixed-order block reductions: no atomics, bitwise reproducible.
+struct GpuDevice {
+  void* stream = nullptr;
 };
 
 // ---------------------------------------------------------------------------

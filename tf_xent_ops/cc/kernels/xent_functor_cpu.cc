@@ -135,15 +135,13 @@ struct SparseXentForward<CpuDevice, T, Tidx> {
         const Tacc log_s = LogOf(BlockedSum(ExpOf(x - m)));
         const Tacc sum_shifted = smoothing ? BlockedSum(x - m) : Tacc(0);
         log_sum_exp[r] = m + log_s;
-        loss[r] =
-            log_s - c.on_weight * (x[label] - m) - c.off_weight * sum_shifted;
+        loss[r] = SparseLogitsLoss(c, log_s, x[label] - m, sum_shifted);
       } else {
         // z_k = log(clip(p_k)): lse = log(sum_k clip(p_k)).
         const Tacc lse = LogOf(BlockedSum(c.Clip(x)));
         const Tacc sum_log = smoothing ? BlockedSum(LogOf(c.Clip(x))) : Tacc(0);
         log_sum_exp[r] = lse;
-        loss[r] = lse - c.on_weight * LogOf(c.Clip(x[label])) -
-                  c.off_weight * sum_log;
+        loss[r] = SparseProbsLoss(c, lse, LogOf(c.Clip(x[label])), sum_log);
       }
     });
   }
@@ -205,7 +203,7 @@ struct DenseXentForward<CpuDevice, T> {
         const Tacc sum_t = BlockedSum(t);
         const Tacc sum_t_shifted =
             BlockedSum(Where(t != Tacc(0), t * (x - m), Tacc(0)));
-        loss[r] = sum_t * log_s - sum_t_shifted;
+        loss[r] = DenseLogitsLoss(log_s, sum_t, sum_t_shifted);
         stats[2 * r] = m + log_s;
         stats[2 * r + 1] = sum_t;
       } else {

@@ -11,6 +11,15 @@ OpKernels of the fused cross-entropy ops: validate, allocate, call the functor.
 #include "tensorflow/core/lib/core/threadpool.h"
 #include "tf_xent_ops/cc/kernels/xent_functor.h"
 
+#ifdef TFXENT_WITH_CUDA
+#include "xla/stream_executor/stream.h"
+
+// CUDA's 16-bit types, which the GPU functors are instantiated with (same
+// layout as Eigen::half and Eigen::bfloat16). Only pointers cross over.
+struct __half;
+struct __nv_bfloat16;
+#endif
+
 namespace tf_xent_ops {
 
 using ::tensorflow::DEVICE_CPU;
@@ -47,6 +56,56 @@ CpuDevice MakeCpuDevice(OpKernelContext* ctx) {
     pool->ParallelFor(total, cost_per_unit, fn);
   };
   return d;
+}
+
+// What differs between devices: how to get one from the context, whether
+// labels can be checked on the host before the kernel runs, and the element
+// type the functors take.
+template <typename Device>
+struct DeviceTraits;
+
+template <>
+struct DeviceTraits<CpuDevice> {
+  static CpuDevice Make(OpKernelContext* ctx) { return MakeCpuDevice(ctx); }
+  static constexpr bool kChecksLabels = true;
+};
+
+template <typename Device, typename T>
+struct KernelType {
+  using type = T;
+};
+
+#ifdef TFXENT_WITH_CUDA
+template <>
+struct DeviceTraits<GpuDevice> {
+  static GpuDevice Make(OpKernelContext* ctx) {
+    return GpuDevice{
+        ctx->op_device_context()->stream()->platform_specific_handle().stream};
+  }
+  // Labels live on the device; the kernels give a bad label's row a NaN loss
+  // and never read through it.
+  static constexpr bool kChecksLabels = false;
+};
+template <>
+struct KernelType<GpuDevice, Eigen::half> {
+  using type = __half;
+};
+template <>
+struct KernelType<GpuDevice, ::tensorflow::bfloat16> {
+  using type = __nv_bfloat16;
+};
+#endif
+
+// The data of `t` as the functors' element type for T.
+template <typename Device, typename T>
+const typename KernelType<Device, T>::type* Data(const Tensor& t) {
+  return reinterpret_cast<const typename KernelType<Device, T>::type*>(
+      t.flat<T>().data());
+}
+template <typename Device, typename T>
+typename KernelType<Device, T>::type* MutableData(Tensor* t) {
+  return reinterpret_cast<typename KernelType<Device, T>::type*>(
+      t->flat<T>().data());
 }
 
 // Checks predictions is [N, C] and sets num_rows / num_classes.
@@ -93,7 +152,7 @@ void CheckLabels(OpKernelContext* ctx, const XentParams& p,
 
 }  // namespace
 
-template <typename T, typename Tidx>
+template <typename Device, typename T, typename Tidx>
 class SparseXentOp : public OpKernel {
  public:
   using Tacc = typename AccumulatorType<T>::type;
@@ -109,14 +168,16 @@ class SparseXentOp : public OpKernel {
     if (!ctx->status().ok()) return;
     CheckShape(ctx, "labels", labels, TensorShape({p.num_rows}));
     if (!ctx->status().ok()) return;
-    CheckLabels<Tidx>(ctx, p, labels);
-    if (!ctx->status().ok()) return;
+    if (DeviceTraits<Device>::kChecksLabels) {
+      CheckLabels<Tidx>(ctx, p, labels);
+      if (!ctx->status().ok()) return;
+    }
 
     Tensor *loss = nullptr, *lse = nullptr;
     OP_REQUIRES_OK(ctx, ctx->allocate_output(0, labels.shape(), &loss));
     OP_REQUIRES_OK(ctx, ctx->allocate_output(1, labels.shape(), &lse));
-    SparseXentForward<CpuDevice, T, Tidx>()(
-        MakeCpuDevice(ctx), p, predictions.flat<T>().data(),
+    SparseXentForward<Device, typename KernelType<Device, T>::type, Tidx>()(
+        DeviceTraits<Device>::Make(ctx), p, Data<Device, T>(predictions),
         labels.flat<Tidx>().data(), loss->flat<Tacc>().data(),
         lse->flat<Tacc>().data());
   }
@@ -125,7 +186,7 @@ class SparseXentOp : public OpKernel {
   XentParams params_;
 };
 
-template <typename T, typename Tidx>
+template <typename Device, typename T, typename Tidx>
 class SparseXentGradOp : public OpKernel {
  public:
   using Tacc = typename AccumulatorType<T>::type;
@@ -146,23 +207,25 @@ class SparseXentGradOp : public OpKernel {
     CheckShape(ctx, "log_sum_exp", lse, rows);
     CheckShape(ctx, "grad_loss", grad_loss, rows);
     if (!ctx->status().ok()) return;
-    CheckLabels<Tidx>(ctx, p, labels);
-    if (!ctx->status().ok()) return;
+    if (DeviceTraits<Device>::kChecksLabels) {
+      CheckLabels<Tidx>(ctx, p, labels);
+      if (!ctx->status().ok()) return;
+    }
 
     Tensor* grad = nullptr;
     OP_REQUIRES_OK(ctx, ctx->forward_input_or_allocate_output(
                             {0}, 0, predictions.shape(), &grad));
-    SparseXentBackward<CpuDevice, T, Tidx>()(
-        MakeCpuDevice(ctx), p, predictions.flat<T>().data(),
+    SparseXentBackward<Device, typename KernelType<Device, T>::type, Tidx>()(
+        DeviceTraits<Device>::Make(ctx), p, Data<Device, T>(predictions),
         labels.flat<Tidx>().data(), lse.flat<Tacc>().data(),
-        grad_loss.flat<Tacc>().data(), grad->flat<T>().data());
+        grad_loss.flat<Tacc>().data(), MutableData<Device, T>(grad));
   }
 
  private:
   XentParams params_;
 };
 
-template <typename T>
+template <typename Device, typename T>
 class DenseXentOp : public OpKernel {
  public:
   using Tacc = typename AccumulatorType<T>::type;
@@ -184,8 +247,8 @@ class DenseXentOp : public OpKernel {
                    ctx->allocate_output(0, TensorShape({p.num_rows}), &loss));
     OP_REQUIRES_OK(
         ctx, ctx->allocate_output(1, TensorShape({p.num_rows, 2}), &stats));
-    DenseXentForward<CpuDevice, T>()(
-        MakeCpuDevice(ctx), p, predictions.flat<T>().data(),
+    DenseXentForward<Device, typename KernelType<Device, T>::type>()(
+        DeviceTraits<Device>::Make(ctx), p, Data<Device, T>(predictions),
         labels.flat<Tacc>().data(), loss->flat<Tacc>().data(),
         stats->flat<Tacc>().data());
   }
@@ -194,7 +257,7 @@ class DenseXentOp : public OpKernel {
   XentParams params_;
 };
 
-template <typename T>
+template <typename Device, typename T>
 class DenseXentGradOp : public OpKernel {
  public:
   using Tacc = typename AccumulatorType<T>::type;
@@ -218,17 +281,17 @@ class DenseXentGradOp : public OpKernel {
     Tensor* grad = nullptr;
     OP_REQUIRES_OK(ctx, ctx->forward_input_or_allocate_output(
                             {0}, 0, predictions.shape(), &grad));
-    DenseXentBackward<CpuDevice, T>()(
-        MakeCpuDevice(ctx), p, predictions.flat<T>().data(),
+    DenseXentBackward<Device, typename KernelType<Device, T>::type>()(
+        DeviceTraits<Device>::Make(ctx), p, Data<Device, T>(predictions),
         labels.flat<Tacc>().data(), stats.flat<Tacc>().data(),
-        grad_loss.flat<Tacc>().data(), grad->flat<T>().data());
+        grad_loss.flat<Tacc>().data(), MutableData<Device, T>(grad));
   }
 
  private:
   XentParams params_;
 };
 
-template <typename T>
+template <typename Device, typename T>
 class DenseXentLabelsGradOp : public OpKernel {
  public:
   using Tacc = typename AccumulatorType<T>::type;
@@ -249,8 +312,8 @@ class DenseXentLabelsGradOp : public OpKernel {
 
     Tensor* grad = nullptr;
     OP_REQUIRES_OK(ctx, ctx->allocate_output(0, predictions.shape(), &grad));
-    DenseXentLabelsBackward<CpuDevice, T>()(
-        MakeCpuDevice(ctx), p, predictions.flat<T>().data(),
+    DenseXentLabelsBackward<Device, typename KernelType<Device, T>::type>()(
+        DeviceTraits<Device>::Make(ctx), p, Data<Device, T>(predictions),
         stats.flat<Tacc>().data(), grad_loss.flat<Tacc>().data(),
         grad->flat<Tacc>().data());
   }
@@ -261,54 +324,61 @@ class DenseXentLabelsGradOp : public OpKernel {
 
 // Tloss is pinned to the accumulation type so a mismatched call finds no
 // kernel rather than a kernel writing the wrong type.
-#define TFXENT_REGISTER_SPARSE_CPU(T, Tidx)                  \
+#define TFXENT_REGISTER_SPARSE(DEVICE, DeviceT, T, Tidx)     \
   REGISTER_KERNEL_BUILDER(                                   \
       Name("TfXent>SparseXent")                              \
-          .Device(DEVICE_CPU)                                \
+          .Device(DEVICE)                                    \
           .TypeConstraint<T>("T")                            \
           .TypeConstraint<AccumulatorType<T>::type>("Tloss") \
           .TypeConstraint<Tidx>("Tidx"),                     \
-      SparseXentOp<T, Tidx>);                                \
+      SparseXentOp<DeviceT, T, Tidx>);                       \
   REGISTER_KERNEL_BUILDER(                                   \
       Name("TfXent>SparseXentGrad")                          \
-          .Device(DEVICE_CPU)                                \
+          .Device(DEVICE)                                    \
           .TypeConstraint<T>("T")                            \
           .TypeConstraint<AccumulatorType<T>::type>("Tloss") \
           .TypeConstraint<Tidx>("Tidx"),                     \
-      SparseXentGradOp<T, Tidx>);
+      SparseXentGradOp<DeviceT, T, Tidx>);
 
-#define TFXENT_REGISTER_DENSE_CPU(T)                          \
+#define TFXENT_REGISTER_DENSE(DEVICE, DeviceT, T)             \
   REGISTER_KERNEL_BUILDER(                                    \
       Name("TfXent>DenseXent")                                \
-          .Device(DEVICE_CPU)                                 \
+          .Device(DEVICE)                                     \
           .TypeConstraint<T>("T")                             \
           .TypeConstraint<AccumulatorType<T>::type>("Tloss"), \
-      DenseXentOp<T>);                                        \
+      DenseXentOp<DeviceT, T>);                               \
   REGISTER_KERNEL_BUILDER(                                    \
       Name("TfXent>DenseXentGrad")                            \
-          .Device(DEVICE_CPU)                                 \
+          .Device(DEVICE)                                     \
           .TypeConstraint<T>("T")                             \
           .TypeConstraint<AccumulatorType<T>::type>("Tloss"), \
-      DenseXentGradOp<T>);                                    \
+      DenseXentGradOp<DeviceT, T>);                           \
   REGISTER_KERNEL_BUILDER(                                    \
       Name("TfXent>DenseXentLabelsGrad")                      \
-          .Device(DEVICE_CPU)                                 \
+          .Device(DEVICE)                                     \
           .TypeConstraint<T>("T")                             \
           .TypeConstraint<AccumulatorType<T>::type>("Tloss"), \
-      DenseXentLabelsGradOp<T>);
+      DenseXentLabelsGradOp<DeviceT, T>);
 
-#define TFXENT_REGISTER_CPU(T)           \
-  TFXENT_REGISTER_SPARSE_CPU(T, int32_t) \
-  TFXENT_REGISTER_SPARSE_CPU(T, int64_t) \
-  TFXENT_REGISTER_DENSE_CPU(T)
+#define TFXENT_REGISTER_TYPE(DEVICE, DeviceT, T)      \
+  TFXENT_REGISTER_SPARSE(DEVICE, DeviceT, T, int32_t) \
+  TFXENT_REGISTER_SPARSE(DEVICE, DeviceT, T, int64_t) \
+  TFXENT_REGISTER_DENSE(DEVICE, DeviceT, T)
 
-TFXENT_REGISTER_CPU(Eigen::half)
-TFXENT_REGISTER_CPU(::tensorflow::bfloat16)
-TFXENT_REGISTER_CPU(float)
-TFXENT_REGISTER_CPU(double)
+#define TFXENT_REGISTER_ALL(DEVICE, DeviceT)                    \
+  TFXENT_REGISTER_TYPE(DEVICE, DeviceT, Eigen::half)            \
+  TFXENT_REGISTER_TYPE(DEVICE, DeviceT, ::tensorflow::bfloat16) \
+  TFXENT_REGISTER_TYPE(DEVICE, DeviceT, float)                  \
+  TFXENT_REGISTER_TYPE(DEVICE, DeviceT, double)
 
-#undef TFXENT_REGISTER_CPU
-#undef TFXENT_REGISTER_DENSE_CPU
-#undef TFXENT_REGISTER_SPARSE_CPU
+TFXENT_REGISTER_ALL(DEVICE_CPU, CpuDevice)
+#ifdef TFXENT_WITH_CUDA
+TFXENT_REGISTER_ALL(::tensorflow::DEVICE_GPU, GpuDevice)
+#endif
+
+#undef TFXENT_REGISTER_ALL
+#undef TFXENT_REGISTER_TYPE
+#undef TFXENT_REGISTER_DENSE
+#undef TFXENT_REGISTER_SPARSE
 
 }  // namespace tf_xent_ops

@@ -1,0 +1,114 @@
+/* Copyright 2026 The tf_xent_ops Authors. Licensed under the Apache License 2.0.
+
+Standalone CUDA harness: the op library's GPU functors (the same
+xent_functor_gpu.cu.h) behind a C ABI, for machines with a GPU but without
+TensorFlow. bench/bench_gpu.py loads it with ctypes and passes PyTorch
+tensors' device pointers. Returns the CUDA error code of the launch.
+
+Build: nvcc -x cu -std=c++17 -O3 -I. --expt-relaxed-constexpr -shared
+       -Xcompiler -fPIC -arch=sm_90 tests/gpu/harness.cu -o libtfxent_harness.so
+*/
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include "tf_xent_ops/cc/kernels/xent_functor_gpu.cu.h"
+
+namespace {
+
+using tf_xent_ops::GpuDevice;
+using tf_xent_ops::XentParams;
+
+enum DType { kHalf = 0, kBFloat16 = 1, kFloat = 2, kDouble = 3 };
+
+XentParams Params(int64_t n, int64_t c, int from_logits, float ls, float eps,
+                  int use_ignore, int64_t ignore) {
+  XentParams p;
+  p.num_rows = n;
+  p.num_classes = c;
+  p.from_logits = from_logits != 0;
+  p.label_smoothing = ls;
+  p.epsilon = eps;
+  p.use_ignore_class = use_ignore != 0;
+  p.ignore_class = ignore;
+  return p;
+}
+
+// Calls fn.template operator()<T>() for the element type `dtype`.
+template <typename Fn>
+int Dispatch(int dtype, const Fn& fn) {
+  switch (dtype) {
+    case kHalf: fn(__half()); break;
+    case kBFloat16: fn(__nv_bfloat16()); break;
+    case kFloat: fn(float()); break;
+    case kDouble: fn(double()); break;
+    default: return -1;
+  }
+  return static_cast<int>(cudaGetLastError());
+}
+
+}  // namespace
+
+extern "C" {
+
+int tfxent_sparse_forward(int dtype, int64_t n, int64_t c, int from_logits,
+                          float ls, float eps, int use_ignore, int64_t ignore,
+                          const void* predictions, const int64_t* labels,
+                          void* loss, void* log_sum_exp, void* stream) {
+  const XentParams p = Params(n, c, from_logits, ls, eps, use_ignore, ignore);
+  return Dispatch(dtype, [&](auto zero) {
+    using T = decltype(zero);
+    using Tacc = typename tf_xent_ops::AccumulatorType<T>::type;
+    tf_xent_ops::SparseXentForward<GpuDevice, T, int64_t>()(
+        GpuDevice{stream}, p, static_cast<const T*>(predictions), labels,
+        static_cast<Tacc*>(loss), static_cast<Tacc*>(log_sum_exp));
+  });
+}
+
+int tfxent_sparse_backward(int dtype, int64_t n, int64_t c, int from_logits,
+                           float ls, float eps, int use_ignore, int64_t ignore,
+                           const void* predictions, const int64_t* labels,
+                           const void* log_sum_exp, const void* grad_loss,
+                           void* grad_predictions, void* stream) {
+  const XentParams p = Params(n, c, from_logits, ls, eps, use_ignore, ignore);
+  return Dispatch(dtype, [&](auto zero) {
+    using T = decltype(zero);
+    using Tacc = typename tf_xent_ops::AccumulatorType<T>::type;
+    tf_xent_ops::SparseXentBackward<GpuDevice, T, int64_t>()(
+        GpuDevice{stream}, p, static_cast<const T*>(predictions), labels,
+        static_cast<const Tacc*>(log_sum_exp),
+        static_cast<const Tacc*>(grad_loss), static_cast<T*>(grad_predictions));
+  });
+}
+
+int tfxent_dense_forward(int dtype, int64_t n, int64_t c, int from_logits,
+                         float ls, float eps, const void* predictions,
+                         const void* labels, void* loss, void* stats,
+                         void* stream) {
+  const XentParams p = Params(n, c, from_logits, ls, eps, 0, 0);
+  return Dispatch(dtype, [&](auto zero) {
+    using T = decltype(zero);
+    using Tacc = typename tf_xent_ops::AccumulatorType<T>::type;
+    tf_xent_ops::DenseXentForward<GpuDevice, T>()(
+        GpuDevice{stream}, p, static_cast<const T*>(predictions),
+        static_cast<const Tacc*>(labels), static_cast<Tacc*>(loss),
+        static_cast<Tacc*>(stats));
+  });
+}
+
+int tfxent_dense_backward(int dtype, int64_t n, int64_t c, int from_logits,
+                          float ls, float eps, const void* predictions,
+                          const void* labels, const void* stats,
+                          const void* grad_loss, void* grad_predictions,
+                          void* stream) {
+  const XentParams p = Params(n, c, from_logits, ls, eps, 0, 0);
+  return Dispatch(dtype, [&](auto zero) {
+    using T = decltype(zero);
+    using Tacc = typename tf_xent_ops::AccumulatorType<T>::type;
+    tf_xent_ops::DenseXentBackward<GpuDevice, T>()(
+        GpuDevice{stream}, p, static_cast<const T*>(predictions),
+        static_cast<const Tacc*>(labels), static_cast<const Tacc*>(stats),
+        static_cast<const Tacc*>(grad_loss), static_cast<T*>(grad_predictions));
+  });
+}
+
+}  // extern "C"

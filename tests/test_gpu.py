@@ -1,0 +1,111 @@
+"""The GPU kernels: registered where the build had nvcc, and equal to the CPU
+kernels where TensorFlow sees a GPU (skipped otherwise)."""
+
+import os
+import shutil
+
+import numpy as np
+import pytest
+import reference as ref
+import tensorflow as tf
+from tensorflow.python.framework import kernels
+
+import tf_xent_ops as txo
+from tf_xent_ops import _build_info
+
+OPS = {
+    "TfXent>SparseXent": True,
+    "TfXent>SparseXentGrad": True,
+    "TfXent>DenseXent": False,
+    "TfXent>DenseXentGrad": False,
+    "TfXent>DenseXentLabelsGrad": False,
+}
+DTYPES = [tf.float16, tf.bfloat16, tf.float32, tf.float64]
+HAS_GPU = bool(tf.config.list_physical_devices("GPU"))
+
+
+def _nvcc_found():
+    cuda_home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
+    if cuda_home and os.path.exists(os.path.join(cuda_home, "bin", "nvcc")):
+        return True
+    return shutil.which("nvcc") is not None and os.environ.get("TFXENT_CUDA", "1") != "0"
+
+
+def test_setup_py_builds_gpu_kernels_when_nvcc_is_found():
+    if getattr(_build_info, "BUILT_BY", "") != "setup.py":
+        pytest.skip("the Bazel build is CPU-only")
+    if not _nvcc_found():
+        pytest.skip("no CUDA toolkit on this machine")
+    assert _build_info.CUDA_VERSION is not None
+
+
+@pytest.mark.parametrize("op", sorted(OPS))
+def test_gpu_kernels_registered_for_every_dtype(op):
+    if getattr(_build_info, "CUDA_VERSION", None) is None:
+        pytest.skip("built without GPU kernels")
+    registered = set()
+    for kernel in kernels.get_registered_kernels_for_op(op).kernel:
+        if kernel.device_type != "GPU":
+            continue
+        constraints = {c.name: tuple(c.allowed_values.list.type) for c in kernel.constraint}
+        registered.add((constraints["T"], constraints.get("Tidx", ())))
+    label_types = [(tf.int32,), (tf.int64,)] if OPS[op] else [()]
+    for dtype in DTYPES:
+        for tidx in label_types:
+            key = ((dtype.as_datatype_enum,), tuple(t.as_datatype_enum for t in tidx))
+            assert key in registered, (op, dtype.name, tidx)
+
+
+def _run(device, fn, y, p):
+    with tf.device(device):
+        p = tf.identity(p)
+        with tf.GradientTape() as tape:
+            tape.watch(p)
+            loss = fn(y, p)
+        return loss.numpy(), tape.gradient(loss, p).numpy()
+
+
+@pytest.mark.skipif(not HAS_GPU, reason="TensorFlow sees no GPU")
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32", "float64"])
+@pytest.mark.parametrize("sparse", [True, False])
+@pytest.mark.parametrize("from_logits", [True, False])
+@pytest.mark.parametrize("num_classes", [2, 1000, 50000])
+def test_gpu_kernels_match_cpu_kernels(rng, dtype, sparse, from_logits, num_classes):
+    shape = (37, num_classes)
+    p = tf.constant(
+        ref.logits(rng, shape, dtype) if from_logits else ref.probabilities(rng, shape, dtype)
+    )
+    labels = rng.integers(0, num_classes, size=37)
+    labels[:3] = -1
+    if sparse:
+        y = tf.constant(labels)
+
+        def fn(y, p):
+            return txo.ops.sparse_crossentropy(y, p, from_logits, 0.1, ignore_class=-1)
+
+    else:
+        y = tf.constant(ref.soft_labels(rng, shape))
+
+        def fn(y, p):
+            return txo.ops.dense_crossentropy(y, p, from_logits, 0.1)
+
+    cpu = _run("/cpu:0", fn, y, p)
+    gpu = _run("/gpu:0", fn, y, p)
+    tol = 1e-10 if dtype == "float64" else 2e-5
+    np.testing.assert_allclose(gpu[0], cpu[0], rtol=tol, atol=tol)
+    grad_tol = 1e-2 if dtype in ("float16", "bfloat16") else tol
+    np.testing.assert_allclose(
+        np.asarray(gpu[1], np.float64), np.asarray(cpu[1], np.float64), rtol=grad_tol, atol=grad_tol
+    )
+    again = _run("/gpu:0", fn, y, p)
+    np.testing.assert_array_equal(again[0], gpu[0])  # no atomics: bitwise repeatable
+
+
+@pytest.mark.skipif(not HAS_GPU, reason="TensorFlow sees no GPU")
+def test_gpu_out_of_range_label_gives_nan_row_and_zero_gradient(rng):
+    p = tf.constant(ref.logits(rng, (3, 5), "float32"))
+    loss, grad = _run(
+        "/gpu:0", lambda y, p: txo.ops.sparse_crossentropy(y, p, True), tf.constant([0, 9, 1]), p
+    )
+    assert np.isnan(loss[1]) and np.all(np.isfinite(loss[[0, 2]]))
+    assert np.all(grad[1] == 0)

@@ -1,0 +1,368 @@
+/* Copyright 2026 The tf_xent_ops Authors. Licensed under the Apache
+License 2.0.
+
+CUDA specializations of the cross-entropy functors, generic over the element
+type: the TensorFlow build instantiates them in xent_functor_gpu.cu.cc and the
+standalone harness (tests/gpu/) in its own file, both with CUDA's __half and
+__nv_bfloat16. No TensorFlow or Eigen header is included here.
+
+One block per row (rows strided over the grid), threads strided over the
+classes; per-thread compensated sums and fixed-order block reductions, so
+results are bitwise reproducible (no atomics). All offsets are int64.
+Sparse labels outside [0, C) that are not ignore_class are never read
+through: that row's loss and log_sum_exp are NaN and its gradient is 0 (the
+CPU op raises instead; TensorFlow's GPU kernel gives NaN too).
+*/
+#ifndef TF_XENT_OPS_CC_KERNELS_XENT_FUNCTOR_GPU_CU_H_
+#define TF_XENT_OPS_CC_KERNELS_XENT_FUNCTOR_GPU_CU_H_
+
+#include <cuda_runtime.h>
+
+#include <cmath>
+#include <cstdint>
+
+#include "tf_xent_ops/cc/kernels/xent_functor.h"
+
+namespace tf_xent_ops {
+namespace gpu {
+
+constexpr int kThreads = 256;
+constexpr int64_t kMaxBlocks = 1 << 20;
+
+template <typename Tacc, typename T>
+__device__ __forceinline__ Tacc Load(const T* x, int64_t i) {
+  return static_cast<Tacc>(x[i]);
+}
+
+template <typename Tacc>
+__device__ __forceinline__ Tacc NaNOf() {
+  return static_cast<Tacc>(NAN);
+}
+
+struct MaxOp {
+  template <typename Tacc>
+  __device__ Tacc operator()(Tacc a, Tacc b) const {
+    return b > a ? b : a;
+  }
+};
+struct SumOp {
+  template <typename Tacc>
+  __device__ Tacc operator()(Tacc a, Tacc b) const {
+    return a + b;
+  }
+};
+
+// Fixed-order reduction over the block; every thread gets the result.
+template <typename Tacc, typename Op>
+__device__ Tacc BlockReduce(Tacc value, Op op, Tacc identity) {
+  __shared__ Tacc warp_results[kThreads / 32];
+  __shared__ Tacc result;
+  for (int offset = 16; offset > 0; offset >>= 1) {
+    value = op(value, __shfl_down_sync(0xffffffffu, value, offset));
+  }
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  __syncthreads();  // The previous call's readers are done with the buffers.
+  if (lane == 0) warp_results[warp] = value;
+  __syncthreads();
+  if (warp == 0) {
+    value = lane < kThreads / 32 ? warp_results[lane] : identity;
+    for (int offset = 16; offset > 0; offset >>= 1) {
+      value = op(value, __shfl_down_sync(0xffffffffu, value, offset));
+    }
+    if (lane == 0) result = value;
+  }
+  __syncthreads();
+  return result;
+}
+
+template <typename Tacc, typename T>
+__device__ Tacc RowMax(const T* row, int64_t num_classes) {
+  const Tacc lowest = -Tacc(INFINITY);
+  Tacc m = lowest;
+  for (int64_t k = threadIdx.x; k < num_classes; k += kThreads) {
+    m = MaxOp()(m, Load<Tacc>(row, k));
+  }
+  return BlockReduce(m, MaxOp(), lowest);
+}
+
+template <typename Tacc>
+__device__ Tacc BlockSum(const CompensatedSum<Tacc>& partial) {
+  return BlockReduce(partial.Total(), SumOp(), Tacc(0));
+}
+
+// Whether a sparse row is ignored (0 everywhere) or has a bad label (NaN loss,
+// 0 gradient); the same for every thread of the block.
+enum class RowKind { kValid, kIgnored, kBadLabel };
+template <typename Tidx>
+__device__ RowKind ClassifyRow(const XentParams& p, Tidx label) {
+  if (IsIgnored(p, label)) return RowKind::kIgnored;
+  const int64_t y = static_cast<int64_t>(label);
+  return (y >= 0 && y < p.num_classes) ? RowKind::kValid : RowKind::kBadLabel;
+}
+
+template <typename T, typename Tidx, typename Tacc>
+__global__ void __launch_bounds__(kThreads)
+    SparseForwardKernel(XentParams p, const T* predictions, const Tidx* labels,
+                        Tacc* loss, Tacc* log_sum_exp) {
+  const XentConstants<Tacc> c(p);
+  const int64_t num_classes = p.num_classes;
+  const bool smoothing = p.label_smoothing != 0.0f;
+  for (int64_t r = blockIdx.x; r < p.num_rows; r += gridDim.x) {
+    const RowKind kind = ClassifyRow(p, labels[r]);
+    if (kind != RowKind::kValid) {
+      if (threadIdx.x == 0) {
+        const Tacc value = kind == RowKind::kIgnored ? Tacc(0) : NaNOf<Tacc>();
+        loss[r] = value;
+        log_sum_exp[r] = value;
+      }
+      continue;
+    }
+    const T* x = predictions + r * num_classes;
+    const int64_t label = static_cast<int64_t>(labels[r]);
+    if (p.from_logits) {
+      const Tacc m = RowMax<Tacc>(x, num_classes);
+      CompensatedSum<Tacc> s, sum_shifted;
+      for (int64_t k = threadIdx.x; k < num_classes; k += kThreads) {
+        const Tacc shifted = Load<Tacc>(x, k) - m;
+        s.Add(ExpOf(shifted));
+        if (smoothing) sum_shifted.Add(shifted);
+      }
+      const Tacc log_s = LogOf(BlockSum(s));
+      const Tacc total_shifted = smoothing ? BlockSum(sum_shifted) : Tacc(0);
+      if (threadIdx.x == 0) {
+        log_sum_exp[r] = m + log_s;
+        loss[r] =
+            SparseLogitsLoss(c, log_s, Load<Tacc>(x, label) - m, total_shifted);
+      }
+    } else {
+      CompensatedSum<Tacc> s, sum_log;
+      for (int64_t k = threadIdx.x; k < num_classes; k += kThreads) {
+        const Tacc clipped = c.Clip(Load<Tacc>(x, k));
+        s.Add(clipped);
+        if (smoothing) sum_log.Add(LogOf(clipped));
+      }
+      const Tacc lse = LogOf(BlockSum(s));
+      const Tacc total_log = smoothing ? BlockSum(sum_log) : Tacc(0);
+      if (threadIdx.x == 0) {
+        log_sum_exp[r] = lse;
+        loss[r] = SparseProbsLoss(c, lse, LogOf(c.Clip(Load<Tacc>(x, label))),
+                                  total_log);
+      }
+    }
+  }
+}
+
+template <typename T, typename Tidx, typename Tacc>
+__global__ void __launch_bounds__(kThreads)
+    SparseBackwardKernel(XentParams p, const T* predictions, const Tidx* labels,
+                         const Tacc* log_sum_exp, const Tacc* grad_loss,
+                         T* grad_predictions) {
+  const XentConstants<Tacc> c(p);
+  const int64_t num_classes = p.num_classes;
+  for (int64_t r = blockIdx.x; r < p.num_rows; r += gridDim.x) {
+    const T* x = predictions + r * num_classes;
+    T* dx = grad_predictions + r * num_classes;  // May alias x, element-wise.
+    const RowKind kind = ClassifyRow(p, labels[r]);
+    if (kind != RowKind::kValid) {
+      for (int64_t k = threadIdx.x; k < num_classes; k += kThreads) {
+        dx[k] = static_cast<T>(Tacc(0));
+      }
+      continue;
+    }
+    const int64_t label = static_cast<int64_t>(labels[r]);
+    const Tacc g = grad_loss[r], lse = log_sum_exp[r];
+    const Tacc inv_sum = ExpOf(-lse);
+    for (int64_t k = threadIdx.x; k < num_classes; k += kThreads) {
+      const Tacc t = c.SparseTarget(k, label);
+      const Tacc z = Load<Tacc>(x, k);
+      dx[k] =
+          static_cast<T>(p.from_logits ? LogitsGrad(g, z, lse, Tacc(1), t)
+                                       : SparseProbsGrad(c, g, z, inv_sum, t));
+    }
+  }
+}
+
+template <typename T, typename Tacc>
+__global__ void __launch_bounds__(kThreads)
+    DenseForwardKernel(XentParams p, const T* predictions, const Tacc* labels,
+                       Tacc* loss, Tacc* stats) {
+  const XentConstants<Tacc> c(p);
+  const int64_t num_classes = p.num_classes;
+  for (int64_t r = blockIdx.x; r < p.num_rows; r += gridDim.x) {
+    const T* x = predictions + r * num_classes;
+    const Tacc* y = labels + r * num_classes;
+    if (p.from_logits) {
+      const Tacc m = RowMax<Tacc>(x, num_classes);
+      CompensatedSum<Tacc> s, sum_t, sum_t_shifted;
+      for (int64_t k = threadIdx.x; k < num_classes; k += kThreads) {
+        const Tacc shifted = Load<Tacc>(x, k) - m;
+        const Tacc t = c.DenseTarget(y[k]);
+        s.Add(ExpOf(shifted));
+        sum_t.Add(t);
+        if (t != Tacc(0)) sum_t_shifted.Add(t * shifted);
+      }
+      const Tacc log_s = LogOf(BlockSum(s));
+      const Tacc total_t = BlockSum(sum_t);
+      const Tacc total_t_shifted = BlockSum(sum_t_shifted);
+      if (threadIdx.x == 0) {
+        loss[r] = DenseLogitsLoss(log_s, total_t, total_t_shifted);
+        stats[2 * r] = m + log_s;
+        stats[2 * r + 1] = total_t;
+      }
+    } else {
+      CompensatedSum<Tacc> row_sum;
+      for (int64_t k = threadIdx.x; k < num_classes; k += kThreads) {
+        row_sum.Add(Load<Tacc>(x, k));
+      }
+      const Tacc s = BlockSum(row_sum);
+      CompensatedSum<Tacc> total, in_range_t;
+      for (int64_t k = threadIdx.x; k < num_classes; k += kThreads) {
+        const Tacc q = Load<Tacc>(x, k) / s;
+        const Tacc t = c.DenseTarget(y[k]);
+        total.Add(t * LogOf(c.Clip(q)));
+        if (c.InClipRange(q)) in_range_t.Add(t);
+      }
+      const Tacc total_sum = BlockSum(total);
+      const Tacc in_range_sum = BlockSum(in_range_t);
+      if (threadIdx.x == 0) {
+        loss[r] = -total_sum;
+        stats[2 * r] = s;
+        stats[2 * r + 1] = in_range_sum;
+      }
+    }
+  }
+}
+
+template <typename T, typename Tacc>
+__global__ void __launch_bounds__(kThreads)
+    DenseBackwardKernel(XentParams p, const T* predictions, const Tacc* labels,
+                        const Tacc* stats, const Tacc* grad_loss,
+                        T* grad_predictions) {
+  const XentConstants<Tacc> c(p);
+  const int64_t num_classes = p.num_classes;
+  for (int64_t r = blockIdx.x; r < p.num_rows; r += gridDim.x) {
+    const T* x = predictions + r * num_classes;
+    const Tacc* y = labels + r * num_classes;
+    T* dx = grad_predictions + r * num_classes;  // May alias x, element-wise.
+    const Tacc g = grad_loss[r], stat0 = stats[2 * r], stat1 = stats[2 * r + 1];
+    for (int64_t k = threadIdx.x; k < num_classes; k += kThreads) {
+      const Tacc z = Load<Tacc>(x, k);
+      const Tacc t = c.DenseTarget(y[k]);
+      dx[k] = static_cast<T>(
+          p.from_logits ? LogitsGrad(g, z, stat0, stat1, t)
+                        : DenseProbsGrad(c, g, z, stat0, stat1 / stat0, t));
+    }
+  }
+}
+
+template <typename T, typename Tacc>
+__global__ void __launch_bounds__(kThreads)
+    DenseLabelsBackwardKernel(XentParams p, const T* predictions,
+                              const Tacc* stats, const Tacc* grad_loss,
+                              Tacc* grad_labels) {
+  const XentConstants<Tacc> c(p);
+  const int64_t num_classes = p.num_classes;
+  for (int64_t r = blockIdx.x; r < p.num_rows; r += gridDim.x) {
+    const T* x = predictions + r * num_classes;
+    Tacc* dy = grad_labels + r * num_classes;
+    const Tacc scale = c.on_weight * grad_loss[r], stat = stats[2 * r];
+    for (int64_t k = threadIdx.x; k < num_classes; k += kThreads) {
+      const Tacc z = Load<Tacc>(x, k);
+      dy[k] = scale * (p.from_logits ? stat - z : -LogOf(c.Clip(z / stat)));
+    }
+  }
+}
+
+inline unsigned int GridFor(const XentParams& p) {
+  return static_cast<unsigned int>(p.num_rows < kMaxBlocks ? p.num_rows
+                                                           : kMaxBlocks);
+}
+
+inline cudaStream_t StreamOf(const GpuDevice& d) {
+  return static_cast<cudaStream_t>(d.stream);
+}
+
+}  // namespace gpu
+
+template <typename T, typename Tidx>
+struct SparseXentForward<GpuDevice, T, Tidx> {
+  using Tacc = typename AccumulatorType<T>::type;
+  void operator()(const GpuDevice& d, const XentParams& p, const T* predictions,
+                  const Tidx* labels, Tacc* loss, Tacc* log_sum_exp) const {
+    if (p.num_rows == 0) return;
+    gpu::SparseForwardKernel<T, Tidx, Tacc>
+        <<<gpu::GridFor(p), gpu::kThreads, 0, gpu::StreamOf(d)>>>(
+            p, predictions, labels, loss, log_sum_exp);
+  }
+};
+
+template <typename T, typename Tidx>
+struct SparseXentBackward<GpuDevice, T, Tidx> {
+  using Tacc = typename AccumulatorType<T>::type;
+  void operator()(const GpuDevice& d, const XentParams& p, const T* predictions,
+                  const Tidx* labels, const Tacc* log_sum_exp,
+                  const Tacc* grad_loss, T* grad_predictions) const {
+    if (p.num_rows == 0) return;
+    gpu::SparseBackwardKernel<T, Tidx, Tacc>
+        <<<gpu::GridFor(p), gpu::kThreads, 0, gpu::StreamOf(d)>>>(
+            p, predictions, labels, log_sum_exp, grad_loss, grad_predictions);
+  }
+};
+
+template <typename T>
+struct DenseXentForward<GpuDevice, T> {
+  using Tacc = typename AccumulatorType<T>::type;
+  void operator()(const GpuDevice& d, const XentParams& p, const T* predictions,
+                  const Tacc* labels, Tacc* loss, Tacc* stats) const {
+    if (p.num_rows == 0) return;
+    gpu::DenseForwardKernel<T, Tacc>
+        <<<gpu::GridFor(p), gpu::kThreads, 0, gpu::StreamOf(d)>>>(
+            p, predictions, labels, loss, stats);
+  }
+};
+
+template <typename T>
+struct DenseXentBackward<GpuDevice, T> {
+  using Tacc = typename AccumulatorType<T>::type;
+  void operator()(const GpuDevice& d, const XentParams& p, const T* predictions,
+                  const Tacc* labels, const Tacc* stats, const Tacc* grad_loss,
+                  T* grad_predictions) const {
+    if (p.num_rows == 0) return;
+    gpu::DenseBackwardKernel<T, Tacc>
+        <<<gpu::GridFor(p), gpu::kThreads, 0, gpu::StreamOf(d)>>>(
+            p, predictions, labels, stats, grad_loss, grad_predictions);
+  }
+};
+
+template <typename T>
+struct DenseXentLabelsBackward<GpuDevice, T> {
+  using Tacc = typename AccumulatorType<T>::type;
+  void operator()(const GpuDevice& d, const XentParams& p, const T* predictions,
+                  const Tacc* stats, const Tacc* grad_loss,
+                  Tacc* grad_labels) const {
+    if (p.num_rows == 0) return;
+    gpu::DenseLabelsBackwardKernel<T, Tacc>
+        <<<gpu::GridFor(p), gpu::kThreads, 0, gpu::StreamOf(d)>>>(
+            p, predictions, stats, grad_loss, grad_labels);
+  }
+};
+
+}  // namespace tf_xent_ops
+
+#define TFXENT_INSTANTIATE_GPU(T)                                             \
+  template struct ::tf_xent_ops::SparseXentForward<::tf_xent_ops::GpuDevice,  \
+                                                   T, int32_t>;               \
+  template struct ::tf_xent_ops::SparseXentForward<::tf_xent_ops::GpuDevice,  \
+                                                   T, int64_t>;               \
+  template struct ::tf_xent_ops::SparseXentBackward<::tf_xent_ops::GpuDevice, \
+                                                    T, int32_t>;              \
+  template struct ::tf_xent_ops::SparseXentBackward<::tf_xent_ops::GpuDevice, \
+                                                    T, int64_t>;              \
+  template struct ::tf_xent_ops::DenseXentForward<::tf_xent_ops::GpuDevice,   \
+                                                  T>;                         \
+  template struct ::tf_xent_ops::DenseXentBackward<::tf_xent_ops::GpuDevice,  \
+                                                   T>;                        \
+  template struct ::tf_xent_ops::DenseXentLabelsBackward<                     \
+      ::tf_xent_ops::GpuDevice, T>;
+
+#endif  // TF_XENT_OPS_CC_KERNELS_XENT_FUNCTOR_GPU_CU_H_
