@@ -325,6 +325,9 @@ def main():
     else:
         rows, bandwidth = run_timing(cases)
     memory = []
+    if args.no_memory and os.path.exists(os.path.join(OUT_DIR, "cpu_results.json")):
+        with open(os.path.join(OUT_DIR, "cpu_results.json")) as f:
+            memory = json.load(f)["memory"]  # keep the last measured column
     if not args.no_memory:
         for k in memory_cases(cases):
             m = dict(k, name=case_name(k))

@@ -191,17 +191,18 @@ def _grads_plain(y, p):
 
 @pytest.mark.parametrize("sparse", [True, False])
 @pytest.mark.parametrize("from_logits", [True, False])
-def test_gradient_written_in_place_equals_fresh_buffer(rng, sparse, from_logits):
+@pytest.mark.parametrize("num_classes", [10, 300])  # chunked rows, single rows
+def test_gradient_written_in_place_equals_fresh_buffer(rng, sparse, from_logits, num_classes):
     # Inside a function the logits made there can be overwritten by the
     # gradient op; from a held tensor they cannot. Both must agree bitwise.
-    shape = (8, 300)
+    shape = (700, num_classes)
     p = tf.constant(
         ref.logits(rng, shape, "float32")
         if from_logits
         else ref.probabilities(rng, shape, "float32")
     )
-    labels = rng.integers(0, 300, size=8)
-    y = tf.constant(labels if sparse else ref.one_hot(labels, 300))
+    labels = rng.integers(0, num_classes, size=shape[0])
+    y = tf.constant(labels if sparse else ref.one_hot(labels, num_classes))
     fn = txo.ops.sparse_crossentropy if sparse else txo.ops.dense_crossentropy
 
     @tf.function

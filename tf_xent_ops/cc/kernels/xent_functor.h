@@ -160,9 +160,9 @@ struct CompensatedSum {
 // gradient of the row's loss.
 
 // d loss / d z_k for logits: g * (softmax_k * sum_t - t_k).
-template <typename Tacc, typename Z, typename T>
-TFXENT_HOST_DEVICE auto LogitsGrad(Tacc g, const Z& z, Tacc lse, Tacc sum_t,
-                                   const T& t) {
+template <typename G, typename Z, typename L, typename S, typename T>
+TFXENT_HOST_DEVICE auto LogitsGrad(const G& g, const Z& z, const L& lse,
+                                   const S& sum_t, const T& t) {
   return g * (ExpOf(z - lse) * sum_t - t);
 }
 

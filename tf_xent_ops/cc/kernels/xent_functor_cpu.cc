@@ -61,15 +61,17 @@ class RowReader {
       : num_classes_(num_classes),
         buffer_(std::is_same_v<T, Tacc> ? 0 : num_classes) {}
 
-  ConstRow<Tacc> Read(const T* row) {
+  ConstRow<Tacc> Read(const T* row) { return Read(row, num_classes_); }
+
+  // `count` (at most the constructor's size) contiguous elements.
+  ConstRow<Tacc> Read(const T* data, int64_t count) {
     if constexpr (std::is_same_v<T, Tacc>) {
-      return ConstRow<Tacc>(row, num_classes_);
+      return ConstRow<Tacc>(data, count);
     } else {
-      MutableRow<Tacc>(buffer_.data(), num_classes_) =
-          Eigen::Map<const Eigen::Array<T, Eigen::Dynamic, 1>>(row,
-                                                               num_classes_)
+      MutableRow<Tacc>(buffer_.data(), count) =
+          Eigen::Map<const Eigen::Array<T, Eigen::Dynamic, 1>>(data, count)
               .template cast<Tacc>();
-      return ConstRow<Tacc>(buffer_.data(), num_classes_);
+      return ConstRow<Tacc>(buffer_.data(), count);
     }
   }
 
@@ -101,6 +103,39 @@ void ForEachRow(const CpuDevice& d, const XentParams& p, const RowFn& row_fn) {
   });
 }
 
+// Rows of fewer classes than this are shorter than two SIMD packets: they are
+// processed kChunkRows at a time as one flat array, so that exp vectorizes
+// across rows. Chunk boundaries do not depend on the thread count.
+constexpr int64_t kSmallClasses = 32;
+constexpr int64_t kChunkRows = 256;
+
+template <typename T, typename Tacc>
+struct Chunk {
+  explicit Chunk(int64_t num_classes)
+      : reader(kChunkRows * num_classes),
+        a(kChunkRows * num_classes),
+        b(kChunkRows * num_classes),
+        c(kChunkRows * num_classes) {}
+  RowReader<T, Tacc> reader;
+  std::vector<Tacc> a, b, c;  // Per-element scratch.
+};
+
+// Runs chunk_fn(chunk, first_row, num_rows) over chunks of rows.
+template <typename T, typename Tacc, typename ChunkFn>
+void ForEachChunk(const CpuDevice& d, const XentParams& p,
+                  const ChunkFn& chunk_fn) {
+  if (p.num_rows == 0) return;
+  const int64_t num_chunks = (p.num_rows + kChunkRows - 1) / kChunkRows;
+  const int64_t cost = kChunkRows * p.num_classes * kCyclesPerElement;
+  d.parallel_for(num_chunks, cost, [&](int64_t begin, int64_t end) {
+    Chunk<T, Tacc> chunk(p.num_classes);
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t first = i * kChunkRows;
+      chunk_fn(chunk, first, std::min(kChunkRows, p.num_rows - first));
+    }
+  });
+}
+
 }  // namespace
 
 template <typename Tidx>
@@ -121,6 +156,43 @@ struct SparseXentForward<CpuDevice, T, Tidx> {
     const XentConstants<Tacc> c(p);
     const int64_t num_classes = p.num_classes;
     const bool smoothing = p.label_smoothing != 0.0f;
+    if (p.from_logits && num_classes < kSmallClasses) {
+      ForEachChunk<T, Tacc>(
+          d, p, [&](Chunk<T, Tacc>& chunk, int64_t first, int64_t rows) {
+            const int64_t n = rows * num_classes;
+            const auto x =
+                chunk.reader.Read(predictions + first * num_classes, n);
+            Tacc* shifted = chunk.a.data();
+            Tacc row_max[kChunkRows];
+            for (int64_t i = 0; i < rows; ++i) {
+              const auto row = x.segment(i * num_classes, num_classes);
+              row_max[i] = row.maxCoeff();
+              MutableRow<Tacc>(shifted + i * num_classes, num_classes) =
+                  row - row_max[i];
+            }
+            MutableRow<Tacc>(chunk.b.data(), n) =
+                ExpOf(ConstRow<Tacc>(shifted, n));
+            for (int64_t i = 0; i < rows; ++i) {
+              const int64_t r = first + i;
+              const int64_t offset = i * num_classes;
+              if (IsIgnored(p, labels[r])) {
+                loss[r] = Tacc(0);
+                log_sum_exp[r] = Tacc(0);
+                continue;
+              }
+              const auto row_shifted =
+                  ConstRow<Tacc>(shifted + offset, num_classes);
+              const Tacc log_s = LogOf(
+                  ConstRow<Tacc>(chunk.b.data() + offset, num_classes).sum());
+              const Tacc sum_shifted = smoothing ? row_shifted.sum() : Tacc(0);
+              const int64_t label = static_cast<int64_t>(labels[r]);
+              log_sum_exp[r] = row_max[i] + log_s;
+              loss[r] =
+                  SparseLogitsLoss(c, log_s, row_shifted[label], sum_shifted);
+            }
+          });
+      return;
+    }
     ForEachRow<T, Tacc>(d, p, [&](RowReader<T, Tacc>& reader, int64_t r) {
       if (IsIgnored(p, labels[r])) {
         loss[r] = Tacc(0);
@@ -155,6 +227,50 @@ struct SparseXentBackward<CpuDevice, T, Tidx> {
                   const Tacc* grad_loss, T* grad_predictions) const {
     const XentConstants<Tacc> c(p);
     const int64_t num_classes = p.num_classes;
+    if (p.from_logits && num_classes < kSmallClasses) {
+      ForEachChunk<T, Tacc>(
+          d, p, [&](Chunk<T, Tacc>& chunk, int64_t first, int64_t rows) {
+            const int64_t n = rows * num_classes;
+            const auto x =
+                chunk.reader.Read(predictions + first * num_classes, n);
+            // Per-element copies of the rows' upstream gradient and lse.
+            Tacc* g = chunk.a.data();
+            Tacc* lse = chunk.b.data();
+            for (int64_t i = 0; i < rows; ++i) {
+              const int64_t r = first + i;
+              std::fill(g + i * num_classes, g + (i + 1) * num_classes,
+                        grad_loss[r]);
+              std::fill(lse + i * num_classes, lse + (i + 1) * num_classes,
+                        log_sum_exp[r]);
+            }
+            // The labelled elements, formed before dx (which may alias x) is
+            // written.
+            Tacc at_label[kChunkRows];
+            for (int64_t i = 0; i < rows; ++i) {
+              const int64_t r = first + i;
+              if (IsIgnored(p, labels[r])) continue;
+              const int64_t label = static_cast<int64_t>(labels[r]);
+              const int64_t k = i * num_classes + label;
+              at_label[i] = LogitsGrad(g[k], x[k], lse[k], Tacc(1),
+                                       c.SparseTarget(label, label));
+            }
+            T* dx = grad_predictions + first * num_classes;
+            WriteRow(dx, n,
+                     LogitsGrad(ConstRow<Tacc>(g, n), x, ConstRow<Tacc>(lse, n),
+                                Tacc(1), c.off_weight));
+            for (int64_t i = 0; i < rows; ++i) {
+              const int64_t r = first + i;
+              T* row = dx + i * num_classes;
+              if (IsIgnored(p, labels[r])) {
+                std::fill(row, row + num_classes, T(0));
+              } else {
+                row[static_cast<int64_t>(labels[r])] =
+                    static_cast<T>(at_label[i]);
+              }
+            }
+          });
+      return;
+    }
     ForEachRow<T, Tacc>(d, p, [&](RowReader<T, Tacc>& reader, int64_t r) {
       T* dx = grad_predictions + r * num_classes;  // May alias the row.
       if (IsIgnored(p, labels[r])) {
@@ -191,6 +307,39 @@ struct DenseXentForward<CpuDevice, T> {
                   const Tacc* labels, Tacc* loss, Tacc* stats) const {
     const XentConstants<Tacc> c(p);
     const int64_t num_classes = p.num_classes;
+    if (p.from_logits && num_classes < kSmallClasses) {
+      ForEachChunk<T, Tacc>(
+          d, p, [&](Chunk<T, Tacc>& chunk, int64_t first, int64_t rows) {
+            const int64_t n = rows * num_classes;
+            const auto x =
+                chunk.reader.Read(predictions + first * num_classes, n);
+            Tacc* shifted = chunk.a.data();
+            Tacc row_max[kChunkRows];
+            for (int64_t i = 0; i < rows; ++i) {
+              const auto row = x.segment(i * num_classes, num_classes);
+              row_max[i] = row.maxCoeff();
+              MutableRow<Tacc>(shifted + i * num_classes, num_classes) =
+                  row - row_max[i];
+            }
+            MutableRow<Tacc>(chunk.b.data(), n) =
+                ExpOf(ConstRow<Tacc>(shifted, n));
+            for (int64_t i = 0; i < rows; ++i) {
+              const int64_t r = first + i, offset = i * num_classes;
+              const auto z = ConstRow<Tacc>(shifted + offset, num_classes);
+              const auto t = c.DenseTarget(
+                  ConstRow<Tacc>(labels + r * num_classes, num_classes));
+              const Tacc log_s = LogOf(
+                  ConstRow<Tacc>(chunk.b.data() + offset, num_classes).sum());
+              const Tacc sum_t = t.sum();
+              const Tacc sum_t_shifted =
+                  Where(t != Tacc(0), t * z, Tacc(0)).sum();
+              loss[r] = DenseLogitsLoss(log_s, sum_t, sum_t_shifted);
+              stats[2 * r] = row_max[i] + log_s;
+              stats[2 * r + 1] = sum_t;
+            }
+          });
+      return;
+    }
     ForEachRow<T, Tacc>(d, p, [&](RowReader<T, Tacc>& reader, int64_t r) {
       const auto x = reader.Read(predictions + r * num_classes);
       const auto t =
@@ -225,6 +374,30 @@ struct DenseXentBackward<CpuDevice, T> {
                   T* grad_predictions) const {
     const XentConstants<Tacc> c(p);
     const int64_t num_classes = p.num_classes;
+    if (p.from_logits && num_classes < kSmallClasses) {
+      ForEachChunk<T, Tacc>(
+          d, p, [&](Chunk<T, Tacc>& chunk, int64_t first, int64_t rows) {
+            const int64_t n = rows * num_classes;
+            const auto x =
+                chunk.reader.Read(predictions + first * num_classes, n);
+            // Per-element copies of each row's g, lse and sum of targets.
+            Tacc *g = chunk.a.data(), *lse = chunk.b.data(),
+                 *sum_t = chunk.c.data();
+            for (int64_t i = 0; i < rows; ++i) {
+              const int64_t r = first + i, offset = i * num_classes;
+              std::fill(g + offset, g + offset + num_classes, grad_loss[r]);
+              std::fill(lse + offset, lse + offset + num_classes, stats[2 * r]);
+              std::fill(sum_t + offset, sum_t + offset + num_classes,
+                        stats[2 * r + 1]);
+            }
+            const auto t =
+                c.DenseTarget(ConstRow<Tacc>(labels + first * num_classes, n));
+            WriteRow(grad_predictions + first * num_classes, n,
+                     LogitsGrad(ConstRow<Tacc>(g, n), x, ConstRow<Tacc>(lse, n),
+                                ConstRow<Tacc>(sum_t, n), t));
+          });
+      return;
+    }
     ForEachRow<T, Tacc>(d, p, [&](RowReader<T, Tacc>& reader, int64_t r) {
       const auto x = reader.Read(predictions + r * num_classes);
       const auto t =
