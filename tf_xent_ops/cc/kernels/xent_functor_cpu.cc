@@ -2,9 +2,10 @@
 License 2.0.
 
 CPU specializations of the cross-entropy functors: one thread per shard of
-rows, each row computed start to finish by that thread (bitwise the same result
-whatever the thread count). The header's element-wise formulas are applied to
-whole rows as Eigen array expressions, so exp, log and the arithmetic run on
+rows (or of fixed 256-row chunks when rows have fewer than 32 classes), each
+row computed start to finish by one thread: bitwise the same result whatever
+the thread count. The header's element-wise formulas are applied to whole rows
+(or chunks) as Eigen array expressions, so exp, log and the arithmetic run on
 SIMD packets. Forward passes keep only O(N) statistics; backward passes read
 the predictions once and write the gradient once.
 */
