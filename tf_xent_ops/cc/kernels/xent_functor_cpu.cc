@@ -121,6 +121,22 @@ struct Chunk {
   std::vector<Tacc> a, b, c;  // Per-element scratch.
 };
 
+// For `rows` rows of logits: row_max[i], chunk.a = z - row_max (per row) and
+// chunk.b = exp(chunk.a), the exp vectorized over the whole chunk.
+template <typename T, typename Tacc>
+void ShiftAndExp(Chunk<T, Tacc>& chunk, const T* logits, int64_t rows,
+                 int64_t num_classes, Tacc* row_max) {
+  const int64_t n = rows * num_classes;
+  const auto x = chunk.reader.Read(logits, n);
+  Tacc* shifted = chunk.a.data();
+  for (int64_t i = 0; i < rows; ++i) {
+    const auto row = x.segment(i * num_classes, num_classes);
+    row_max[i] = row.maxCoeff();
+    MutableRow<Tacc>(shifted + i * num_classes, num_classes) = row - row_max[i];
+  }
+  MutableRow<Tacc>(chunk.b.data(), n) = ExpOf(ConstRow<Tacc>(shifted, n));
+}
+
 // Runs chunk_fn(chunk, first_row, num_rows) over chunks of rows.
 template <typename T, typename Tacc, typename ChunkFn>
 void ForEachChunk(const CpuDevice& d, const XentParams& p,
@@ -160,19 +176,10 @@ struct SparseXentForward<CpuDevice, T, Tidx> {
     if (p.from_logits && num_classes < kSmallClasses) {
       ForEachChunk<T, Tacc>(
           d, p, [&](Chunk<T, Tacc>& chunk, int64_t first, int64_t rows) {
-            const int64_t n = rows * num_classes;
-            const auto x =
-                chunk.reader.Read(predictions + first * num_classes, n);
-            Tacc* shifted = chunk.a.data();
             Tacc row_max[kChunkRows];
-            for (int64_t i = 0; i < rows; ++i) {
-              const auto row = x.segment(i * num_classes, num_classes);
-              row_max[i] = row.maxCoeff();
-              MutableRow<Tacc>(shifted + i * num_classes, num_classes) =
-                  row - row_max[i];
-            }
-            MutableRow<Tacc>(chunk.b.data(), n) =
-                ExpOf(ConstRow<Tacc>(shifted, n));
+            ShiftAndExp(chunk, predictions + first * num_classes, rows,
+                        num_classes, row_max);
+            const Tacc* shifted = chunk.a.data();
             for (int64_t i = 0; i < rows; ++i) {
               const int64_t r = first + i;
               const int64_t offset = i * num_classes;
@@ -311,19 +318,10 @@ struct DenseXentForward<CpuDevice, T> {
     if (p.from_logits && num_classes < kSmallClasses) {
       ForEachChunk<T, Tacc>(
           d, p, [&](Chunk<T, Tacc>& chunk, int64_t first, int64_t rows) {
-            const int64_t n = rows * num_classes;
-            const auto x =
-                chunk.reader.Read(predictions + first * num_classes, n);
-            Tacc* shifted = chunk.a.data();
             Tacc row_max[kChunkRows];
-            for (int64_t i = 0; i < rows; ++i) {
-              const auto row = x.segment(i * num_classes, num_classes);
-              row_max[i] = row.maxCoeff();
-              MutableRow<Tacc>(shifted + i * num_classes, num_classes) =
-                  row - row_max[i];
-            }
-            MutableRow<Tacc>(chunk.b.data(), n) =
-                ExpOf(ConstRow<Tacc>(shifted, n));
+            ShiftAndExp(chunk, predictions + first * num_classes, rows,
+                        num_classes, row_max);
+            const Tacc* shifted = chunk.a.data();
             for (int64_t i = 0; i < rows; ++i) {
               const int64_t r = first + i, offset = i * num_classes;
               const auto z = ConstRow<Tacc>(shifted + offset, num_classes);
