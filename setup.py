@@ -26,6 +26,7 @@ CUDA_SOURCES = ["tf_xent_ops/cc/kernels/xent_functor_gpu.cu.cc"]
 HEADERS = [
     "tf_xent_ops/cc/kernels/xent_functor.h",
     "tf_xent_ops/cc/kernels/xent_functor_gpu.cu.h",
+    "tf_xent_ops/cc/kernels/xent_math_cpu.h",
 ]
 LIBRARY_NAME = "tf_xent_ops._xent_ops"
 

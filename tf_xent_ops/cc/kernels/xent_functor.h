@@ -54,26 +54,32 @@ struct AccumulatorType<double> {
 };
 
 // Element-wise helpers. They are templates over a scalar or, on the CPU, an
-// Eigen array expression (exp/log found by argument-dependent lookup, Where
-// specialized for Eigen's boolean arrays in the CPU file), so every formula
-// below is written once for the scalar, vectorized and CUDA paths.
+// Eigen array expression, so every formula below is written once for the
+// scalar, vectorized and CUDA paths. exp and log go through MathImpl and
+// cond ? a : b through WhereImpl: the CPU file specializes both for Eigen
+// arrays (its own vectorized exp and log, Eigen's select()).
+template <typename X, typename Enable = void>
+struct MathImpl {
+  static TFXENT_HOST_DEVICE auto Exp(const X& x) {
+#if !defined(__CUDA_ARCH__)
+    using std::exp;
+#endif
+    return exp(x);
+  }
+  static TFXENT_HOST_DEVICE auto Log(const X& x) {
+#if !defined(__CUDA_ARCH__)
+    using std::log;
+#endif
+    return log(x);
+  }
+};
 template <typename X>
 TFXENT_HOST_DEVICE auto ExpOf(const X& x) {
-#if defined(__CUDA_ARCH__)
-  return exp(x);
-#else
-  using std::exp;
-  return exp(x);
-#endif
+  return MathImpl<X>::Exp(x);
 }
 template <typename X>
 TFXENT_HOST_DEVICE auto LogOf(const X& x) {
-#if defined(__CUDA_ARCH__)
-  return log(x);
-#else
-  using std::log;
-  return log(x);
-#endif
+  return MathImpl<X>::Log(x);
 }
 
 // cond ? a : b, element-wise.
@@ -127,6 +133,13 @@ struct XentConstants {
   TFXENT_HOST_DEVICE auto InClipRange(const X& p) const {
     return (p >= clip_lo) && (p <= clip_hi);
   }
+  // Where(InClipRange(p), a, b) (NaN is out of range), written with single
+  // comparisons, which Eigen vectorizes where it does not vectorize &&.
+  template <typename X, typename A, typename B>
+  TFXENT_HOST_DEVICE auto WhereInClipRange(const X& p, const A& a,
+                                           const B& b) const {
+    return Where(p >= clip_lo, Where(p <= clip_hi, a, b), b);
+  }
 };
 
 // Whether a sparse row takes part in the loss.
@@ -168,21 +181,23 @@ TFXENT_HOST_DEVICE auto LogitsGrad(const G& g, const Z& z, const L& lse,
 
 // d loss / d p_k for sparse probabilities, z_k = log(clip(p_k)): zero outside
 // the clip range, else g * (1 / sum_j clip(p_j) - t_k / p_k).
-template <typename Tacc, typename P, typename T>
-TFXENT_HOST_DEVICE auto SparseProbsGrad(const XentConstants<Tacc>& c, Tacc g,
-                                        const P& p, Tacc inv_sum, const T& t) {
-  return Where(c.InClipRange(p), g * (inv_sum - t / p), Tacc(0));
+template <typename Tacc, typename G, typename P, typename S, typename T>
+TFXENT_HOST_DEVICE auto SparseProbsGrad(const XentConstants<Tacc>& c,
+                                        const G& g, const P& p,
+                                        const S& inv_sum, const T& t) {
+  return c.WhereInClipRange(p, g * (inv_sum - t / p), Tacc(0));
 }
 
 // d loss / d y_k for dense probabilities, with q_k = y_k / S, S = sum_j y_j
 // and A = sum of t_j over in-range classes: g * (A / S - [q_k in range] t_k /
 // y_k). Autodiff of normalize -> clip -> log -> weighted sum, in closed form;
 // q_k is formed by division, as Keras does, so the clip mask matches exactly.
-template <typename Tacc, typename Y, typename T>
-TFXENT_HOST_DEVICE auto DenseProbsGrad(const XentConstants<Tacc>& c, Tacc g,
-                                       const Y& y, Tacc s, Tacc a_over_s,
-                                       const T& t) {
-  return g * (a_over_s - Where(c.InClipRange(y / s), t / y, Tacc(0)));
+template <typename Tacc, typename G, typename Y, typename S, typename A,
+          typename T>
+TFXENT_HOST_DEVICE auto DenseProbsGrad(const XentConstants<Tacc>& c, const G& g,
+                                       const Y& y, const S& s,
+                                       const A& a_over_s, const T& t) {
+  return g * (a_over_s - c.WhereInClipRange(y / s, t / y, Tacc(0)));
 }
 
 // ---------------------------------------------------------------------------
@@ -204,10 +219,11 @@ TFXENT_HOST_DEVICE Tacc SparseProbsLoss(const XentConstants<Tacc>& c, Tacc lse,
   return lse - c.on_weight * label_log - c.off_weight * sum_log;
 }
 
-// Dense logits: sum_t * log_s - sum_k t_k (z_k - m).
-template <typename Tacc>
-TFXENT_HOST_DEVICE Tacc DenseLogitsLoss(Tacc log_s, Tacc sum_t,
-                                        Tacc sum_t_shifted) {
+// Dense logits: sum_t * log_s - sum_k t_k (z_k - m). Also applies to a
+// vector of rows on the CPU.
+template <typename L, typename S, typename U>
+TFXENT_HOST_DEVICE auto DenseLogitsLoss(const L& log_s, const S& sum_t,
+                                        const U& sum_t_shifted) {
   return sum_t * log_s - sum_t_shifted;
 }
 

@@ -16,6 +16,7 @@ the predictions once and write the gradient once.
 
 #include "Eigen/Core"  // Eigen::half, Eigen::bfloat16 and the array expressions.
 #include "tf_xent_ops/cc/kernels/xent_functor.h"
+#include "tf_xent_ops/cc/kernels/xent_math_cpu.h"
 
 namespace tf_xent_ops {
 
@@ -105,36 +106,84 @@ void ForEachRow(const CpuDevice& d, const XentParams& p, const RowFn& row_fn) {
 }
 
 // Rows of fewer classes than this are shorter than two SIMD packets: they are
-// processed kChunkRows at a time as one flat array, so that exp vectorizes
-// across rows. Chunk boundaries do not depend on the thread count.
+// processed kChunkRows at a time, transposed (column k of a chunk holds class
+// k of every row, contiguous), so that every per-row reduction (max, sums)
+// is an element-wise operation across rows and exp, log and the arithmetic
+// run on full SIMD packets. Chunk boundaries do not depend on the thread
+// count, and a row's result does not depend on its chunk.
 constexpr int64_t kSmallClasses = 32;
 constexpr int64_t kChunkRows = 256;
 
+template <typename Tacc>
+using Columns = Eigen::Map<Eigen::Array<Tacc, Eigen::Dynamic, Eigen::Dynamic>>;
+template <typename T>
+using RowMajorRows = Eigen::Map<
+    Eigen::Array<T, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>>;
+template <typename T>
+using ConstRowMajorRows = Eigen::Map<
+    const Eigen::Array<T, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>>;
+
+// Per-thread scratch for the transposed chunks.
 template <typename T, typename Tacc>
-struct Chunk {
+class Chunk {
+ public:
   explicit Chunk(int64_t num_classes)
-      : reader(kChunkRows * num_classes),
-        a(kChunkRows * num_classes),
-        b(kChunkRows * num_classes),
-        c(kChunkRows * num_classes) {}
-  RowReader<T, Tacc> reader;
-  std::vector<Tacc> a, b, c;  // Per-element scratch.
+      : num_classes_(num_classes),
+        reader_(kChunkRows * num_classes),
+        x_(kChunkRows * num_classes),
+        t_(kChunkRows * num_classes),
+        work_(kChunkRows * num_classes) {
+    for (auto& e : expanded_) e.resize(kChunkRows * num_classes);
+  }
+
+  // `rows` rows of predictions as one flat array, in place where T is Tacc.
+  // Element-wise passes (the backward ones) need no transposition.
+  ConstRow<Tacc> FlatPredictions(const T* data, int64_t rows) {
+    return reader_.Read(data, rows * num_classes_);
+  }
+  // A flat [rows * C] array of per-row values (`per_row[i * stride]`), each
+  // repeated C times, in expansion buffer `slot`.
+  ConstRow<Tacc> Expand(int slot, const Tacc* per_row, int64_t stride,
+                        int64_t rows) {
+    Tacc* out = expanded_[slot].data();
+    for (int64_t i = 0; i < rows; ++i) {
+      std::fill(out + i * num_classes_, out + (i + 1) * num_classes_,
+                per_row[i * stride]);
+    }
+    return ConstRow<Tacc>(out, rows * num_classes_);
+  }
+
+  // `rows` rows of predictions, transposed and widened to Tacc.
+  Columns<Tacc> Predictions(const T* data, int64_t rows) {
+    return Transposed(data, rows, x_.data());
+  }
+  // `rows` rows of dense labels, transposed.
+  Columns<Tacc> Labels(const Tacc* data, int64_t rows) {
+    return Transposed(data, rows, t_.data());
+  }
+  // A [rows, C] buffer for intermediate values.
+  Columns<Tacc> Work(int64_t rows) {
+    return Columns<Tacc>(work_.data(), rows, num_classes_);
+  }
+
+ private:
+  template <typename S>
+  Columns<Tacc> Transposed(const S* data, int64_t rows, Tacc* buffer) {
+    Columns<Tacc> out(buffer, rows, num_classes_);
+    out = ConstRowMajorRows<S>(data, rows, num_classes_).template cast<Tacc>();
+    return out;
+  }
+
+  int64_t num_classes_;
+  RowReader<T, Tacc> reader_;
+  std::vector<Tacc> x_, t_, work_;
+  std::vector<Tacc> expanded_[3];
 };
 
-// For `rows` rows of logits: row_max[i], chunk.a = z - row_max (per row) and
-// chunk.b = exp(chunk.a), the exp vectorized over the whole chunk.
-template <typename T, typename Tacc>
-void ShiftAndExp(Chunk<T, Tacc>& chunk, const T* logits, int64_t rows,
-                 int64_t num_classes, Tacc* row_max) {
-  const int64_t n = rows * num_classes;
-  const auto x = chunk.reader.Read(logits, n);
-  Tacc* shifted = chunk.a.data();
-  for (int64_t i = 0; i < rows; ++i) {
-    const auto row = x.segment(i * num_classes, num_classes);
-    row_max[i] = row.maxCoeff();
-    MutableRow<Tacc>(shifted + i * num_classes, num_classes) = row - row_max[i];
-  }
-  MutableRow<Tacc>(chunk.b.data(), n) = ExpOf(ConstRow<Tacc>(shifted, n));
+// A per-row vector of a chunk ([rows]) as a [rows, C] expression.
+template <typename Vector>
+auto PerRow(const Vector& v, int64_t num_classes) {
+  return v.rowwise().replicate(num_classes);
 }
 
 // Runs chunk_fn(chunk, first_row, num_rows) over chunks of rows.
@@ -151,6 +200,20 @@ void ForEachChunk(const CpuDevice& d, const XentParams& p,
       chunk_fn(chunk, first, std::min(kChunkRows, p.num_rows - first));
     }
   });
+}
+
+template <typename Tacc>
+using ChunkVector = Eigen::Array<Tacc, Eigen::Dynamic, 1>;
+
+// For a chunk of logits x: the work buffer gets z - max (per row); returns
+// the per-row max and log(sum_k exp(z_k - max)).
+template <typename T, typename Tacc>
+void ShiftedLogits(Chunk<T, Tacc>& chunk, const Columns<Tacc>& x,
+                   ChunkVector<Tacc>* row_max, ChunkVector<Tacc>* log_s) {
+  Columns<Tacc> shifted = chunk.Work(x.rows());
+  *row_max = x.rowwise().maxCoeff();
+  shifted = x - PerRow(*row_max, x.cols());
+  *log_s = LogOf(ExpOf(shifted).rowwise().sum());
 }
 
 }  // namespace
@@ -173,30 +236,39 @@ struct SparseXentForward<CpuDevice, T, Tidx> {
     const XentConstants<Tacc> c(p);
     const int64_t num_classes = p.num_classes;
     const bool smoothing = p.label_smoothing != 0.0f;
-    if (p.from_logits && num_classes < kSmallClasses) {
+    if (num_classes < kSmallClasses) {
       ForEachChunk<T, Tacc>(
           d, p, [&](Chunk<T, Tacc>& chunk, int64_t first, int64_t rows) {
-            Tacc row_max[kChunkRows];
-            ShiftAndExp(chunk, predictions + first * num_classes, rows,
-                        num_classes, row_max);
-            const Tacc* shifted = chunk.a.data();
+            const auto x =
+                chunk.Predictions(predictions + first * num_classes, rows);
+            ChunkVector<Tacc> lse(rows), sum_z(rows);
+            ChunkVector<Tacc> log_s;
+            const Tacc* z = x.data();  // The row's z_k: logits or log(p_k).
+            if (p.from_logits) {
+              ChunkVector<Tacc> row_max;
+              ShiftedLogits(chunk, x, &row_max, &log_s);
+              z = chunk.Work(rows).data();  // z - max
+              lse = row_max + log_s;
+              if (smoothing) sum_z = chunk.Work(rows).rowwise().sum();
+            } else {
+              lse = LogOf(c.Clip(x).rowwise().sum());
+              if (smoothing) sum_z = LogOf(c.Clip(x)).rowwise().sum();
+            }
             for (int64_t i = 0; i < rows; ++i) {
               const int64_t r = first + i;
-              const int64_t offset = i * num_classes;
               if (IsIgnored(p, labels[r])) {
                 loss[r] = Tacc(0);
                 log_sum_exp[r] = Tacc(0);
                 continue;
               }
-              const auto row_shifted =
-                  ConstRow<Tacc>(shifted + offset, num_classes);
-              const Tacc log_s = LogOf(
-                  ConstRow<Tacc>(chunk.b.data() + offset, num_classes).sum());
-              const Tacc sum_shifted = smoothing ? row_shifted.sum() : Tacc(0);
               const int64_t label = static_cast<int64_t>(labels[r]);
-              log_sum_exp[r] = row_max[i] + log_s;
-              loss[r] =
-                  SparseLogitsLoss(c, log_s, row_shifted[label], sum_shifted);
+              const Tacc at_label = z[label * rows + i];
+              const Tacc sum = smoothing ? sum_z[i] : Tacc(0);
+              log_sum_exp[r] = lse[i];
+              loss[r] = p.from_logits
+                            ? SparseLogitsLoss(c, log_s[i], at_label, sum)
+                            : SparseProbsLoss(c, lse[i],
+                                              LogOf(c.Clip(at_label)), sum);
             }
           });
       return;
@@ -235,22 +307,16 @@ struct SparseXentBackward<CpuDevice, T, Tidx> {
                   const Tacc* grad_loss, T* grad_predictions) const {
     const XentConstants<Tacc> c(p);
     const int64_t num_classes = p.num_classes;
-    if (p.from_logits && num_classes < kSmallClasses) {
+    if (num_classes < kSmallClasses) {
       ForEachChunk<T, Tacc>(
           d, p, [&](Chunk<T, Tacc>& chunk, int64_t first, int64_t rows) {
             const int64_t n = rows * num_classes;
             const auto x =
-                chunk.reader.Read(predictions + first * num_classes, n);
-            // Per-element copies of the rows' upstream gradient and lse.
-            Tacc* g = chunk.a.data();
-            Tacc* lse = chunk.b.data();
-            for (int64_t i = 0; i < rows; ++i) {
-              const int64_t r = first + i;
-              std::fill(g + i * num_classes, g + (i + 1) * num_classes,
-                        grad_loss[r]);
-              std::fill(lse + i * num_classes, lse + (i + 1) * num_classes,
-                        log_sum_exp[r]);
-            }
+                chunk.FlatPredictions(predictions + first * num_classes, rows);
+            const auto g = chunk.Expand(0, grad_loss + first, 1, rows);
+            const ConstRow<Tacc> lse(log_sum_exp + first, rows);
+            ChunkVector<Tacc> inv_sum;
+            if (!p.from_logits) inv_sum = ExpOf(-lse);
             // The labelled elements, formed before dx (which may alias x) is
             // written.
             Tacc at_label[kChunkRows];
@@ -258,14 +324,25 @@ struct SparseXentBackward<CpuDevice, T, Tidx> {
               const int64_t r = first + i;
               if (IsIgnored(p, labels[r])) continue;
               const int64_t label = static_cast<int64_t>(labels[r]);
-              const int64_t k = i * num_classes + label;
-              at_label[i] = LogitsGrad(g[k], x[k], lse[k], Tacc(1),
-                                       c.SparseTarget(label, label));
+              const Tacc x_label = x[i * num_classes + label];
+              const Tacc label_t = c.SparseTarget(label, label);
+              at_label[i] = p.from_logits
+                                ? LogitsGrad(grad_loss[r], x_label, lse[i],
+                                             Tacc(1), label_t)
+                                : SparseProbsGrad(c, grad_loss[r], x_label,
+                                                  inv_sum[i], label_t);
             }
             T* dx = grad_predictions + first * num_classes;
-            WriteRow(dx, n,
-                     LogitsGrad(ConstRow<Tacc>(g, n), x, ConstRow<Tacc>(lse, n),
-                                Tacc(1), c.off_weight));
+            if (p.from_logits) {
+              WriteRow(dx, n,
+                       LogitsGrad(g, x, chunk.Expand(1, lse.data(), 1, rows),
+                                  Tacc(1), c.off_weight));
+            } else {
+              WriteRow(dx, n,
+                       SparseProbsGrad(c, g, x,
+                                       chunk.Expand(1, inv_sum.data(), 1, rows),
+                                       c.off_weight));
+            }
             for (int64_t i = 0; i < rows; ++i) {
               const int64_t r = first + i;
               T* row = dx + i * num_classes;
@@ -315,26 +392,35 @@ struct DenseXentForward<CpuDevice, T> {
                   const Tacc* labels, Tacc* loss, Tacc* stats) const {
     const XentConstants<Tacc> c(p);
     const int64_t num_classes = p.num_classes;
-    if (p.from_logits && num_classes < kSmallClasses) {
+    if (num_classes < kSmallClasses) {
       ForEachChunk<T, Tacc>(
           d, p, [&](Chunk<T, Tacc>& chunk, int64_t first, int64_t rows) {
-            Tacc row_max[kChunkRows];
-            ShiftAndExp(chunk, predictions + first * num_classes, rows,
-                        num_classes, row_max);
-            const Tacc* shifted = chunk.a.data();
+            const auto x =
+                chunk.Predictions(predictions + first * num_classes, rows);
+            const auto t =
+                c.DenseTarget(chunk.Labels(labels + first * num_classes, rows));
+            ChunkVector<Tacc> loss_c, stat0, stat1;
+            if (p.from_logits) {
+              ChunkVector<Tacc> row_max, log_s;
+              ShiftedLogits(chunk, x, &row_max, &log_s);
+              const auto z = chunk.Work(rows);  // z - max
+              stat1 = t.rowwise().sum();        // sum_t
+              loss_c = DenseLogitsLoss(
+                  log_s, stat1,
+                  Where(t != Tacc(0), t * z, Tacc(0)).rowwise().sum());
+              stat0 = row_max + log_s;
+            } else {
+              stat0 = x.rowwise().sum();
+              Columns<Tacc> q = chunk.Work(rows);
+              q = x / PerRow(stat0, num_classes);
+              loss_c = -(t * LogOf(c.Clip(q))).rowwise().sum();
+              stat1 = c.WhereInClipRange(q, t, Tacc(0)).rowwise().sum();
+            }
             for (int64_t i = 0; i < rows; ++i) {
-              const int64_t r = first + i, offset = i * num_classes;
-              const auto z = ConstRow<Tacc>(shifted + offset, num_classes);
-              const auto t = c.DenseTarget(
-                  ConstRow<Tacc>(labels + r * num_classes, num_classes));
-              const Tacc log_s = LogOf(
-                  ConstRow<Tacc>(chunk.b.data() + offset, num_classes).sum());
-              const Tacc sum_t = t.sum();
-              const Tacc sum_t_shifted =
-                  Where(t != Tacc(0), t * z, Tacc(0)).sum();
-              loss[r] = DenseLogitsLoss(log_s, sum_t, sum_t_shifted);
-              stats[2 * r] = row_max[i] + log_s;
-              stats[2 * r + 1] = sum_t;
+              const int64_t r = first + i;
+              loss[r] = loss_c[i];
+              stats[2 * r] = stat0[i];
+              stats[2 * r + 1] = stat1[i];
             }
           });
       return;
@@ -359,7 +445,7 @@ struct DenseXentForward<CpuDevice, T> {
         const auto q = x / s;
         loss[r] = -BlockedSum(t * LogOf(c.Clip(q)));
         stats[2 * r] = s;
-        stats[2 * r + 1] = BlockedSum(Where(c.InClipRange(q), t, Tacc(0)));
+        stats[2 * r + 1] = BlockedSum(c.WhereInClipRange(q, t, Tacc(0)));
       }
     });
   }
@@ -373,27 +459,32 @@ struct DenseXentBackward<CpuDevice, T> {
                   T* grad_predictions) const {
     const XentConstants<Tacc> c(p);
     const int64_t num_classes = p.num_classes;
-    if (p.from_logits && num_classes < kSmallClasses) {
+    if (num_classes < kSmallClasses) {
       ForEachChunk<T, Tacc>(
           d, p, [&](Chunk<T, Tacc>& chunk, int64_t first, int64_t rows) {
             const int64_t n = rows * num_classes;
             const auto x =
-                chunk.reader.Read(predictions + first * num_classes, n);
-            // Per-element copies of each row's g, lse and sum of targets.
-            Tacc *g = chunk.a.data(), *lse = chunk.b.data(),
-                 *sum_t = chunk.c.data();
-            for (int64_t i = 0; i < rows; ++i) {
-              const int64_t r = first + i, offset = i * num_classes;
-              std::fill(g + offset, g + offset + num_classes, grad_loss[r]);
-              std::fill(lse + offset, lse + offset + num_classes, stats[2 * r]);
-              std::fill(sum_t + offset, sum_t + offset + num_classes,
-                        stats[2 * r + 1]);
-            }
+                chunk.FlatPredictions(predictions + first * num_classes, rows);
             const auto t =
                 c.DenseTarget(ConstRow<Tacc>(labels + first * num_classes, n));
-            WriteRow(grad_predictions + first * num_classes, n,
-                     LogitsGrad(ConstRow<Tacc>(g, n), x, ConstRow<Tacc>(lse, n),
-                                ConstRow<Tacc>(sum_t, n), t));
+            const auto g = chunk.Expand(0, grad_loss + first, 1, rows);
+            const auto stat0 = chunk.Expand(1, stats + 2 * first, 2, rows);
+            T* dx = grad_predictions + first * num_classes;
+            if (p.from_logits) {
+              const auto sum_t =
+                  chunk.Expand(2, stats + 2 * first + 1, 2, rows);
+              WriteRow(dx, n, LogitsGrad(g, x, stat0, sum_t, t));
+            } else {
+              ChunkVector<Tacc> a_over_s(rows);
+              for (int64_t i = 0; i < rows; ++i) {
+                a_over_s[i] =
+                    stats[2 * (first + i) + 1] / stats[2 * (first + i)];
+              }
+              WriteRow(
+                  dx, n,
+                  DenseProbsGrad(c, g, x, stat0,
+                                 chunk.Expand(2, a_over_s.data(), 1, rows), t));
+            }
           });
       return;
     }

@@ -1,0 +1,113 @@
+"""Accuracy of the kernels' vectorized exp and log, element by element.
+
+The CPU kernels use their own AVX-512 exp and log where the build has AVX-512
+(xent_math_cpu.h), Eigen's elsewhere. Two ops expose them one element at a
+time: the sparse logits gradient with log_sum_exp = 0 and no smoothing is
+exp(z_k) for every unlabelled k, and the dense probabilities labels gradient
+with row sum 1 and epsilon = 0 is -log(y_k). Both are checked in ulps against
+float64 over the whole float range and at the special values.
+"""
+
+import numpy as np
+import pytest
+import tensorflow as tf
+from tf_xent_ops._load import library
+
+MAX_ULPS = 2.0
+
+
+def _ulp_error(got, exact):
+    """|got - exact| in units of the float32 spacing at `exact`."""
+    exact32 = exact.astype(np.float32)
+    spacing = np.spacing(np.abs(exact32)).astype(np.float64)
+    return np.abs(got.astype(np.float64) - exact) / spacing
+
+
+def _as_rows(values, num_classes):
+    """Pads to whole rows of `num_classes` (column 0 is a spare)."""
+    per_row = num_classes - 1
+    n = -(-values.size // per_row)
+    padded = np.zeros(n * per_row, np.float32)
+    padded[: values.size] = values
+    rows = np.zeros((n, num_classes), np.float32)
+    rows[:, 1:] = padded.reshape(n, per_row)
+    return rows, n
+
+
+def _kernel_exp(values):
+    rows, n = _as_rows(values, 1024)
+    grad = library.tf_xent_sparse_xent_grad(
+        rows,
+        tf.zeros([n], tf.int32),  # column 0 is the label: never checked
+        tf.zeros([n]),
+        tf.ones([n]),
+        from_logits=True,
+        label_smoothing=0.0,
+        epsilon=1e-7,
+        ignore_class=0,
+        use_ignore_class=False,
+    )
+    return grad.numpy()[:, 1:].reshape(-1)[: values.size]
+
+
+def _kernel_log(values):
+    rows, n = _as_rows(values, 1024)
+    rows[:, 0] = 0.5  # any value in (0, 1]: the row sum is given, not computed
+    stats = np.stack([np.ones(n, np.float32), np.zeros(n, np.float32)], axis=1)
+    grad = library.tf_xent_dense_xent_labels_grad(
+        rows, stats, tf.ones([n]), from_logits=False, label_smoothing=0.0, epsilon=0.0
+    )
+    return -grad.numpy()[:, 1:].reshape(-1)[: values.size]
+
+
+def test_exp_within_two_ulps_over_the_float_range(rng):
+    # Every argument whose exp is a normal float, plus random ones.
+    grid = np.linspace(-87.3, 88.7, 400_001, dtype=np.float32)
+    values = np.concatenate([grid, rng.uniform(-87.3, 88.7, 100_000).astype(np.float32)])
+    got = _kernel_exp(values)
+    err = _ulp_error(got, np.exp(values.astype(np.float64)))
+    worst = int(np.argmax(err))
+    assert err[worst] <= MAX_ULPS, f"exp({values[worst]!r}) = {got[worst]!r}: {err[worst]} ulp"
+
+
+def test_exp_special_values():
+    values = np.array(
+        [0.0, -0.0, 1.0, -1.0, 88.72, 88.73, 89.0, 100.0, -88.0, -103.0, -104.0, -150.0],
+        np.float32,
+    )
+    specials = np.array([np.inf, -np.inf, np.nan], np.float32)
+    got = _kernel_exp(np.concatenate([values, specials]))
+    with np.errstate(over="ignore"):
+        exact = np.exp(values.astype(np.float64)).astype(np.float32)
+    # Overflow gives inf. Results below the smallest normal float are that
+    # value or 0: TensorFlow's threads flush denormals to zero.
+    normal = exact >= np.finfo(np.float32).tiny
+    np.testing.assert_allclose(got[: values.size][normal], exact[normal], rtol=2.5e-7)
+    tiny = got[: values.size][~normal]
+    assert np.all((tiny == 0) | (np.abs(tiny - exact[~normal]) <= 1.5e-45))
+    assert got[-3] == np.inf and got[-2] == 0.0 and np.isnan(got[-1])
+
+
+def test_log_within_two_ulps_on_zero_to_one(rng):
+    # Every binade from the smallest normal float up to 1, and random values.
+    exponents = rng.uniform(-126, 0, 400_000)
+    values = np.concatenate(
+        [
+            np.exp2(exponents).astype(np.float32),
+            rng.uniform(0.5, 1.0, 100_000).astype(np.float32),
+            np.float32(1) - np.arange(1, 2000, dtype=np.float32) * np.float32(2**-24),
+        ]
+    )
+    got = _kernel_log(values)
+    err = _ulp_error(got, np.log(values.astype(np.float64)))
+    worst = int(np.argmax(err))
+    assert err[worst] <= MAX_ULPS, f"log({values[worst]!r}) = {got[worst]!r}: {err[worst]} ulp"
+
+
+@pytest.mark.parametrize(
+    "value, expected",
+    [(0.0, -np.inf), (1.0, 0.0), (np.nan, np.nan)],
+)
+def test_log_special_values(value, expected):
+    got = _kernel_log(np.full(40, value, np.float32))
+    np.testing.assert_array_equal(got, np.full(40, expected, np.float32))
