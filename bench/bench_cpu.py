@@ -115,22 +115,33 @@ def compiled(loss_fn, direction):
     import tensorflow as tf
 
     @tf.function
-    def run(y, p):
+    def run(y, p, one):
         if direction == "fwd":
             return loss_fn(y, p), tf.zeros([])
+        # As in a training step, the fwd+bwd steps make the logits inside the
+        # step (a layer's output), not hold them from outside: same for both
+        # losses. `one` is an input, so Grappler cannot fold the multiply away.
         if direction == "producer":
             # The fwd+bwd step without the loss: making the logits, and
             # returning an [N, C] tensor as the gradient is returned.
-            return tf.zeros([]), p * tf.constant(1, p.dtype)
+            return tf.zeros([]), p * one
         with tf.GradientTape() as tape:
             tape.watch(p)
-            # As in a training step, the logits are made inside the step (a
-            # layer's output), not held from outside: same for both losses.
-            logits = p * tf.constant(1, p.dtype)
+            logits = p * one
             loss = loss_fn(y, logits)
         return loss, tape.gradient(loss, logits)
 
-    return run
+    ones = {}
+
+    def call(y, p):
+        if p.dtype not in ones:
+            ones[p.dtype] = tf.ones([], p.dtype)
+        return run(y, p, ones[p.dtype])
+
+    call.get_concrete_function = lambda y, p: run.get_concrete_function(
+        y, p, tf.ones([], p.dtype)
+    )
+    return call
 
 
 def time_ms(fn, *args, min_runs=5, min_seconds=1.0):

@@ -111,3 +111,73 @@ def test_log_within_two_ulps_on_zero_to_one(rng):
 def test_log_special_values(value, expected):
     got = _kernel_log(np.full(40, value, np.float32))
     np.testing.assert_array_equal(got, np.full(40, expected, np.float32))
+
+
+# The dense probabilities paths decide whether q_k = y_k / s is inside the
+# clip range [eps, 1 - eps] as Keras does, by float32 division; the CPU float
+# kernels compare y_k with per-row bounds instead. Elements a few ulps either
+# side of every boundary must fall on the same side as the division's.
+EPS = np.float32(1e-7)
+
+
+def _division_mask(y, s):
+    q = np.float32(y) / np.float32(s)
+    return (q >= EPS) & (q <= np.float32(1) - EPS)
+
+
+def _around(value, ulps=6):
+    """Floats from `ulps` below `value` to `ulps` above it."""
+    out = [np.float32(value)]
+    for direction in (-np.inf, np.inf):
+        v = np.float32(value)
+        for _ in range(ulps):
+            v = np.nextafter(v, np.float32(direction))
+            out.append(v)
+    return np.array(out, np.float32)
+
+
+# Rows of fewer than 32 classes take the chunked path, longer ones the row path.
+@pytest.mark.parametrize("ulps", [6, 12])
+def test_dense_probs_gradient_clip_mask_equals_division(rng, ulps):
+    # (1 / y must not underflow either: the gradient is what is observed.)
+    sums = np.concatenate([rng.uniform(0.3, 3.0, 200), [1.0, 0.5, 2.0, 1e-30, 1e30]])
+    sums = sums.astype(np.float32)
+    rows = []
+    for s in sums:
+        lo, hi = EPS * s, (np.float32(1) - EPS) * s
+        rows.append(np.concatenate([_around(lo, ulps), _around(hi, ulps)]))
+    y = np.stack(rows)
+    n, c = y.shape
+    # With labels of ones, g = 1 and A = 0 the gradient is -[q_k in range] / y_k.
+    stats = np.stack([sums, np.zeros(n, np.float32)], axis=1)
+    grad = library.tf_xent_dense_xent_grad(
+        y,
+        np.ones_like(y),
+        stats,
+        tf.ones([n]),
+        from_logits=False,
+        label_smoothing=0.0,
+        epsilon=float(EPS),
+    ).numpy()
+    expected = _division_mask(y, sums[:, None])
+    assert expected.any() and not expected.all()
+    np.testing.assert_array_equal(grad != 0, expected)
+
+
+@pytest.mark.parametrize("c", [24, 40])
+def test_dense_probs_forward_clip_mask_equals_division(rng, c):
+    # Rows whose top entry normalizes to within a few ulps of 1 - eps, and
+    # small entries to within a few ulps of eps.
+    n = 4000
+    top = np.float32(1)
+    small = rng.uniform(0.2, 1.0, (n, c - 1)) * 1e-7 * rng.integers(0, 2, (n, c - 1))
+    y = np.concatenate([np.full((n, 1), top), small], axis=1).astype(np.float32)
+    _, stats = library.tf_xent_dense_xent(
+        y, np.ones_like(y), from_logits=False, label_smoothing=0.0, epsilon=float(EPS)
+    )
+    stats = stats.numpy()
+    expected = _division_mask(y, stats[:, :1]).sum(axis=1).astype(np.float32)
+    q = y / stats[:, :1]
+    near = np.abs(q - (np.float32(1) - EPS)) <= 4 * np.spacing(np.float32(1))
+    assert near.sum() > 10  # the boundary is really exercised
+    np.testing.assert_array_equal(stats[:, 1], expected)

@@ -72,6 +72,7 @@ struct MathImpl {
 #endif
     return log(x);
   }
+  static TFXENT_HOST_DEVICE X Reciprocal(const X& x) { return X(1) / x; }
 };
 template <typename X>
 TFXENT_HOST_DEVICE auto ExpOf(const X& x) {
@@ -80,6 +81,11 @@ TFXENT_HOST_DEVICE auto ExpOf(const X& x) {
 template <typename X>
 TFXENT_HOST_DEVICE auto LogOf(const X& x) {
   return MathImpl<X>::Log(x);
+}
+// 1 / x, to within an ulp (the CPU's vector version is not a division).
+template <typename X>
+TFXENT_HOST_DEVICE auto ReciprocalOf(const X& x) {
+  return MathImpl<X>::Reciprocal(x);
 }
 
 // cond ? a : b, element-wise.
@@ -185,19 +191,34 @@ template <typename Tacc, typename G, typename P, typename S, typename T>
 TFXENT_HOST_DEVICE auto SparseProbsGrad(const XentConstants<Tacc>& c,
                                         const G& g, const P& p,
                                         const S& inv_sum, const T& t) {
-  return c.WhereInClipRange(p, g * (inv_sum - t / p), Tacc(0));
+  return c.WhereInClipRange(p, g * (inv_sum - t * ReciprocalOf(p)), Tacc(0));
 }
+
+// The clip-range test of dense probabilities: whether q_k = y_k / s, formed
+// by division as Keras forms it, lies in [eps, 1 - eps]. Select(y, a, b) is
+// a where q_k is in range, else b. (The CPU has an equivalent for float that
+// compares y_k with per-row bounds instead of dividing.)
+template <typename Tacc, typename S>
+struct ClipRangeByDivision {
+  using Scalar = Tacc;
+  XentConstants<Tacc> c;
+  S s;  // The row sum (or, on the CPU, an expression of per-row sums).
+  template <typename Y, typename A, typename B>
+  TFXENT_HOST_DEVICE auto Select(const Y& y, const A& a, const B& b) const {
+    return c.WhereInClipRange(y / s, a, b);
+  }
+};
 
 // d loss / d y_k for dense probabilities, with q_k = y_k / S, S = sum_j y_j
 // and A = sum of t_j over in-range classes: g * (A / S - [q_k in range] t_k /
 // y_k). Autodiff of normalize -> clip -> log -> weighted sum, in closed form;
-// q_k is formed by division, as Keras does, so the clip mask matches exactly.
-template <typename Tacc, typename G, typename Y, typename S, typename A,
-          typename T>
-TFXENT_HOST_DEVICE auto DenseProbsGrad(const XentConstants<Tacc>& c, const G& g,
-                                       const Y& y, const S& s,
-                                       const A& a_over_s, const T& t) {
-  return g * (a_over_s - c.WhereInClipRange(y / s, t / y, Tacc(0)));
+// `range` tests q_k as Keras forms it, so the clip mask matches exactly.
+template <typename G, typename Y, typename Range, typename A, typename T>
+TFXENT_HOST_DEVICE auto DenseProbsGrad(const G& g, const Y& y,
+                                       const Range& range, const A& a_over_s,
+                                       const T& t) {
+  using Tacc = typename Range::Scalar;
+  return g * (a_over_s - range.Select(y, t * ReciprocalOf(y), Tacc(0)));
 }
 
 // ---------------------------------------------------------------------------

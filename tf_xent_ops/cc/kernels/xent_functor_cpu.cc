@@ -10,7 +10,10 @@ SIMD packets. Forward passes keep only O(N) statistics; backward passes read
 the predictions once and write the gradient once.
 */
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
+#include <cstring>
+#include <limits>
 #include <type_traits>
 #include <vector>
 
@@ -53,6 +56,70 @@ typename Expr::Scalar BlockedSum(const Expr& e) {
   }
   return total.Total();
 }
+
+// The clip-range test fl(y / s) in [lo, hi] of a row of dense probabilities
+// with sum s, without dividing: as bounds on y. Division rounds to nearest
+// (ties to even), so fl(y / s) >= lo exactly when y / s is above the
+// midpoint m between lo and the float below it (or at m, when the tie goes
+// to lo): when y >= y_lo, the least float beyond m * s (or at it). The same
+// for hi. m * s is exact in double (25 + 24 significant bits). Rows where a
+// bound would not be a normal float (tiny or non-finite sums, eps = 0) and
+// double rows divide instead.
+template <typename Tacc>
+class ClipRangeOfRow {
+ public:
+  using Scalar = Tacc;
+
+  ClipRangeOfRow(const XentConstants<Tacc>& c, Tacc s) : by_division_{c, s} {
+    if constexpr (std::is_same_v<Tacc, float>) {
+      bounded_ =
+          Bound(c.clip_lo, -1, s, &y_lo_) && Bound(c.clip_hi, 1, s, &y_hi_);
+    }
+  }
+
+  template <typename Y, typename A, typename B>
+  auto Select(const Y& y, const A& a, const B& b) const {
+    return Where(y >= y_lo_, Where(y <= y_hi_, a, b), b);
+  }
+  bool bounded() const { return bounded_; }
+  const ClipRangeByDivision<Tacc, Tacc>& by_division() const {
+    return by_division_;
+  }
+
+ private:
+  // The y bound for clip bound `v` (direction -1: lower, 1: upper).
+  static bool Bound(float v, int direction, float s, float* out) {
+    const float kMin = std::numeric_limits<float>::min();
+    if (!(v >= kMin && v < 1.0f && s >= kMin &&
+          s <= std::numeric_limits<float>::max())) {
+      return false;
+    }
+    const float beyond = std::nextafter(v, direction < 0 ? 0.0f : 2.0f);
+    const double m = (static_cast<double>(v) + beyond) / 2;  // exact
+    const double ms = m * s;                                 // exact
+    const bool tie_to_v = (Bits(v) & 1) == 0;
+    // Lower: least y with y > ms (y >= ms if ties go to v). Upper: greatest
+    // y with y < ms (y <= ms if ties go to v).
+    float y = static_cast<float>(ms);
+    const float inward =
+        direction < 0 ? std::numeric_limits<float>::max() : 0.0f;
+    if (direction < 0 ? static_cast<double>(y) < ms || (!tie_to_v && y == ms)
+                      : static_cast<double>(y) > ms || (!tie_to_v && y == ms)) {
+      y = std::nextafter(y, inward);
+    }
+    *out = y;
+    return std::isnormal(y);
+  }
+  static uint32_t Bits(float v) {
+    uint32_t bits;
+    std::memcpy(&bits, &v, sizeof(bits));
+    return bits;
+  }
+
+  ClipRangeByDivision<Tacc, Tacc> by_division_;
+  Tacc y_lo_ = Tacc(0), y_hi_ = Tacc(0);
+  bool bounded_ = false;
+};
 
 // Rows of T as arrays of Tacc: float and double rows are read in place;
 // 16-bit rows are widened into a buffer of one row per thread (never [N, C]).
@@ -441,11 +508,18 @@ struct DenseXentForward<CpuDevice, T> {
         stats[2 * r] = m + log_s;
         stats[2 * r + 1] = sum_t;
       } else {
+        // q = x / s. The clip mask (which decides the whole row's gradient
+        // near 1 - eps) uses the division Keras does; the loss multiplies by
+        // 1 / s, within an ulp of it, as vector division costs about as much
+        // as the log.
         const Tacc s = BlockedSum(x);
-        const auto q = x / s;
-        loss[r] = -BlockedSum(t * LogOf(c.Clip(q)));
+        loss[r] = -BlockedSum(t * LogOf(c.Clip(x * (Tacc(1) / s))));
         stats[2 * r] = s;
-        stats[2 * r + 1] = BlockedSum(c.WhereInClipRange(q, t, Tacc(0)));
+        const ClipRangeOfRow<Tacc> range(c, s);
+        stats[2 * r + 1] =
+            range.bounded()
+                ? BlockedSum(range.Select(x, t, Tacc(0)))
+                : BlockedSum(range.by_division().Select(x, t, Tacc(0)));
       }
     });
   }
@@ -480,9 +554,10 @@ struct DenseXentBackward<CpuDevice, T> {
                 a_over_s[i] =
                     stats[2 * (first + i) + 1] / stats[2 * (first + i)];
               }
+              const ClipRangeByDivision<Tacc, ConstRow<Tacc>> range{c, stat0};
               WriteRow(
                   dx, n,
-                  DenseProbsGrad(c, g, x, stat0,
+                  DenseProbsGrad(g, x, range,
                                  chunk.Expand(2, a_over_s.data(), 1, rows), t));
             }
           });
@@ -499,8 +574,15 @@ struct DenseXentBackward<CpuDevice, T> {
                  LogitsGrad(g, x, stats[2 * r], stats[2 * r + 1], t));
       } else {
         const Tacc s = stats[2 * r];
-        WriteRow(dx, num_classes,
-                 DenseProbsGrad(c, g, x, s, stats[2 * r + 1] / s, t));
+        const ClipRangeOfRow<Tacc> range(c, s);
+        if (range.bounded()) {
+          WriteRow(dx, num_classes,
+                   DenseProbsGrad(g, x, range, stats[2 * r + 1] / s, t));
+        } else {
+          WriteRow(dx, num_classes,
+                   DenseProbsGrad(g, x, range.by_division(),
+                                  stats[2 * r + 1] / s, t));
+        }
       }
     });
   }

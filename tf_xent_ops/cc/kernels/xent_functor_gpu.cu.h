@@ -249,8 +249,10 @@ __global__ void __launch_bounds__(kThreads)
       const Tacc z = Load<Tacc>(x, k);
       const Tacc t = c.DenseTarget(y[k]);
       dx[k] = static_cast<T>(
-          p.from_logits ? LogitsGrad(g, z, stat0, stat1, t)
-                        : DenseProbsGrad(c, g, z, stat0, stat1 / stat0, t));
+          p.from_logits
+              ? LogitsGrad(g, z, stat0, stat1, t)
+              : DenseProbsGrad(g, z, ClipRangeByDivision<Tacc, Tacc>{c, stat0},
+                               stat1 / stat0, t));
     }
   }
 }
