@@ -138,9 +138,7 @@ def compiled(loss_fn, direction):
             ones[p.dtype] = tf.ones([], p.dtype)
         return run(y, p, ones[p.dtype])
 
-    call.get_concrete_function = lambda y, p: run.get_concrete_function(
-        y, p, tf.ones([], p.dtype)
-    )
+    call.get_concrete_function = lambda y, p: run.get_concrete_function(y, p, tf.ones([], p.dtype))
     return call
 
 
@@ -333,7 +331,9 @@ def plot(rows):
     ax.axhline(1.0, color="k", lw=0.8)
     ax.set_yscale("log")
     ax.set_ylabel("time / memory-bandwidth floor (lower is better)")
-    ax.set_title("CPU cross-entropy, float32, forward + backward")
+    ax.set_title(
+        "CPU cross-entropy, float32, forward + backward (the loss's time: step minus producer)"
+    )
     ax.set_xticks(x, labels, rotation=90, fontsize=7)
     ax.legend()
     fig.tight_layout()
