@@ -7,8 +7,10 @@ standalone harness (tests/gpu/) in its own file, both with CUDA's __half and
 __nv_bfloat16. No TensorFlow or Eigen header is included here.
 
 One block per row (rows strided over the grid), threads strided over the
-classes; per-thread compensated sums and fixed-order block reductions, so
-results are bitwise reproducible (no atomics). All offsets are int64.
+classes (16 bytes per load where rows are aligned); per-thread compensated
+sums and fixed-order block reductions, so results are bitwise reproducible
+(no atomics). The sparse logits forward without smoothing reads its row once
+(online softmax). All offsets are int64.
 Sparse labels outside [0, C) that are not ignore_class are never read
 through: that row's loss and log_sum_exp are NaN and its gradient is 0 (the
 CPU op raises instead; TensorFlow's GPU kernel gives NaN too).
@@ -90,6 +92,87 @@ __device__ Tacc BlockSum(const CompensatedSum<Tacc>& partial) {
   return BlockReduce(partial.Total(), SumOp(), Tacc(0));
 }
 
+// Calls fn(k, x_k) for this thread's share of a row of n elements. Rows that
+// start on a 16-byte boundary and are a whole number of 16-byte pieces are
+// read 16 bytes per load (8 bfloat16s): 2-byte loads alone leave much of the
+// memory bandwidth unused.
+template <typename Tacc, typename T, typename Fn>
+__device__ __forceinline__ void ForEachElement(const T* row, int64_t n, Fn fn) {
+  constexpr int kVec = 16 / sizeof(T);
+  if (kVec > 1 && n % kVec == 0 && reinterpret_cast<uintptr_t>(row) % 16 == 0) {
+    const uint4* pieces = reinterpret_cast<const uint4*>(row);
+    for (int64_t i = threadIdx.x; i < n / kVec; i += kThreads) {
+      const uint4 piece = pieces[i];
+      const T* e = reinterpret_cast<const T*>(&piece);
+#pragma unroll
+      for (int j = 0; j < kVec; ++j) fn(i * kVec + j, static_cast<Tacc>(e[j]));
+    }
+  } else {
+    for (int64_t k = threadIdx.x; k < n; k += kThreads) {
+      fn(k, Load<Tacc>(row, k));
+    }
+  }
+}
+
+// dx_k = fn(k, x_k) over a row, with ForEachElement's 16-byte loads and
+// stores where the rows allow. dx may alias x: each piece is read before it
+// is written, by the same thread.
+template <typename Tacc, typename T, typename Fn>
+__device__ __forceinline__ void MapRow(const T* x, T* dx, int64_t n, Fn fn) {
+  constexpr int kVec = 16 / sizeof(T);
+  if (kVec > 1 && n % kVec == 0 && reinterpret_cast<uintptr_t>(x) % 16 == 0 &&
+      reinterpret_cast<uintptr_t>(dx) % 16 == 0) {
+    const uint4* in = reinterpret_cast<const uint4*>(x);
+    uint4* out = reinterpret_cast<uint4*>(dx);
+    for (int64_t i = threadIdx.x; i < n / kVec; i += kThreads) {
+      const uint4 piece = in[i];
+      const T* e = reinterpret_cast<const T*>(&piece);
+      uint4 result;
+      T* r = reinterpret_cast<T*>(&result);
+#pragma unroll
+      for (int j = 0; j < kVec; ++j) {
+        r[j] = static_cast<T>(fn(i * kVec + j, static_cast<Tacc>(e[j])));
+      }
+      out[i] = result;
+    }
+  } else {
+    for (int64_t k = threadIdx.x; k < n; k += kThreads) {
+      dx[k] = static_cast<T>(fn(k, Load<Tacc>(x, k)));
+    }
+  }
+}
+
+// Online softmax sum of one thread's elements: the running max m and
+// sum_k exp(x_k - m), rescaled when m grows, so the row is read once.
+template <typename Tacc>
+struct OnlineExpSum {
+  Tacc m = -Tacc(INFINITY);
+  CompensatedSum<Tacc> s;
+  __device__ void Add(Tacc x) {
+    if (x > m) {
+      const Tacc scale = ExpOf(m - x);  // 0 while m is -inf
+      s.sum *= scale;
+      s.carry *= scale;
+      s.Add(Tacc(1));
+      m = x;
+    } else if (!(x == -Tacc(INFINITY))) {  // exp(-inf) adds nothing; NaN does
+      s.Add(ExpOf(x - m));
+    }
+  }
+};
+
+// The row's max and log(sum_k exp(x_k - max)) from every thread's
+// OnlineExpSum, combined in a fixed order.
+template <typename Tacc>
+__device__ void CombineExpSums(const OnlineExpSum<Tacc>& mine, Tacc* row_max,
+                               Tacc* log_s) {
+  const Tacc m = BlockReduce(mine.m, MaxOp(), -Tacc(INFINITY));
+  const Tacc part =
+      mine.m == -Tacc(INFINITY) ? Tacc(0) : mine.s.Total() * ExpOf(mine.m - m);
+  *row_max = m;
+  *log_s = LogOf(BlockReduce(part, SumOp(), Tacc(0)));
+}
+
 // Whether a sparse row is ignored (0 everywhere) or has a bad label (NaN loss,
 // 0 gradient); the same for every thread of the block.
 enum class RowKind { kValid, kIgnored, kBadLabel };
@@ -119,16 +202,27 @@ __global__ void __launch_bounds__(kThreads)
     }
     const T* x = predictions + r * num_classes;
     const int64_t label = static_cast<int64_t>(labels[r]);
-    if (p.from_logits) {
+    if (p.from_logits && !smoothing) {
+      // One read of the row.
+      OnlineExpSum<Tacc> mine;
+      ForEachElement<Tacc>(x, num_classes,
+                           [&](int64_t, Tacc z) { mine.Add(z); });
+      Tacc m, log_s;
+      CombineExpSums(mine, &m, &log_s);
+      if (threadIdx.x == 0) {
+        log_sum_exp[r] = m + log_s;
+        loss[r] = SparseLogitsLoss(c, log_s, Load<Tacc>(x, label) - m, Tacc(0));
+      }
+    } else if (p.from_logits) {
+      // Smoothing also needs sum_k (x_k - max): a second read, from L2.
       const Tacc m = RowMax<Tacc>(x, num_classes);
       CompensatedSum<Tacc> s, sum_shifted;
-      for (int64_t k = threadIdx.x; k < num_classes; k += kThreads) {
-        const Tacc shifted = Load<Tacc>(x, k) - m;
-        s.Add(ExpOf(shifted));
-        if (smoothing) sum_shifted.Add(shifted);
-      }
+      ForEachElement<Tacc>(x, num_classes, [&](int64_t, Tacc z) {
+        s.Add(ExpOf(z - m));
+        sum_shifted.Add(z - m);
+      });
       const Tacc log_s = LogOf(BlockSum(s));
-      const Tacc total_shifted = smoothing ? BlockSum(sum_shifted) : Tacc(0);
+      const Tacc total_shifted = BlockSum(sum_shifted);
       if (threadIdx.x == 0) {
         log_sum_exp[r] = m + log_s;
         loss[r] =
@@ -172,13 +266,11 @@ __global__ void __launch_bounds__(kThreads)
     const int64_t label = static_cast<int64_t>(labels[r]);
     const Tacc g = grad_loss[r], lse = log_sum_exp[r];
     const Tacc inv_sum = ExpOf(-lse);
-    for (int64_t k = threadIdx.x; k < num_classes; k += kThreads) {
+    MapRow<Tacc>(x, dx, num_classes, [&](int64_t k, Tacc z) {
       const Tacc t = c.SparseTarget(k, label);
-      const Tacc z = Load<Tacc>(x, k);
-      dx[k] =
-          static_cast<T>(p.from_logits ? LogitsGrad(g, z, lse, Tacc(1), t)
-                                       : SparseProbsGrad(c, g, z, inv_sum, t));
-    }
+      return p.from_logits ? LogitsGrad(g, z, lse, Tacc(1), t)
+                           : SparseProbsGrad(c, g, z, inv_sum, t);
+    });
   }
 }
 
