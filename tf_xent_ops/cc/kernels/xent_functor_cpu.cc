@@ -173,24 +173,23 @@ void ForEachRow(const CpuDevice& d, const XentParams& p, const RowFn& row_fn) {
 }
 
 // Rows of fewer classes than this are shorter than two SIMD packets: they are
-// processed kChunkRows at a time, transposed (column k of a chunk holds class
-// k of every row, contiguous), so that every per-row reduction (max, sums)
-// is an element-wise operation across rows and exp, log and the arithmetic
-// run on full SIMD packets. Chunk boundaries do not depend on the thread
-// count, and a row's result does not depend on its chunk.
+// processed kChunkRows at a time. Forwards hold a chunk transposed (column k
+// holds class k of every row, contiguous), so that every per-row reduction
+// (max, sums) is an element-wise operation across rows; backwards, element-
+// wise already, take the chunk as one flat array with the per-row values
+// repeated. Either way exp, log and the arithmetic run on full SIMD packets.
+// Chunk boundaries do not depend on the thread count, and a row's result
+// does not depend on its chunk.
 constexpr int64_t kSmallClasses = 32;
 constexpr int64_t kChunkRows = 256;
 
 template <typename Tacc>
 using Columns = Eigen::Map<Eigen::Array<Tacc, Eigen::Dynamic, Eigen::Dynamic>>;
 template <typename T>
-using RowMajorRows = Eigen::Map<
-    Eigen::Array<T, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>>;
-template <typename T>
 using ConstRowMajorRows = Eigen::Map<
     const Eigen::Array<T, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>>;
 
-// Per-thread scratch for the transposed chunks.
+// Per-thread scratch for chunks, transposed or flat.
 template <typename T, typename Tacc>
 class Chunk {
  public:
