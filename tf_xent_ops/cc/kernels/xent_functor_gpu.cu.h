@@ -96,10 +96,17 @@ __device__ Tacc BlockSum(const CompensatedSum<Tacc>& partial) {
 // start on a 16-byte boundary and are a whole number of 16-byte pieces are
 // read 16 bytes per load (8 bfloat16s): 2-byte loads alone leave much of the
 // memory bandwidth unused.
+template <typename T>
+__device__ __forceinline__ bool InPieces(const T* row, int64_t n) {
+  constexpr int kVec = 16 / sizeof(T);
+  return kVec > 1 && n % kVec == 0 &&
+         reinterpret_cast<uintptr_t>(row) % 16 == 0;
+}
+
 template <typename Tacc, typename T, typename Fn>
 __device__ __forceinline__ void ForEachElement(const T* row, int64_t n, Fn fn) {
   constexpr int kVec = 16 / sizeof(T);
-  if (kVec > 1 && n % kVec == 0 && reinterpret_cast<uintptr_t>(row) % 16 == 0) {
+  if (InPieces(row, n)) {
     const uint4* pieces = reinterpret_cast<const uint4*>(row);
     for (int64_t i = threadIdx.x; i < n / kVec; i += kThreads) {
       const uint4 piece = pieces[i];
@@ -120,8 +127,7 @@ __device__ __forceinline__ void ForEachElement(const T* row, int64_t n, Fn fn) {
 template <typename Tacc, typename T, typename Fn>
 __device__ __forceinline__ void MapRow(const T* x, T* dx, int64_t n, Fn fn) {
   constexpr int kVec = 16 / sizeof(T);
-  if (kVec > 1 && n % kVec == 0 && reinterpret_cast<uintptr_t>(x) % 16 == 0 &&
-      reinterpret_cast<uintptr_t>(dx) % 16 == 0) {
+  if (InPieces(x, n) && InPieces(dx, n)) {
     const uint4* in = reinterpret_cast<const uint4*>(x);
     uint4* out = reinterpret_cast<uint4*>(dx);
     for (int64_t i = threadIdx.x; i < n / kVec; i += kThreads) {
@@ -367,13 +373,16 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-inline unsigned int GridFor(const XentParams& p) {
-  return static_cast<unsigned int>(p.num_rows < kMaxBlocks ? p.num_rows
-                                                           : kMaxBlocks);
-}
-
-inline cudaStream_t StreamOf(const GpuDevice& d) {
-  return static_cast<cudaStream_t>(d.stream);
+// Launches a row kernel, kernel(p, args...), on d's stream: one block per
+// row up to kMaxBlocks (the kernels stride over the rest).
+template <typename... Params, typename... Args>
+void LaunchRows(void (*kernel)(XentParams, Params...), const GpuDevice& d,
+                const XentParams& p, Args... args) {
+  if (p.num_rows == 0) return;
+  const auto blocks = static_cast<unsigned int>(
+      p.num_rows < kMaxBlocks ? p.num_rows : kMaxBlocks);
+  kernel<<<blocks, kThreads, 0, static_cast<cudaStream_t>(d.stream)>>>(p,
+                                                                       args...);
 }
 
 }  // namespace gpu
@@ -383,10 +392,8 @@ struct SparseXentForward<GpuDevice, T, Tidx> {
   using Tacc = typename AccumulatorType<T>::type;
   void operator()(const GpuDevice& d, const XentParams& p, const T* predictions,
                   const Tidx* labels, Tacc* loss, Tacc* log_sum_exp) const {
-    if (p.num_rows == 0) return;
-    gpu::SparseForwardKernel<T, Tidx, Tacc>
-        <<<gpu::GridFor(p), gpu::kThreads, 0, gpu::StreamOf(d)>>>(
-            p, predictions, labels, loss, log_sum_exp);
+    gpu::LaunchRows(gpu::SparseForwardKernel<T, Tidx, Tacc>, d, p, predictions,
+                    labels, loss, log_sum_exp);
   }
 };
 
@@ -396,10 +403,8 @@ struct SparseXentBackward<GpuDevice, T, Tidx> {
   void operator()(const GpuDevice& d, const XentParams& p, const T* predictions,
                   const Tidx* labels, const Tacc* log_sum_exp,
                   const Tacc* grad_loss, T* grad_predictions) const {
-    if (p.num_rows == 0) return;
-    gpu::SparseBackwardKernel<T, Tidx, Tacc>
-        <<<gpu::GridFor(p), gpu::kThreads, 0, gpu::StreamOf(d)>>>(
-            p, predictions, labels, log_sum_exp, grad_loss, grad_predictions);
+    gpu::LaunchRows(gpu::SparseBackwardKernel<T, Tidx, Tacc>, d, p, predictions,
+                    labels, log_sum_exp, grad_loss, grad_predictions);
   }
 };
 
@@ -408,10 +413,8 @@ struct DenseXentForward<GpuDevice, T> {
   using Tacc = typename AccumulatorType<T>::type;
   void operator()(const GpuDevice& d, const XentParams& p, const T* predictions,
                   const Tacc* labels, Tacc* loss, Tacc* stats) const {
-    if (p.num_rows == 0) return;
-    gpu::DenseForwardKernel<T, Tacc>
-        <<<gpu::GridFor(p), gpu::kThreads, 0, gpu::StreamOf(d)>>>(
-            p, predictions, labels, loss, stats);
+    gpu::LaunchRows(gpu::DenseForwardKernel<T, Tacc>, d, p, predictions, labels,
+                    loss, stats);
   }
 };
 
@@ -421,10 +424,8 @@ struct DenseXentBackward<GpuDevice, T> {
   void operator()(const GpuDevice& d, const XentParams& p, const T* predictions,
                   const Tacc* labels, const Tacc* stats, const Tacc* grad_loss,
                   T* grad_predictions) const {
-    if (p.num_rows == 0) return;
-    gpu::DenseBackwardKernel<T, Tacc>
-        <<<gpu::GridFor(p), gpu::kThreads, 0, gpu::StreamOf(d)>>>(
-            p, predictions, labels, stats, grad_loss, grad_predictions);
+    gpu::LaunchRows(gpu::DenseBackwardKernel<T, Tacc>, d, p, predictions,
+                    labels, stats, grad_loss, grad_predictions);
   }
 };
 
@@ -434,10 +435,8 @@ struct DenseXentLabelsBackward<GpuDevice, T> {
   void operator()(const GpuDevice& d, const XentParams& p, const T* predictions,
                   const Tacc* stats, const Tacc* grad_loss,
                   Tacc* grad_labels) const {
-    if (p.num_rows == 0) return;
-    gpu::DenseLabelsBackwardKernel<T, Tacc>
-        <<<gpu::GridFor(p), gpu::kThreads, 0, gpu::StreamOf(d)>>>(
-            p, predictions, stats, grad_loss, grad_labels);
+    gpu::LaunchRows(gpu::DenseLabelsBackwardKernel<T, Tacc>, d, p, predictions,
+                    stats, grad_loss, grad_labels);
   }
 };
 
