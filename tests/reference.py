@@ -39,7 +39,8 @@ def dense(labels, predictions, from_logits, label_smoothing=0.0, axis=-1, epsilo
     if from_logits:
         lse = _logsumexp(p)[..., None]
         # Zero targets carry no mass, even against a -inf logit.
-        return np.sum(np.where(t != 0, t * (lse - p), 0.0), axis=-1)
+        with np.errstate(invalid="ignore"):
+            return np.sum(np.where(t != 0, t * (lse - p), 0.0), axis=-1)
     q = np.clip(p / np.sum(p, axis=-1, keepdims=True), epsilon, 1.0 - epsilon)
     return -np.sum(t * np.log(q), axis=-1)
 

@@ -109,3 +109,48 @@ def test_minus_inf_logit_without_target_mass_costs_nothing(rng):
         txo.ops.dense_crossentropy(ref.one_hot(labels, 3000), p, from_logits=True),
     ):
         np.testing.assert_allclose(loss, ref.sparse(labels, p, True), rtol=1e-5)
+
+
+@pytest.mark.parametrize("label_smoothing", [0.0, 0.2])
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32", "float64"])
+def test_rows_of_several_blocks_with_far_apart_maxima(rng, label_smoothing, dtype):
+    # Rows of logits are reduced in blocks of 1024 classes, each relative to
+    # its own max, then combined relative to the row max. Blocks here sit
+    # far apart (exp of the gap under- or overflows float32), one block is
+    # all -inf, and the row max falls in a different block in each row.
+    num_rows, num_classes = 4, 4 * 1024 + 77
+    p = ref.logits(rng, (num_rows, num_classes), "float64", scale=2.0)
+    offsets = np.array([[0.0, -150.0, 60.0, -30.0, 200.0]])
+    for r in range(num_rows):
+        for b in range(5):
+            p[r, b * 1024 : (b + 1) * 1024] += np.roll(offsets, r)[0, b]
+    p[1, 1024:2048] = -np.inf
+    p = p.astype(ref.NUMPY_DTYPES[dtype])
+    labels = rng.integers(0, num_classes, size=num_rows)
+    labels[1] = 0
+    soft = ref.soft_labels(rng, (num_rows, num_classes))
+    soft[1, 1024:2048] = 0.0  # no target mass on the -inf block
+    rtol, atol = ref.tolerance(dtype)
+
+    sparse = txo.ops.sparse_crossentropy(labels, p, True, label_smoothing)
+    expected = ref.sparse(labels, p, True, label_smoothing)
+    if label_smoothing:  # smoothing puts mass on the -inf block: infinite loss
+        assert np.isposinf(sparse[1]) and np.isposinf(expected[1])
+        sparse, expected = np.delete(np.asarray(sparse), 1), np.delete(expected, 1)
+    np.testing.assert_allclose(sparse, expected, rtol=rtol, atol=atol)
+    dense = txo.ops.dense_crossentropy(soft, p, True)
+    np.testing.assert_allclose(dense, ref.dense(soft, p, True), rtol=rtol, atol=atol)
+
+    # The gradient uses the forward's row log-sum-exp.
+    p_t = tf.constant(p)
+    with tf.GradientTape() as tape:
+        tape.watch(p_t)
+        loss = txo.ops.dense_crossentropy(soft, p_t, True)
+    grad = np.asarray(tf.cast(tape.gradient(loss, p_t), tf.float64))
+    z = p.astype(np.float64)
+    softmax = np.exp(z - np.max(z, -1, keepdims=True))
+    softmax /= softmax.sum(-1, keepdims=True)
+    expected_grad = softmax * soft.sum(-1, keepdims=True) - soft
+    # z - lse with |z| ~ 200 carries the rounding of lse: ulp(200) in float32.
+    grad_atol = {"bfloat16": 1e-2, "float32": 1e-4, "float64": 1e-10}[dtype]
+    np.testing.assert_allclose(grad, expected_grad, atol=grad_atol)

@@ -149,6 +149,97 @@ class RowReader {
   std::vector<Tacc> buffer_;
 };
 
+// Weights of the weighted sums LogitsRowReducer forms: none, 1 for every
+// class (the smoothing term of sparse labels), or the smoothed dense targets.
+struct NoWeights {};
+struct UnitWeights {};
+template <typename Tacc>
+struct TargetWeights {
+  const XentConstants<Tacc>& c;
+  const Tacc* labels;  // The row's unsmoothed labels.
+};
+
+// A row of logits z with weights w, reduced:
+template <typename Tacc>
+struct LogitsRowStats {
+  Tacc max = Tacc(0);            // m = max_k z_k
+  Tacc log_s = Tacc(0);          // log sum_k exp(z_k - m)
+  Tacc sum_w = Tacc(0);          // sum_k w_k
+  Tacc sum_w_shifted = Tacc(0);  // sum_k w_k (z_k - m), w_k = 0 skipped
+};
+
+// Reduces rows of logits from one read of each: per block of kSumBlock
+// classes (in L1 while it is reduced), the block's max m_b and its sums
+// relative to m_b; then, in block order, exp sums scaled by exp(m_b - m) and
+// weighted sums moved by (m_b - m) * sum_w, in compensated sums. A max pass
+// over the whole row before the exp pass would read the row twice, the
+// second time from L2, with the memory idle while exp runs. A block whose
+// max is -inf is shifted by 0 instead, so that its sums stay finite (its exp
+// sum is 0 and is scaled by exp(-inf) = 0). NaN and +inf propagate to NaN.
+template <typename T, typename Tacc>
+class LogitsRowReducer {
+ public:
+  explicit LogitsRowReducer(int64_t num_classes)
+      : num_classes_(num_classes),
+        reader_(std::min<int64_t>(num_classes, kSumBlock)),
+        blocks_((num_classes + kSumBlock - 1) / kSumBlock) {}
+
+  template <typename Weights>
+  LogitsRowStats<Tacc> Reduce(const T* row, const Weights& weights) {
+    const Tacc lowest = -std::numeric_limits<Tacc>::infinity();
+    Tacc m = lowest;
+    for (int64_t i = 0; i < static_cast<int64_t>(blocks_.size()); ++i) {
+      const int64_t begin = i * kSumBlock;
+      const auto z =
+          reader_.Read(row + begin, std::min(kSumBlock, num_classes_ - begin));
+      Block& b = blocks_[i];
+      b.max = z.maxCoeff();
+      b.shift = b.max == lowest ? Tacc(0) : b.max;
+      b.exp_sum = ExpOf(z - b.shift).sum();
+      BlockWeights(weights, z, begin, &b);
+      m = std::max(m, b.max);
+    }
+    CompensatedSum<Tacc> exp_sum, sum_w, sum_w_shifted;
+    for (const Block& b : blocks_) {
+      exp_sum.Add(b.exp_sum * ExpOf(b.max - m));
+      sum_w.Add(b.weight);
+      sum_w_shifted.Add(b.shifted + b.weight * (b.shift - m));
+    }
+    LogitsRowStats<Tacc> stats;
+    stats.max = m;
+    stats.log_s = LogOf(exp_sum.Total());
+    stats.sum_w = sum_w.Total();
+    stats.sum_w_shifted = sum_w_shifted.Total();
+    return stats;
+  }
+
+ private:
+  struct Block {
+    Tacc max, shift, exp_sum, weight = Tacc(0), shifted = Tacc(0);
+  };
+
+  template <typename Z>
+  static void BlockWeights(const NoWeights&, const Z&, int64_t, Block*) {}
+  template <typename Z>
+  static void BlockWeights(const UnitWeights&, const Z& z, int64_t, Block* b) {
+    b->weight = Tacc(z.size());
+    b->shifted = (z - b->shift).sum();
+  }
+  template <typename Z>
+  static void BlockWeights(const TargetWeights<Tacc>& w, const Z& z,
+                           int64_t begin, Block* b) {
+    const auto t = w.c.DenseTarget(ConstRow<Tacc>(w.labels + begin, z.size()));
+    b->weight = t.sum();
+    // Zero targets are skipped, so a -inf logit without target mass costs
+    // nothing.
+    b->shifted = Where(t != Tacc(0), t * (z - b->shift), Tacc(0)).sum();
+  }
+
+  int64_t num_classes_;
+  RowReader<T, Tacc> reader_;
+  std::vector<Block> blocks_;
+};
+
 // Writes an expression in Tacc to a row of T.
 template <typename T, typename Expr>
 void WriteRow(T* row, int64_t num_classes, const Expr& value) {
@@ -161,13 +252,14 @@ void WriteRow(T* row, int64_t num_classes, const Expr& value) {
 }
 
 // Runs row_fn(reader, r) for every row on the device's thread pool, with one
-// RowReader per shard.
-template <typename T, typename Tacc, typename RowFn>
+// Reader (a RowReader or a LogitsRowReducer) per shard.
+template <typename T, typename Tacc, typename Reader = RowReader<T, Tacc>,
+          typename RowFn>
 void ForEachRow(const CpuDevice& d, const XentParams& p, const RowFn& row_fn) {
   if (p.num_rows == 0) return;
   const int64_t cost = std::max<int64_t>(1, p.num_classes) * kCyclesPerElement;
   d.parallel_for(p.num_rows, cost, [&](int64_t begin, int64_t end) {
-    RowReader<T, Tacc> reader(p.num_classes);
+    Reader reader(p.num_classes);
     for (int64_t r = begin; r < end; ++r) row_fn(reader, r);
   });
 }
@@ -339,6 +431,26 @@ struct SparseXentForward<CpuDevice, T, Tidx> {
           });
       return;
     }
+    if (p.from_logits) {
+      // loss = log(s) - sum_k t_k (z_k - m), with s = sum_k exp(z_k - m).
+      ForEachRow<T, Tacc, LogitsRowReducer<T, Tacc>>(
+          d, p, [&](LogitsRowReducer<T, Tacc>& reducer, int64_t r) {
+            if (IsIgnored(p, labels[r])) {
+              loss[r] = Tacc(0);
+              log_sum_exp[r] = Tacc(0);
+              return;
+            }
+            const T* x = predictions + r * num_classes;
+            const auto stats = smoothing ? reducer.Reduce(x, UnitWeights())
+                                         : reducer.Reduce(x, NoWeights());
+            const int64_t label = static_cast<int64_t>(labels[r]);
+            log_sum_exp[r] = stats.max + stats.log_s;
+            loss[r] = SparseLogitsLoss(c, stats.log_s,
+                                       static_cast<Tacc>(x[label]) - stats.max,
+                                       stats.sum_w_shifted);
+          });
+      return;
+    }
     ForEachRow<T, Tacc>(d, p, [&](RowReader<T, Tacc>& reader, int64_t r) {
       if (IsIgnored(p, labels[r])) {
         loss[r] = Tacc(0);
@@ -347,20 +459,11 @@ struct SparseXentForward<CpuDevice, T, Tidx> {
       }
       const auto x = reader.Read(predictions + r * num_classes);
       const int64_t label = static_cast<int64_t>(labels[r]);
-      if (p.from_logits) {
-        // loss = log(s) - sum_k t_k (z_k - m), with s = sum_k exp(z_k - m).
-        const Tacc m = x.maxCoeff();
-        const Tacc log_s = LogOf(BlockedSum(ExpOf(x - m)));
-        const Tacc sum_shifted = smoothing ? BlockedSum(x - m) : Tacc(0);
-        log_sum_exp[r] = m + log_s;
-        loss[r] = SparseLogitsLoss(c, log_s, x[label] - m, sum_shifted);
-      } else {
-        // z_k = log(clip(p_k)): lse = log(sum_k clip(p_k)).
-        const Tacc lse = LogOf(BlockedSum(c.Clip(x)));
-        const Tacc sum_log = smoothing ? BlockedSum(LogOf(c.Clip(x))) : Tacc(0);
-        log_sum_exp[r] = lse;
-        loss[r] = SparseProbsLoss(c, lse, LogOf(c.Clip(x[label])), sum_log);
-      }
+      // z_k = log(clip(p_k)): lse = log(sum_k clip(p_k)).
+      const Tacc lse = LogOf(BlockedSum(c.Clip(x)));
+      const Tacc sum_log = smoothing ? BlockedSum(LogOf(c.Clip(x))) : Tacc(0);
+      log_sum_exp[r] = lse;
+      loss[r] = SparseProbsLoss(c, lse, LogOf(c.Clip(x[label])), sum_log);
     });
   }
 };
@@ -491,35 +594,35 @@ struct DenseXentForward<CpuDevice, T> {
           });
       return;
     }
+    if (p.from_logits) {
+      // loss = sum_t * log(s) - sum_k t_k (z_k - m).
+      ForEachRow<T, Tacc, LogitsRowReducer<T, Tacc>>(
+          d, p, [&](LogitsRowReducer<T, Tacc>& reducer, int64_t r) {
+            const auto row = reducer.Reduce(
+                predictions + r * num_classes,
+                TargetWeights<Tacc>{c, labels + r * num_classes});
+            loss[r] = DenseLogitsLoss(row.log_s, row.sum_w, row.sum_w_shifted);
+            stats[2 * r] = row.max + row.log_s;
+            stats[2 * r + 1] = row.sum_w;
+          });
+      return;
+    }
     ForEachRow<T, Tacc>(d, p, [&](RowReader<T, Tacc>& reader, int64_t r) {
       const auto x = reader.Read(predictions + r * num_classes);
       const auto t =
           c.DenseTarget(ConstRow<Tacc>(labels + r * num_classes, num_classes));
-      if (p.from_logits) {
-        // loss = sum_t * log(s) - sum_k t_k (z_k - m). Zero targets are
-        // skipped so that a -inf logit with no target mass costs nothing.
-        const Tacc m = x.maxCoeff();
-        const Tacc log_s = LogOf(BlockedSum(ExpOf(x - m)));
-        const Tacc sum_t = BlockedSum(t);
-        const Tacc sum_t_shifted =
-            BlockedSum(Where(t != Tacc(0), t * (x - m), Tacc(0)));
-        loss[r] = DenseLogitsLoss(log_s, sum_t, sum_t_shifted);
-        stats[2 * r] = m + log_s;
-        stats[2 * r + 1] = sum_t;
-      } else {
-        // q = x / s. The clip mask (which decides the whole row's gradient
-        // near 1 - eps) uses the division Keras does; the loss multiplies by
-        // 1 / s, within an ulp of it, as vector division costs about as much
-        // as the log.
-        const Tacc s = BlockedSum(x);
-        loss[r] = -BlockedSum(t * LogOf(c.Clip(x * (Tacc(1) / s))));
-        stats[2 * r] = s;
-        const ClipRangeOfRow<Tacc> range(c, s);
-        stats[2 * r + 1] =
-            range.bounded()
-                ? BlockedSum(range.Select(x, t, Tacc(0)))
-                : BlockedSum(range.by_division().Select(x, t, Tacc(0)));
-      }
+      // q = x / s. The clip mask (which decides the whole row's gradient near
+      // 1 - eps) uses the division Keras does; the loss multiplies by 1 / s,
+      // within an ulp of it, as vector division costs about as much as the
+      // log.
+      const Tacc s = BlockedSum(x);
+      loss[r] = -BlockedSum(t * LogOf(c.Clip(x * (Tacc(1) / s))));
+      stats[2 * r] = s;
+      const ClipRangeOfRow<Tacc> range(c, s);
+      stats[2 * r + 1] =
+          range.bounded()
+              ? BlockedSum(range.Select(x, t, Tacc(0)))
+              : BlockedSum(range.by_division().Select(x, t, Tacc(0)));
     });
   }
 };
