@@ -178,11 +178,13 @@ struct CompensatedSum {
 // Element-wise gradients, shared by every device. `g` is the upstream
 // gradient of the row's loss.
 
-// d loss / d z_k for logits: g * (softmax_k * sum_t - t_k).
+// d loss / d z_k for logits: g * (softmax_k * sum_t - t_k), as
+// (g sum_t) softmax_k - g t_k: where g, sum_t and t_k are per-row scalars
+// (sparse labels), that is two operations per element after the exp.
 template <typename G, typename Z, typename L, typename S, typename T>
 TFXENT_HOST_DEVICE auto LogitsGrad(const G& g, const Z& z, const L& lse,
                                    const S& sum_t, const T& t) {
-  return g * (ExpOf(z - lse) * sum_t - t);
+  return (g * sum_t) * ExpOf(z - lse) - g * t;
 }
 
 // d loss / d p_k for sparse probabilities, z_k = log(clip(p_k)): zero outside
