@@ -74,7 +74,10 @@ def _class_axis_last(x, axis):
 
 
 def _as_rows(x):
-    """Flattens [..., C] to [N, C]; returns it and the leading shape."""
+    """Flattens [..., C] to [N, C]; returns it and the leading shape (None when
+    `x` is already [N, C]: no reshapes, in either direction, for the usual case)."""
+    if x.shape.rank == 2:
+        return x, None
     shape = tf.shape(x, out_type=tf.int64)
     batch_shape = shape[:-1]
     rows = tf.reshape(x, tf.stack([tf.reduce_prod(batch_shape), shape[-1]]))
@@ -187,7 +190,7 @@ def sparse_crossentropy(
         ignore_class=0 if ignore_class is None else int(ignore_class),
         use_ignore_class=ignore_class is not None,
     )
-    label_rows = tf.reshape(labels, [-1])
+    label_rows = labels if labels.shape.rank == 1 else tf.reshape(labels, [-1])
     if in_xla_context():
         loss = _composite_sparse(pred_rows, label_rows, **attrs)
     else:
@@ -238,7 +241,8 @@ def _composite_sparse(
 
 
 def _restore_batch_shape(loss, batch_shape, predictions_shape, axis):
-    loss = tf.reshape(loss, batch_shape)
+    if batch_shape is not None:
+        loss = tf.reshape(loss, batch_shape)
     loss.set_shape(predictions_shape[:axis].concatenate(predictions_shape[axis + 1 :]))
     return loss
 
