@@ -142,17 +142,23 @@ def compiled(loss_fn, direction):
     return call
 
 
-def time_ms(fn, *args, min_runs=5, min_seconds=1.0):
-    fn(*args)  # trace and warm up
-    times, start = [], time.perf_counter()
-    while len(times) < min_runs or time.perf_counter() - start < min_seconds:
-        t0 = time.perf_counter()
-        out = fn(*args)
-        _ = out[0].numpy()
-        times.append((time.perf_counter() - t0) * 1e3)
-        if len(times) >= 50:
+def time_ms(fns, *args, min_runs=10, min_seconds=2.0, max_runs=100):
+    """Median milliseconds of each of `fns` on `args`, run in turns (one call
+    of each per round), so that a slow spell of this shared machine falls on
+    all of them alike rather than on whichever ran then."""
+    for fn in fns:
+        fn(*args)  # trace and warm up
+    times = [[] for _ in fns]
+    start = time.perf_counter()
+    while len(times[0]) < min_runs or time.perf_counter() - start < min_seconds:
+        for fn, fn_times in zip(fns, times, strict=True):
+            t0 = time.perf_counter()
+            out = fn(*args)
+            _ = out[0].numpy()
+            fn_times.append((time.perf_counter() - t0) * 1e3)
+        if len(times[0]) >= max_runs:
             break
-    return statistics.median(times)
+    return [statistics.median(t) for t in times]
 
 
 def copy_bandwidth():
@@ -200,12 +206,13 @@ def run_timing(cases):
         y, p = tf.constant(y), tf.constant(p)
         ours, theirs = (compiled(f, k["direction"]) for f in loss_fns(k))
         check_agree(k, ours(y, p), theirs(y, p))
-        ours_ms, theirs_ms = time_ms(ours, y, p), time_ms(theirs, y, p)
         # fwd+bwd steps make the logits (p * 1) first, for both losses: that
         # producer's time, measured alone, is taken off to give the loss's.
-        producer_ms = 0.0
+        fns = [ours, theirs]
         if k["direction"] == "fwd+bwd":
-            producer_ms = time_ms(compiled(None, "producer"), y, p)
+            fns.append(compiled(None, "producer"))
+        ours_ms, theirs_ms, *producer = time_ms(fns, y, p)
+        producer_ms = producer[0] if producer else 0.0
         ours_net, theirs_net = ours_ms - producer_ms, theirs_ms - producer_ms
         floor_ms = floor_bytes(k) / bandwidth * 1e3
         row = dict(
