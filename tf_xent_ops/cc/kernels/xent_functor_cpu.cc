@@ -168,6 +168,57 @@ struct LogitsRowStats {
   Tacc sum_w_shifted = Tacc(0);  // sum_k w_k (z_k - m), w_k = 0 skipped
 };
 
+// Sums over a block of logits z (classes [begin, begin + z.size()) of the
+// row), in one loop, as an Eigen reduction takes one expression per loop:
+// exp_sum = sum_k exp(z_k - shift) and, unless the weights are NoWeights,
+// weight = sum_k w_k and shifted = sum_k w_k (z_k - shift), terms with
+// w_k = 0 skipped (so a -inf logit without target mass costs nothing).
+template <typename Tacc, typename Weights>
+void ReduceLogitsBlock(const ConstRow<Tacc>& z, int64_t begin, Tacc shift,
+                       const Weights& weights, Tacc* exp_sum, Tacc* weight,
+                       Tacc* shifted) {
+  namespace ei = Eigen::internal;
+  using Packet = typename ei::packet_traits<Tacc>::type;
+  constexpr int64_t kSize = ei::unpacket_traits<Packet>::size;
+  constexpr bool kTargets = std::is_same_v<Weights, TargetWeights<Tacc>>;
+  constexpr bool kUnit = std::is_same_v<Weights, UnitWeights>;
+  const int64_t n = z.size(), full = n - n % kSize;
+  const Packet zero = ei::pset1<Packet>(Tacc(0));
+  Packet e = zero, w_sum = zero, d_sum = zero;
+  for (int64_t i = 0; i < full; i += kSize) {
+    const Packet d =
+        ei::psub(ei::ploadu<Packet>(z.data() + i), ei::pset1<Packet>(shift));
+    e = ei::padd(e, VectorExpOp().packetOp(d));
+    if constexpr (kUnit) {
+      d_sum = ei::padd(d_sum, d);
+    } else if constexpr (kTargets) {
+      const Packet w =
+          ei::padd(ei::pmul(ei::pset1<Packet>(weights.c.on_weight),
+                            ei::ploadu<Packet>(weights.labels + begin + i)),
+                   ei::pset1<Packet>(weights.c.off_weight));
+      w_sum = ei::padd(w_sum, w);
+      d_sum =
+          ei::padd(d_sum, ei::pandnot(ei::pmul(w, d), ei::pcmp_eq(w, zero)));
+    }
+  }
+  Tacc e_total = ei::predux(e), w_total = ei::predux(w_sum),
+       d_total = ei::predux(d_sum);
+  for (int64_t i = full; i < n; ++i) {
+    const Tacc d = z[i] - shift;
+    e_total += ExpOf(d);
+    if constexpr (kUnit) {
+      d_total += d;
+    } else if constexpr (kTargets) {
+      const Tacc w = weights.c.DenseTarget(weights.labels[begin + i]);
+      w_total += w;
+      if (w != Tacc(0)) d_total += w * d;
+    }
+  }
+  *exp_sum = e_total;
+  *weight = kUnit ? Tacc(n) : w_total;
+  *shifted = d_total;
+}
+
 // Reduces rows of logits from one read of each: per block of kSumBlock
 // classes (in L1 while it is reduced), the block's max m_b and its sums
 // relative to m_b; then, in block order, exp sums scaled by exp(m_b - m) and
@@ -195,8 +246,8 @@ class LogitsRowReducer {
       Block& b = blocks_[i];
       b.max = z.maxCoeff();
       b.shift = b.max == lowest ? Tacc(0) : b.max;
-      b.exp_sum = ExpOf(z - b.shift).sum();
-      BlockWeights(weights, z, begin, &b);
+      ReduceLogitsBlock(z, begin, b.shift, weights, &b.exp_sum, &b.weight,
+                        &b.shifted);
       m = std::max(m, b.max);
     }
     CompensatedSum<Tacc> exp_sum, sum_w, sum_w_shifted;
@@ -215,25 +266,8 @@ class LogitsRowReducer {
 
  private:
   struct Block {
-    Tacc max, shift, exp_sum, weight = Tacc(0), shifted = Tacc(0);
+    Tacc max, shift, exp_sum, weight, shifted;
   };
-
-  template <typename Z>
-  static void BlockWeights(const NoWeights&, const Z&, int64_t, Block*) {}
-  template <typename Z>
-  static void BlockWeights(const UnitWeights&, const Z& z, int64_t, Block* b) {
-    b->weight = Tacc(z.size());
-    b->shifted = (z - b->shift).sum();
-  }
-  template <typename Z>
-  static void BlockWeights(const TargetWeights<Tacc>& w, const Z& z,
-                           int64_t begin, Block* b) {
-    const auto t = w.c.DenseTarget(ConstRow<Tacc>(w.labels + begin, z.size()));
-    b->weight = t.sum();
-    // Zero targets are skipped, so a -inf logit without target mass costs
-    // nothing.
-    b->shifted = Where(t != Tacc(0), t * (z - b->shift), Tacc(0)).sum();
-  }
 
   int64_t num_classes_;
   RowReader<T, Tacc> reader_;
