@@ -142,20 +142,23 @@ def compiled(loss_fn, direction):
     return call
 
 
-def time_ms(fns, *args, min_runs=10, min_seconds=2.0, max_runs=100):
-    """Median milliseconds of each of `fns` on `args`, run in turns (one call
-    of each per round), so that a slow spell of this shared machine falls on
-    all of them alike rather than on whichever ran then."""
+def time_ms(fns, *args, min_runs=10, min_seconds=2.0, max_runs=100, batch=5):
+    """Median milliseconds of each of `fns` on `args`. They run in turns, a
+    batch of calls each (the first untimed: it meets the memory the other
+    function left, while a training loop calls the same step again and
+    again), so that a slow spell of this shared machine falls on all alike."""
     for fn in fns:
         fn(*args)  # trace and warm up
     times = [[] for _ in fns]
     start = time.perf_counter()
     while len(times[0]) < min_runs or time.perf_counter() - start < min_seconds:
         for fn, fn_times in zip(fns, times, strict=True):
-            t0 = time.perf_counter()
-            out = fn(*args)
-            _ = out[0].numpy()
-            fn_times.append((time.perf_counter() - t0) * 1e3)
+            fn(*args)[0].numpy()
+            for _ in range(batch):
+                t0 = time.perf_counter()
+                out = fn(*args)
+                _ = out[0].numpy()
+                fn_times.append((time.perf_counter() - t0) * 1e3)
         if len(times[0]) >= max_runs:
             break
     return [statistics.median(t) for t in times]
