@@ -3,8 +3,10 @@
 For each case both losses are called as a user calls them (the Loss object,
 inside a tf.function, forward or forward + gradient with respect to the
 predictions, which for forward + backward are made inside the step as a
-layer's output is), on the same inputs, after checking that they agree. Reported:
-median milliseconds of the whole step; for forward + backward also the median
+layer's output is), on the same inputs, after checking that they agree. Every
+case is timed in each of three passes over the grid (see run_timing); reported:
+the median over passes of the median milliseconds of the whole step; for
+forward + backward also the median
 of the same step without the loss (the producer: making the logits and
 returning an [N, C] tensor), which is taken off both to give the loss's own
 time; the speed-up over the built-in of the step and of the loss; and the
@@ -17,6 +19,7 @@ peak resident set (VmHWM, reset after setup) over the resident set before it.
     python bench/bench_cpu.py                 # default grid, writes bench/results/
     python bench/bench_cpu.py --quick         # a few cases
     python bench/bench_cpu.py --memory-only   # only the memory column
+    python bench/bench_cpu.py --passes 1      # one pass: faster, noisier
 """
 
 import argparse
@@ -142,7 +145,7 @@ def compiled(loss_fn, direction):
     return call
 
 
-def time_ms(fns, *args, min_runs=10, min_seconds=2.0, max_runs=100, batch=5):
+def time_ms(fns, *args, min_runs=10, min_seconds=0.7, max_runs=100, batch=5):
     """Median milliseconds of each of `fns` on `args`. They run in turns, a
     batch of calls each (the first untimed: it meets the memory the other
     function left, while a training loop calls the same step again and
@@ -197,47 +200,72 @@ def check_agree(k, ours_out, theirs_out):
             raise AssertionError(f"{case_name(k)}: results differ by {np.max(np.abs(a - b))}")
 
 
-def run_timing(cases):
+def run_timing(cases, passes=3):
+    """Times every case `passes` times, a pass over the whole grid at a time:
+    this shared machine has slow spells minutes long, and a case's median
+    over passes spread across the run is less at their mercy than one long
+    measurement."""
     import tensorflow as tf
 
-    bandwidth = copy_bandwidth()
-    print(f"copy bandwidth: {bandwidth / 1e9:.1f} GB/s; threads: {os.cpu_count()}")
-    rng = np.random.default_rng(0)
-    rows = []
-    for k in cases:
-        y, p = make_inputs(k, rng)
-        y, p = tf.constant(y), tf.constant(p)
-        ours, theirs = (compiled(f, k["direction"]) for f in loss_fns(k))
-        check_agree(k, ours(y, p), theirs(y, p))
-        # fwd+bwd steps make the logits (p * 1) first, for both losses: that
-        # producer's time, measured alone, is taken off to give the loss's.
-        fns = [ours, theirs]
-        if k["direction"] == "fwd+bwd":
-            fns.append(compiled(None, "producer"))
-        ours_ms, theirs_ms, *producer = time_ms(fns, y, p)
-        producer_ms = producer[0] if producer else 0.0
-        ours_net, theirs_net = ours_ms - producer_ms, theirs_ms - producer_ms
-        floor_ms = floor_bytes(k) / bandwidth * 1e3
-        row = dict(
-            k,
-            name=case_name(k),
-            ours_ms=ours_ms,
-            builtin_ms=theirs_ms,
-            producer_ms=producer_ms,
-            step_speedup=theirs_ms / ours_ms,
-            speedup=theirs_net / ours_net,
-            ours_x_floor=ours_net / floor_ms,
-            builtin_x_floor=theirs_net / floor_ms,
-        )
-        rows.append(row)
+    bandwidths, samples = [], [[] for _ in cases]
+    for pass_index in range(passes):
+        bandwidths.append(copy_bandwidth())
         print(
-            f"{k['n']:>6}x{k['c']:<6} {row['name']:<36} ours {ours_ms:8.2f} ms"
-            f"  built-in {theirs_ms:8.2f} ms  producer {producer_ms:6.2f} ms"
-            f"  speed-up: step {row['step_speedup']:5.2f}x loss {row['speedup']:5.2f}x"
-            f"  ours/floor {row['ours_x_floor']:5.2f}",
+            f"pass {pass_index + 1}/{passes}: copy bandwidth "
+            f"{bandwidths[-1] / 1e9:.1f} GB/s; threads: {os.cpu_count()}",
             flush=True,
         )
+        rng = np.random.default_rng(0)
+        for k, case_samples in zip(cases, samples, strict=True):
+            y, p = make_inputs(k, rng)
+            y, p = tf.constant(y), tf.constant(p)
+            ours, theirs = (compiled(f, k["direction"]) for f in loss_fns(k))
+            if pass_index == 0:
+                check_agree(k, ours(y, p), theirs(y, p))
+            # fwd+bwd steps make the logits (p * 1) first, for both losses:
+            # that producer's time, measured alone, is taken off to give the
+            # loss's.
+            fns = [ours, theirs]
+            if k["direction"] == "fwd+bwd":
+                fns.append(compiled(None, "producer"))
+            times = time_ms(fns, y, p)
+            case_samples.append(times + [0.0] * (3 - len(times)))
+            print(
+                f"{k['n']:>6}x{k['c']:<6} {case_name(k):<36} ours {times[0]:8.2f} ms"
+                f"  built-in {times[1]:8.2f} ms",
+                flush=True,
+            )
+    bandwidth = statistics.median(bandwidths)
+    rows = [
+        timing_row(k, case_samples, bandwidth)
+        for k, case_samples in zip(cases, samples, strict=True)
+    ]
+    for row in rows:
+        print(
+            f"{row['n']:>6}x{row['c']:<6} {row['name']:<36} ours {row['ours_ms']:8.2f} ms"
+            f"  built-in {row['builtin_ms']:8.2f} ms  producer {row['producer_ms']:6.2f} ms"
+            f"  speed-up: step {row['step_speedup']:5.2f}x loss {row['speedup']:5.2f}x"
+            f"  ours/floor {row['ours_x_floor']:5.2f}"
+        )
     return rows, bandwidth
+
+
+def timing_row(k, samples, bandwidth):
+    """A table row from a case's (ours, built-in, producer) ms of each pass."""
+    ours_ms, theirs_ms, producer_ms = (statistics.median(col) for col in zip(*samples, strict=True))
+    ours_net, theirs_net = ours_ms - producer_ms, theirs_ms - producer_ms
+    floor_ms = floor_bytes(k) / bandwidth * 1e3
+    return dict(
+        k,
+        name=case_name(k),
+        ours_ms=ours_ms,
+        builtin_ms=theirs_ms,
+        producer_ms=producer_ms,
+        step_speedup=theirs_ms / ours_ms,
+        speedup=theirs_net / ours_net,
+        ours_x_floor=ours_net / floor_ms,
+        builtin_x_floor=theirs_net / floor_ms,
+    )
 
 
 def peak_memory_child(spec):
@@ -356,6 +384,7 @@ def main():
     parser.add_argument("--memory-only", action="store_true")
     parser.add_argument("--no-memory", action="store_true")
     parser.add_argument("--memory-child")
+    parser.add_argument("--passes", type=int, default=3, help="passes over the grid")
     args = parser.parse_args()
     if args.memory_child:
         peak_memory_child(args.memory_child)
@@ -366,7 +395,7 @@ def main():
             previous = json.load(f)
         rows, bandwidth = previous["rows"], previous["bandwidth"]
     else:
-        rows, bandwidth = run_timing(cases)
+        rows, bandwidth = run_timing(cases, args.passes)
     memory = []
     if args.no_memory and os.path.exists(os.path.join(OUT_DIR, "cpu_results.json")):
         with open(os.path.join(OUT_DIR, "cpu_results.json")) as f:
