@@ -1,5 +1,6 @@
 """int64 indexing, determinism across runs and thread counts, NaN/Inf rows."""
 
+import keras
 import numpy as np
 import pytest
 import reference as ref
@@ -45,6 +46,7 @@ def test_more_than_2_31_elements():
 
 DETERMINISM = """
 import sys
+import keras
 import numpy as np
 import tensorflow as tf
 tf.config.threading.set_intra_op_parallelism_threads(int(sys.argv[1]))
@@ -154,3 +156,23 @@ def test_rows_of_several_blocks_with_far_apart_maxima(rng, label_smoothing, dtyp
     # z - lse with |z| ~ 200 carries the rounding of lse: ulp(200) in float32.
     grad_atol = {"bfloat16": 1e-2, "float32": 1e-4, "float64": 1e-10}[dtype]
     np.testing.assert_allclose(grad, expected_grad, atol=grad_atol)
+
+
+@pytest.mark.parametrize("special", [np.nan, np.inf])
+@pytest.mark.parametrize("num_classes", [10, 2000])  # chunked rows, single rows
+def test_dense_probabilities_nan_or_inf_without_target_mass(rng, special, num_classes):
+    # The forward skips classes without target mass, but not where Keras's
+    # 0 * log(...) is NaN: a NaN or +inf anywhere in the row.
+    p = ref.probabilities(rng, (5, num_classes), "float32")
+    labels = rng.integers(0, num_classes, size=5)
+    y = ref.one_hot(labels, num_classes)
+    y[3] = 0.0  # a row without any target mass
+    clean = txo.ops.dense_crossentropy(y, p).numpy()
+    assert clean[3] == 0.0
+    p[2, (labels[2] + 1) % num_classes] = special
+    p[3, 0] = special
+    loss = txo.ops.dense_crossentropy(y, p).numpy()
+    keras_loss = keras.losses.categorical_crossentropy(y, p).numpy()
+    assert np.all(np.isnan(loss[2:4])) and np.all(np.isnan(keras_loss[2:4]))
+    others = [0, 1, 4]
+    np.testing.assert_array_equal(loss[others], clean[others])

@@ -81,6 +81,23 @@ class ClipRangeOfRow {
   auto Select(const Y& y, const A& a, const B& b) const {
     return Where(y >= y_lo_, Where(y <= y_hi_, a, b), b);
   }
+  // Whether y / s is in range, for one y.
+  bool InRange(Tacc y) const {
+    return bounded_ ? (y >= y_lo_ && y <= y_hi_)
+                    : by_division_.c.InClipRange(y / by_division_.s);
+  }
+  // All bits set in the lanes of a packet of y whose y / s is in range.
+  template <typename Packet>
+  Packet InRangeMask(const Packet& y) const {
+    namespace ei = Eigen::internal;
+    const Packet lo =
+        ei::pset1<Packet>(bounded_ ? y_lo_ : by_division_.c.clip_lo);
+    const Packet hi =
+        ei::pset1<Packet>(bounded_ ? y_hi_ : by_division_.c.clip_hi);
+    const Packet v =
+        bounded_ ? y : ei::pdiv(y, ei::pset1<Packet>(by_division_.s));
+    return ei::pand(ei::pcmp_le(lo, v), ei::pcmp_le(v, hi));
+  }
   bool bounded() const { return bounded_; }
   const ClipRangeByDivision<Tacc, Tacc>& by_division() const {
     return by_division_;
@@ -120,6 +137,66 @@ class ClipRangeOfRow {
   Tacc y_lo_ = Tacc(0), y_hi_ = Tacc(0);
   bool bounded_ = false;
 };
+
+// Over a row of dense probabilities x with sum s and (unsmoothed) labels y:
+// sum_k t_k log(clip(x_k / s)) and the sum of t_k over the k whose x_k / s is
+// in the clip range. The clip mask (which decides the whole row's gradient
+// near 1 - eps) is Keras's, formed by division (see ClipRangeOfRow); the log
+// takes x_k times 1 / s, within an ulp of x_k / s, as vector division costs
+// about as much as the log. One loop, which skips packets without target
+// mass. With
+// one-hot labels and no smoothing that is all but one packet of the row, and
+// the log is the cost of this pass. Skipping adds exact zeros only when every
+// log is finite: a finite nonzero s and eps > 0 (else NaN and -inf must reach
+// the sum, as 0 * log(...) carries them in Keras).
+template <typename Tacc>
+void DenseProbsRowSums(const ConstRow<Tacc>& x, const Tacc* y,
+                       const XentConstants<Tacc>& c, Tacc s,
+                       const ClipRangeOfRow<Tacc>& range, Tacc* log_sum,
+                       Tacc* in_range_sum) {
+  namespace ei = Eigen::internal;
+  using Packet = typename ei::packet_traits<Tacc>::type;
+  constexpr int64_t kSize = ei::packet_traits<Tacc>::size;
+  const bool skip = std::isfinite(s) && s != Tacc(0) && c.clip_lo > Tacc(0);
+  const Tacc inv_s = Tacc(1) / s;
+  const Packet zero = ei::pset1<Packet>(Tacc(0));
+  CompensatedSum<Tacc> log_total, in_range_total;
+  const int64_t n = x.size();
+  for (int64_t b = 0; b < n; b += kSumBlock) {
+    const int64_t end = std::min(n, b + kSumBlock);
+    const int64_t full = b + (end - b) / kSize * kSize;
+    Packet log_acc = zero, in_range_acc = zero;
+    for (int64_t i = b; i < full; i += kSize) {
+      const Packet t = ei::padd(
+          ei::pmul(ei::pset1<Packet>(c.on_weight), ei::ploadu<Packet>(y + i)),
+          ei::pset1<Packet>(c.off_weight));
+      if (skip &&
+          !ei::predux_any(ei::pandnot(ei::ptrue(t), ei::pcmp_eq(t, zero)))) {
+        continue;
+      }
+      const Packet v = ei::ploadu<Packet>(x.data() + i);
+      const Packet q = ei::pmul(v, ei::pset1<Packet>(inv_s));
+      // c.Clip(q): NaN stays NaN.
+      const Packet lo = ei::pset1<Packet>(c.clip_lo);
+      const Packet hi = ei::pset1<Packet>(c.clip_hi);
+      const Packet clipped = ei::pselect(
+          ei::pcmp_lt(q, lo), lo, ei::pselect(ei::pcmp_lt(hi, q), hi, q));
+      log_acc = ei::padd(log_acc, ei::pmul(t, VectorLogOp().packetOp(clipped)));
+      in_range_acc = ei::padd(in_range_acc, ei::pand(range.InRangeMask(v), t));
+    }
+    Tacc log_part = ei::predux(log_acc),
+         in_range_part = ei::predux(in_range_acc);
+    for (int64_t i = full; i < end; ++i) {
+      const Tacc t = c.DenseTarget(y[i]);
+      log_part += t * LogOf(c.Clip(x[i] * inv_s));
+      if (range.InRange(x[i])) in_range_part += t;
+    }
+    log_total.Add(log_part);
+    in_range_total.Add(in_range_part);
+  }
+  *log_sum = log_total.Total();
+  *in_range_sum = in_range_total.Total();
+}
 
 // Rows of T as arrays of Tacc: float and double rows are read in place;
 // 16-bit rows are widened into a buffer of one row per thread (never [N, C]).
@@ -179,7 +256,7 @@ void ReduceLogitsBlock(const ConstRow<Tacc>& z, int64_t begin, Tacc shift,
                        Tacc* shifted) {
   namespace ei = Eigen::internal;
   using Packet = typename ei::packet_traits<Tacc>::type;
-  constexpr int64_t kSize = ei::unpacket_traits<Packet>::size;
+  constexpr int64_t kSize = ei::packet_traits<Tacc>::size;
   constexpr bool kTargets = std::is_same_v<Weights, TargetWeights<Tacc>>;
   constexpr bool kUnit = std::is_same_v<Weights, UnitWeights>;
   const int64_t n = z.size(), full = n - n % kSize;
@@ -643,20 +720,13 @@ struct DenseXentForward<CpuDevice, T> {
     }
     ForEachRow<T, Tacc>(d, p, [&](RowReader<T, Tacc>& reader, int64_t r) {
       const auto x = reader.Read(predictions + r * num_classes);
-      const auto t =
-          c.DenseTarget(ConstRow<Tacc>(labels + r * num_classes, num_classes));
-      // q = x / s. The clip mask (which decides the whole row's gradient near
-      // 1 - eps) uses the division Keras does; the loss multiplies by 1 / s,
-      // within an ulp of it, as vector division costs about as much as the
-      // log.
       const Tacc s = BlockedSum(x);
-      loss[r] = -BlockedSum(t * LogOf(c.Clip(x * (Tacc(1) / s))));
+      Tacc log_sum, in_range_sum;
+      DenseProbsRowSums(x, labels + r * num_classes, c, s,
+                        ClipRangeOfRow<Tacc>(c, s), &log_sum, &in_range_sum);
+      loss[r] = -log_sum;
       stats[2 * r] = s;
-      const ClipRangeOfRow<Tacc> range(c, s);
-      stats[2 * r + 1] =
-          range.bounded()
-              ? BlockedSum(range.Select(x, t, Tacc(0)))
-              : BlockedSum(range.by_division().Select(x, t, Tacc(0)));
+      stats[2 * r + 1] = in_range_sum;
     });
   }
 };
