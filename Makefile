@@ -3,11 +3,11 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-CC_FILES := $(shell find tf_xent_ops -name '*.h' -o -name '*.cc' -o -name '*.cu.cc')
+CC_FILES := $(shell find tf_xent_ops bench -name '*.h' -o -name '*.cc' -o -name '*.cu.cc')
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 export PYTHONPATH := $(CURDIR)/python
 
-.PHONY: setup build test lint format demo bench sanitize bazel-build bazel-wheel bazel-test clean
+.PHONY: setup build test lint format demo bench bench-functors sanitize bazel-build bazel-wheel bazel-test clean
 
 setup: $(VENV)/.requirements-installed
 
@@ -39,6 +39,16 @@ demo: build
 
 bench: build
 	$(PY) bench/bench_cpu.py
+
+# The CPU functors timed alone (no TensorFlow runtime): what the kernels cost.
+FUNCTOR_SHAPES ?= 4096,1000 1024,32768
+bench-functors: setup
+	mkdir -p build
+	$(CXX) -O3 $(or $(TFXENT_ARCH_FLAGS),-march=native -mno-avx512fp16) -I$(CURDIR) \
+		$$($(PY) -c "import tensorflow as tf; print(' '.join(tf.sysconfig.get_compile_flags()))") \
+		bench/functor_bench.cc tf_xent_ops/cc/kernels/xent_functor_cpu.cc \
+		-o build/functor_bench -lpthread
+	for shape in $(FUNCTOR_SHAPES); do build/functor_bench $$(echo $$shape | tr , ' '); done
 
 # The op library built with AddressSanitizer and UndefinedBehaviorSanitizer
 # into build/sanitize, and the test suite run against it with the sanitizer

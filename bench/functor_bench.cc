@@ -1,0 +1,129 @@
+/* Copyright 2026 The tf_xent_ops Authors. Licensed under the Apache
+License 2.0.
+
+The CPU functors timed alone, without TensorFlow's executor or Keras around
+them: what the kernels themselves cost, for comparing versions of a kernel.
+Inputs are built once and reused (so at small sizes they sit in the caches);
+backwards write into their own input, as the op does when it can reuse the
+predictions' buffer. Prints the minimum over repetitions, the least noisy
+figure on a shared machine. `make bench-functors` builds and runs it.
+
+    functor_bench N C [repetitions]
+*/
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <random>
+#include <thread>
+#include <vector>
+
+#include "tf_xent_ops/cc/kernels/xent_functor.h"
+
+namespace {
+
+using tf_xent_ops::CpuDevice;
+using tf_xent_ops::XentParams;
+
+// Shards rows over one std::thread per core, as TensorFlow's pool would.
+CpuDevice ThreadsDevice(int threads) {
+  CpuDevice d;
+  d.parallel_for = [threads](int64_t total, int64_t,
+                             const CpuDevice::ShardFn& fn) {
+    std::vector<std::thread> pool;
+    const int64_t per = (total + threads - 1) / threads;
+    for (int64_t begin = 0; begin < total; begin += per) {
+      pool.emplace_back([=, &fn] { fn(begin, std::min(total, begin + per)); });
+    }
+    for (auto& t : pool) t.join();
+  };
+  return d;
+}
+
+template <typename Fn>
+double MinMs(int repetitions, const Fn& fn) {
+  fn();
+  double best = 1e30;
+  for (int i = 0; i < repetitions; ++i) {
+    const auto start = std::chrono::steady_clock::now();
+    fn();
+    best = std::min(best, std::chrono::duration<double, std::milli>(
+                              std::chrono::steady_clock::now() - start)
+                              .count());
+  }
+  return best;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  if (argc < 3) {
+    std::fprintf(stderr, "usage: %s N C [repetitions]\n", argv[0]);
+    return 2;
+  }
+  const int64_t n = std::atoll(argv[1]), c = std::atoll(argv[2]);
+  const int reps = argc > 3 ? std::atoi(argv[3]) : 50;
+  const int threads = std::max(1u, std::thread::hardware_concurrency());
+  const CpuDevice d = ThreadsDevice(threads);
+
+  std::mt19937 rng(1);
+  std::normal_distribution<float> normal(0.0f, 3.0f);
+  std::vector<float> logits(n * c), probs(n * c), onehot(n * c, 0.0f);
+  std::vector<float> work(n * c), loss(n), stats(2 * n), grad_loss(n, 1.0f / n);
+  std::vector<int64_t> labels(n);
+  for (auto& v : logits) v = normal(rng);
+  for (int64_t r = 0; r < n; ++r) {
+    labels[r] = rng() % c;
+    onehot[r * c + labels[r]] = 1.0f;
+    const float* z = &logits[r * c];
+    const float m = *std::max_element(z, z + c);
+    double sum = 0;
+    for (int64_t k = 0; k < c; ++k) sum += std::exp(z[k] - m);
+    for (int64_t k = 0; k < c; ++k) probs[r * c + k] = std::exp(z[k] - m) / sum;
+  }
+  std::printf("%lld x %lld float32, %d threads, min of %d (ms)\n",
+              static_cast<long long>(n), static_cast<long long>(c), threads,
+              reps);
+  const double copy_ms = MinMs(
+      reps, [&] { std::copy(logits.begin(), logits.end(), work.begin()); });
+  std::printf("copy (read + write): %.3f ms, %.1f GB/s\n", copy_ms,
+              2.0 * n * c * sizeof(float) / copy_ms / 1e6);
+
+  for (const bool from_logits : {true, false}) {
+    const std::vector<float>& x = from_logits ? logits : probs;
+    for (const float ls : {0.0f, 0.1f}) {
+      XentParams p;
+      p.num_rows = n;
+      p.num_classes = c;
+      p.from_logits = from_logits;
+      p.label_smoothing = ls;
+      const double sparse_fwd = MinMs(reps, [&] {
+        tf_xent_ops::SparseXentForward<CpuDevice, float, int64_t>()(
+            d, p, x.data(), labels.data(), loss.data(), stats.data());
+      });
+      std::copy(x.begin(), x.end(), work.begin());
+      const double sparse_bwd = MinMs(reps, [&] {
+        tf_xent_ops::SparseXentBackward<CpuDevice, float, int64_t>()(
+            d, p, work.data(), labels.data(), stats.data(), grad_loss.data(),
+            work.data());
+      });
+      const double dense_fwd = MinMs(reps, [&] {
+        tf_xent_ops::DenseXentForward<CpuDevice, float>()(
+            d, p, x.data(), onehot.data(), loss.data(), stats.data());
+      });
+      std::copy(x.begin(), x.end(), work.begin());
+      const double dense_bwd = MinMs(reps, [&] {
+        tf_xent_ops::DenseXentBackward<CpuDevice, float>()(
+            d, p, work.data(), onehot.data(), stats.data(), grad_loss.data(),
+            work.data());
+      });
+      std::printf(
+          "%-6s ls=%.1f  sparse fwd %7.3f  bwd %7.3f  |  dense fwd %7.3f  bwd "
+          "%7.3f\n",
+          from_logits ? "logits" : "probs", ls, sparse_fwd, sparse_bwd,
+          dense_fwd, dense_bwd);
+    }
+  }
+  return 0;
+}
