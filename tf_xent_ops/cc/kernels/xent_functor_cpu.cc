@@ -138,17 +138,25 @@ class ClipRangeOfRow {
   bool bounded_ = false;
 };
 
+// c.DenseTarget of a packet of unsmoothed labels at y.
+template <typename Packet, typename Tacc>
+Packet DenseTargetPacket(const XentConstants<Tacc>& c, const Tacc* y) {
+  namespace ei = Eigen::internal;
+  return ei::padd(
+      ei::pmul(ei::pset1<Packet>(c.on_weight), ei::ploadu<Packet>(y)),
+      ei::pset1<Packet>(c.off_weight));
+}
+
 // Over a row of dense probabilities x with sum s and (unsmoothed) labels y:
 // sum_k t_k log(clip(x_k / s)) and the sum of t_k over the k whose x_k / s is
 // in the clip range. The clip mask (which decides the whole row's gradient
 // near 1 - eps) is Keras's, formed by division (see ClipRangeOfRow); the log
 // takes x_k times 1 / s, within an ulp of x_k / s, as vector division costs
 // about as much as the log. One loop, which skips packets without target
-// mass. With
-// one-hot labels and no smoothing that is all but one packet of the row, and
-// the log is the cost of this pass. Skipping adds exact zeros only when every
-// log is finite: a finite nonzero s and eps > 0 (else NaN and -inf must reach
-// the sum, as 0 * log(...) carries them in Keras).
+// mass: with one-hot labels and no smoothing, all but one packet of the row,
+// and the log is the cost of this pass. Skipping adds exact zeros only when
+// every log is finite: a finite nonzero s and eps > 0 (else NaN and -inf must
+// reach the sum, as 0 * log(...) carries them in Keras).
 template <typename Tacc>
 void DenseProbsRowSums(const ConstRow<Tacc>& x, const Tacc* y,
                        const XentConstants<Tacc>& c, Tacc s,
@@ -167,9 +175,7 @@ void DenseProbsRowSums(const ConstRow<Tacc>& x, const Tacc* y,
     const int64_t full = b + (end - b) / kSize * kSize;
     Packet log_acc = zero, in_range_acc = zero;
     for (int64_t i = b; i < full; i += kSize) {
-      const Packet t = ei::padd(
-          ei::pmul(ei::pset1<Packet>(c.on_weight), ei::ploadu<Packet>(y + i)),
-          ei::pset1<Packet>(c.off_weight));
+      const Packet t = DenseTargetPacket<Packet>(c, y + i);
       if (skip &&
           !ei::predux_any(ei::pandnot(ei::ptrue(t), ei::pcmp_eq(t, zero)))) {
         continue;
@@ -270,9 +276,7 @@ void ReduceLogitsBlock(const ConstRow<Tacc>& z, int64_t begin, Tacc shift,
       d_sum = ei::padd(d_sum, d);
     } else if constexpr (kTargets) {
       const Packet w =
-          ei::padd(ei::pmul(ei::pset1<Packet>(weights.c.on_weight),
-                            ei::ploadu<Packet>(weights.labels + begin + i)),
-                   ei::pset1<Packet>(weights.c.off_weight));
+          DenseTargetPacket<Packet>(weights.c, weights.labels + begin + i);
       w_sum = ei::padd(w_sum, w);
       d_sum =
           ei::padd(d_sum, ei::pandnot(ei::pmul(w, d), ei::pcmp_eq(w, zero)));
