@@ -177,3 +177,39 @@ def test_dense_probabilities_nan_or_inf_without_target_mass(rng, special, num_cl
     assert np.all(np.isnan(loss[2:4])) and np.all(np.isnan(keras_loss[2:4]))
     others = [0, 1, 4]
     np.testing.assert_array_equal(loss[others], clean[others])
+
+
+@pytest.mark.parametrize("epsilon", [1e-7, 1e-3, 1e-12])
+@pytest.mark.parametrize("num_classes", [48, 3 * 1024 + 5])  # without and with a tail
+def test_smoothed_probabilities_with_special_rows(rng, epsilon, num_classes):
+    # With smoothing every class has target mass: the forwards sum the logs of
+    # clipped probabilities as the log of their product (eps >= 2^-28) or one
+    # by one (smaller eps). Rows: plain, a NaN, a +inf, unnormalized with a
+    # zero, all zeros, and probabilities clipped at both ends.
+    p = ref.probabilities(rng, (7, num_classes), "float32")
+    p[1, 3] = np.nan
+    p[2, num_classes - 1] = np.inf
+    p[3] *= 7.0
+    p[3, 0] = 0.0
+    p[4] = 0.0
+    p[5, :] = 1e-30
+    p[5, 1] = 1.0
+    labels = rng.integers(0, num_classes, size=7)
+    y = ref.one_hot(labels, num_classes)
+    y[6] = ref.soft_labels(rng, (num_classes,))
+    old = keras.config.epsilon()
+    keras.config.set_epsilon(epsilon)
+    try:
+        dense = txo.ops.dense_crossentropy(y, p, label_smoothing=0.1).numpy()
+        keras_dense = keras.losses.categorical_crossentropy(y, p, label_smoothing=0.1).numpy()
+        sparse = txo.ops.sparse_crossentropy(labels, p, label_smoothing=0.1).numpy()
+    finally:
+        keras.config.set_epsilon(old)
+    expected_dense = ref.dense(y, p, False, 0.1, epsilon=epsilon)
+    expected_sparse = ref.sparse(labels, p, False, 0.1, epsilon=epsilon)
+    for got, expected in [(dense, expected_dense), (sparse, expected_sparse)]:
+        np.testing.assert_array_equal(np.isnan(got), np.isnan(expected))
+        finite = ~np.isnan(expected)
+        np.testing.assert_allclose(got[finite], expected[finite], rtol=2e-6)
+    np.testing.assert_array_equal(np.isnan(dense), np.isnan(keras_dense))
+    np.testing.assert_allclose(dense, keras_dense, rtol=1e-4)

@@ -147,16 +147,51 @@ Packet DenseTargetPacket(const XentConstants<Tacc>& c, const Tacc* y) {
       ei::pset1<Packet>(c.off_weight));
 }
 
+// c.Clip of a packet: NaN stays NaN, as Eigen's pmax(a, b) and pmin(a, b)
+// return a where either is NaN (std::max's and std::min's rule).
+template <typename Packet, typename Tacc>
+Packet ClipPacket(const XentConstants<Tacc>& c, const Packet& q) {
+  namespace ei = Eigen::internal;
+  return ei::pmin(ei::pmax(q, ei::pset1<Packet>(c.clip_lo)),
+                  ei::pset1<Packet>(c.clip_hi));
+}
+
+// sum_k log(clip(x_k)) over a row: the log of a product (LogOfProduct) where
+// eps allows it, else a sum of logs.
+template <typename Tacc>
+Tacc ClippedLogSum(const ConstRow<Tacc>& x, const XentConstants<Tacc>& c) {
+  namespace ei = Eigen::internal;
+  using Packet = typename ei::packet_traits<Tacc>::type;
+  constexpr int64_t kSize = ei::packet_traits<Tacc>::size;
+  if (!(c.clip_lo >= LogOfProduct<Tacc>::kMinFactor)) {
+    return BlockedSum(LogOf(c.Clip(x)));
+  }
+  const int64_t n = x.size(), full = n - n % kSize;
+  LogOfProduct<Tacc> product;
+  for (int64_t i = 0; i < full; i += kSize) {
+    product.Multiply(ClipPacket(c, ei::ploadu<Packet>(x.data() + i)));
+  }
+  Tacc tail = Tacc(0);
+  for (int64_t i = full; i < n; ++i) tail += LogOf(c.Clip(x[i]));
+  return static_cast<Tacc>(product.Log() + tail);
+}
+
 // Over a row of dense probabilities x with sum s and (unsmoothed) labels y:
 // sum_k t_k log(clip(x_k / s)) and the sum of t_k over the k whose x_k / s is
 // in the clip range. The clip mask (which decides the whole row's gradient
 // near 1 - eps) is Keras's, formed by division (see ClipRangeOfRow); the log
 // takes x_k times 1 / s, within an ulp of x_k / s, as vector division costs
-// about as much as the log. One loop, which skips packets without target
-// mass: with one-hot labels and no smoothing, all but one packet of the row,
-// and the log is the cost of this pass. Skipping adds exact zeros only when
-// every log is finite: a finite nonzero s and eps > 0 (else NaN and -inf must
-// reach the sum, as 0 * log(...) carries them in Keras).
+// about as much as the log. The logs are the cost of this pass, so it takes
+// as few as it can, in one loop with the in-range sum:
+// - Without smoothing it skips packets without target mass: with one-hot
+//   labels, all but one packet of the row. Skipping adds exact zeros only
+//   when every log is finite: a finite nonzero s and eps > 0 (else NaN and
+//   -inf must reach the sum, as 0 * log(...) carries them in Keras).
+// - With smoothing every class has target mass. The sum is split as
+//   off_weight * sum_k log(clip(q_k)) + on_weight * sum_k y_k log(clip(q_k)):
+//   the first is the log of a product (LogOfProduct; clip(q) >= eps), the
+//   second skips packets where y is 0 (NaN and -inf cannot hide there: a
+//   non-finite log makes the first sum NaN too).
 template <typename Tacc>
 void DenseProbsRowSums(const ConstRow<Tacc>& x, const Tacc* y,
                        const XentConstants<Tacc>& c, Tacc s,
@@ -165,9 +200,17 @@ void DenseProbsRowSums(const ConstRow<Tacc>& x, const Tacc* y,
   namespace ei = Eigen::internal;
   using Packet = typename ei::packet_traits<Tacc>::type;
   constexpr int64_t kSize = ei::packet_traits<Tacc>::size;
-  const bool skip = std::isfinite(s) && s != Tacc(0) && c.clip_lo > Tacc(0);
+  const bool by_product =
+      c.off_weight > Tacc(0) && c.clip_lo >= LogOfProduct<Tacc>::kMinFactor;
+  const bool skip =
+      by_product || (std::isfinite(s) && s != Tacc(0) && c.clip_lo > Tacc(0));
   const Tacc inv_s = Tacc(1) / s;
   const Packet zero = ei::pset1<Packet>(Tacc(0));
+  // The weights of the logs summed one by one: y (by_product) or t.
+  const Tacc w_on = by_product ? Tacc(1) : c.on_weight;
+  const Tacc w_off = by_product ? Tacc(0) : c.off_weight;
+  LogOfProduct<Tacc> product;
+  Tacc tail_log_sum = Tacc(0);  // sum of log(clip(q)) after the last packet
   CompensatedSum<Tacc> log_total, in_range_total;
   const int64_t n = x.size();
   for (int64_t b = 0; b < n; b += kSumBlock) {
@@ -175,32 +218,37 @@ void DenseProbsRowSums(const ConstRow<Tacc>& x, const Tacc* y,
     const int64_t full = b + (end - b) / kSize * kSize;
     Packet log_acc = zero, in_range_acc = zero;
     for (int64_t i = b; i < full; i += kSize) {
+      const Packet labels = ei::ploadu<Packet>(y + i);
       const Packet t = DenseTargetPacket<Packet>(c, y + i);
-      if (skip &&
-          !ei::predux_any(ei::pandnot(ei::ptrue(t), ei::pcmp_eq(t, zero)))) {
-        continue;
-      }
+      const Packet w = by_product ? labels : t;
+      const bool weighted =
+          ei::predux_any(ei::pandnot(ei::ptrue(w), ei::pcmp_eq(w, zero)));
+      if (skip && !by_product && !weighted) continue;
       const Packet v = ei::ploadu<Packet>(x.data() + i);
-      const Packet q = ei::pmul(v, ei::pset1<Packet>(inv_s));
-      // c.Clip(q): NaN stays NaN.
-      const Packet lo = ei::pset1<Packet>(c.clip_lo);
-      const Packet hi = ei::pset1<Packet>(c.clip_hi);
-      const Packet clipped = ei::pselect(
-          ei::pcmp_lt(q, lo), lo, ei::pselect(ei::pcmp_lt(hi, q), hi, q));
-      log_acc = ei::padd(log_acc, ei::pmul(t, VectorLogOp().packetOp(clipped)));
       in_range_acc = ei::padd(in_range_acc, ei::pand(range.InRangeMask(v), t));
+      const Packet clipped =
+          ClipPacket(c, ei::pmul(v, ei::pset1<Packet>(inv_s)));
+      if (by_product) product.Multiply(clipped);
+      if (skip && !weighted) continue;
+      log_acc = ei::padd(log_acc, ei::pmul(w, VectorLogOp().packetOp(clipped)));
     }
     Tacc log_part = ei::predux(log_acc),
          in_range_part = ei::predux(in_range_acc);
     for (int64_t i = full; i < end; ++i) {
       const Tacc t = c.DenseTarget(y[i]);
-      log_part += t * LogOf(c.Clip(x[i] * inv_s));
+      const Tacc log_q = LogOf(c.Clip(x[i] * inv_s));
+      log_part += (w_on * y[i] + w_off) * log_q;
+      if (by_product) tail_log_sum += log_q;
       if (range.InRange(x[i])) in_range_part += t;
     }
     log_total.Add(log_part);
     in_range_total.Add(in_range_part);
   }
-  *log_sum = log_total.Total();
+  *log_sum =
+      by_product
+          ? c.on_weight * log_total.Total() +
+                c.off_weight * static_cast<Tacc>(product.Log() + tail_log_sum)
+          : log_total.Total();
   *in_range_sum = in_range_total.Total();
 }
 
@@ -576,7 +624,7 @@ struct SparseXentForward<CpuDevice, T, Tidx> {
       const int64_t label = static_cast<int64_t>(labels[r]);
       // z_k = log(clip(p_k)): lse = log(sum_k clip(p_k)).
       const Tacc lse = LogOf(BlockedSum(c.Clip(x)));
-      const Tacc sum_log = smoothing ? BlockedSum(LogOf(c.Clip(x))) : Tacc(0);
+      const Tacc sum_log = smoothing ? ClippedLogSum(x, c) : Tacc(0);
       log_sum_exp[r] = lse;
       loss[r] = SparseProbsLoss(c, lse, LogOf(c.Clip(x[label])), sum_log);
     });
