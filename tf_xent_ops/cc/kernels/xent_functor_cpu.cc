@@ -176,6 +176,20 @@ Tacc ClippedLogSum(const ConstRow<Tacc>& x, const XentConstants<Tacc>& c) {
   return static_cast<Tacc>(product.Log() + tail);
 }
 
+// Whether any lane of v is nonzero (NaN is).
+template <typename Packet>
+bool AnyNonzero(const Packet& v) {
+  namespace ei = Eigen::internal;
+  return ei::predux_any(
+      ei::pandnot(ei::ptrue(v), ei::pcmp_eq(v, ei::pzero(v))));
+}
+#if defined(EIGEN_VECTORIZE_AVX512)
+// One compare into a mask register, where Eigen's masks are vectors.
+inline bool AnyNonzero(const Eigen::internal::Packet16f& v) {
+  return _mm512_cmp_ps_mask(v, _mm512_setzero_ps(), _CMP_NEQ_UQ) != 0;
+}
+#endif
+
 // Over a row of dense probabilities x with sum s and (unsmoothed) labels y:
 // sum_k t_k log(clip(x_k / s)) and the sum of t_k over the k whose x_k / s is
 // in the clip range. The clip mask (which decides the whole row's gradient
@@ -221,8 +235,7 @@ void DenseProbsRowSums(const ConstRow<Tacc>& x, const Tacc* y,
       const Packet labels = ei::ploadu<Packet>(y + i);
       const Packet t = DenseTargetPacket<Packet>(c, y + i);
       const Packet w = by_product ? labels : t;
-      const bool weighted =
-          ei::predux_any(ei::pandnot(ei::ptrue(w), ei::pcmp_eq(w, zero)));
+      const bool weighted = AnyNonzero(w);
       if (skip && !by_product && !weighted) continue;
       const Packet v = ei::ploadu<Packet>(x.data() + i);
       in_range_acc = ei::padd(in_range_acc, ei::pand(range.InRangeMask(v), t));
