@@ -53,7 +53,10 @@ CpuDevice MakeCpuDevice(OpKernelContext* ctx) {
   CpuDevice d;
   d.parallel_for = [pool](int64_t total, int64_t cost_per_unit,
                           const CpuDevice::ShardFn& fn) {
-    pool->ParallelFor(total, cost_per_unit, fn);
+    pool->ParallelFor(
+        total,
+        ::tsl::thread::ThreadPool::SchedulingParams::Adaptive(cost_per_unit),
+        fn);
   };
   return d;
 }
