@@ -220,9 +220,6 @@ void DenseProbsRowSums(const ConstRow<Tacc>& x, const Tacc* y,
       by_product || (std::isfinite(s) && s != Tacc(0) && c.clip_lo > Tacc(0));
   const Tacc inv_s = Tacc(1) / s;
   const Packet zero = ei::pset1<Packet>(Tacc(0));
-  // The weights of the logs summed one by one: y (by_product) or t.
-  const Tacc w_on = by_product ? Tacc(1) : c.on_weight;
-  const Tacc w_off = by_product ? Tacc(0) : c.off_weight;
   LogOfProduct<Tacc> product;
   Tacc tail_log_sum = Tacc(0);  // sum of log(clip(q)) after the last packet
   CompensatedSum<Tacc> log_total, in_range_total;
@@ -234,6 +231,7 @@ void DenseProbsRowSums(const ConstRow<Tacc>& x, const Tacc* y,
     for (int64_t i = b; i < full; i += kSize) {
       const Packet labels = ei::ploadu<Packet>(y + i);
       const Packet t = DenseTargetPacket<Packet>(c, y + i);
+      // The weights of the logs taken one by one.
       const Packet w = by_product ? labels : t;
       const bool weighted = AnyNonzero(w);
       if (skip && !by_product && !weighted) continue;
@@ -250,7 +248,7 @@ void DenseProbsRowSums(const ConstRow<Tacc>& x, const Tacc* y,
     for (int64_t i = full; i < end; ++i) {
       const Tacc t = c.DenseTarget(y[i]);
       const Tacc log_q = LogOf(c.Clip(x[i] * inv_s));
-      log_part += (w_on * y[i] + w_off) * log_q;
+      log_part += (by_product ? y[i] : t) * log_q;
       if (by_product) tail_log_sum += log_q;
       if (range.InRange(x[i])) in_range_part += t;
     }
