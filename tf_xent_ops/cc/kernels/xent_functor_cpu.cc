@@ -138,13 +138,12 @@ class ClipRangeOfRow {
   bool bounded_ = false;
 };
 
-// c.DenseTarget of a packet of unsmoothed labels at y.
+// c.DenseTarget of a packet of unsmoothed labels y.
 template <typename Packet, typename Tacc>
-Packet DenseTargetPacket(const XentConstants<Tacc>& c, const Tacc* y) {
+Packet DenseTargetPacket(const XentConstants<Tacc>& c, const Packet& y) {
   namespace ei = Eigen::internal;
-  return ei::padd(
-      ei::pmul(ei::pset1<Packet>(c.on_weight), ei::ploadu<Packet>(y)),
-      ei::pset1<Packet>(c.off_weight));
+  return ei::padd(ei::pmul(ei::pset1<Packet>(c.on_weight), y),
+                  ei::pset1<Packet>(c.off_weight));
 }
 
 // c.Clip of a packet: NaN stays NaN, as Eigen's pmax(a, b) and pmin(a, b)
@@ -230,7 +229,7 @@ void DenseProbsRowSums(const ConstRow<Tacc>& x, const Tacc* y,
     Packet log_acc = zero, in_range_acc = zero;
     for (int64_t i = b; i < full; i += kSize) {
       const Packet labels = ei::ploadu<Packet>(y + i);
-      const Packet t = DenseTargetPacket<Packet>(c, y + i);
+      const Packet t = DenseTargetPacket(c, labels);
       // The weights of the logs taken one by one.
       const Packet w = by_product ? labels : t;
       const bool weighted = AnyNonzero(w);
@@ -334,8 +333,8 @@ void ReduceLogitsBlock(const ConstRow<Tacc>& z, int64_t begin, Tacc shift,
     if constexpr (kUnit) {
       d_sum = ei::padd(d_sum, d);
     } else if constexpr (kTargets) {
-      const Packet w =
-          DenseTargetPacket<Packet>(weights.c, weights.labels + begin + i);
+      const Packet w = DenseTargetPacket(
+          weights.c, ei::ploadu<Packet>(weights.labels + begin + i));
       w_sum = ei::padd(w_sum, w);
       d_sum =
           ei::padd(d_sum, ei::pandnot(ei::pmul(w, d), ei::pcmp_eq(w, zero)));
