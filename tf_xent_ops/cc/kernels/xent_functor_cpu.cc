@@ -162,7 +162,7 @@ Tacc ClippedLogSum(const ConstRow<Tacc>& x, const XentConstants<Tacc>& c) {
   namespace ei = Eigen::internal;
   using Packet = typename ei::packet_traits<Tacc>::type;
   constexpr int64_t kSize = ei::packet_traits<Tacc>::size;
-  if (!(c.clip_lo >= LogOfProduct<Tacc>::kMinFactor)) {
+  if (!LogOfProduct<Tacc>::Accepts(c.clip_lo)) {
     return BlockedSum(LogOf(c.Clip(x)));
   }
   const int64_t n = x.size(), full = n - n % kSize;
@@ -214,7 +214,7 @@ void DenseProbsRowSums(const ConstRow<Tacc>& x, const Tacc* y,
   using Packet = typename ei::packet_traits<Tacc>::type;
   constexpr int64_t kSize = ei::packet_traits<Tacc>::size;
   const bool by_product =
-      c.off_weight > Tacc(0) && c.clip_lo >= LogOfProduct<Tacc>::kMinFactor;
+      c.off_weight > Tacc(0) && LogOfProduct<Tacc>::Accepts(c.clip_lo);
   const bool skip =
       by_product || (std::isfinite(s) && s != Tacc(0) && c.clip_lo > Tacc(0));
   const Tacc inv_s = Tacc(1) / s;

@@ -166,6 +166,9 @@ class LogOfProduct {
   static constexpr int kSize = Eigen::internal::packet_traits<Scalar>::size;
   static constexpr Scalar kMinFactor = Scalar(1.0 / (1 << 28));
 
+  // Whether factors of at least `lowest` keep the product normal.
+  static bool Accepts(Scalar lowest) { return lowest >= kMinFactor; }
+
   void Multiply(const Packet& v) {
     product_ = Eigen::internal::pmul(product_, v);
     if (++pending_ == kSplitEvery) Split();
@@ -175,16 +178,13 @@ class LogOfProduct {
   double Log() {
     namespace ei = Eigen::internal;
     Split();
-    Scalar lanes[kSize], lane_exponents[kSize];
+    FlushExponents();
+    Scalar lanes[kSize];
     ei::pstoreu(lanes, product_);
-    ei::pstoreu(lane_exponents, exponents_);
     // The lanes' mantissas are below 2 each: their product cannot overflow.
-    double mantissa = 1.0, exponent = exponent_total_;
-    for (int i = 0; i < kSize; ++i) {
-      mantissa *= static_cast<double>(lanes[i]);
-      exponent += static_cast<double>(lane_exponents[i]);
-    }
-    return std::log(mantissa) + exponent * 0.69314718055994530942;
+    double mantissa = 1.0;
+    for (const Scalar m : lanes) mantissa *= static_cast<double>(m);
+    return std::log(mantissa) + exponent_total_ * 0.69314718055994530942;
   }
 
  private:
@@ -199,13 +199,17 @@ class LogOfProduct {
     product_ = SplitExponent(product_, &exponent);
     exponents_ = ei::padd(exponents_, exponent);
     pending_ = 0;
-    if (++splits_ == kFlushEvery) {
-      Scalar lanes[kSize];
-      ei::pstoreu(lanes, exponents_);
-      for (const Scalar e : lanes) exponent_total_ += static_cast<double>(e);
-      exponents_ = ei::pset1<Packet>(Scalar(0));
-      splits_ = 0;
-    }
+    if (++splits_ == kFlushEvery) FlushExponents();
+  }
+
+  // Moves the exponent lanes to the double total.
+  void FlushExponents() {
+    namespace ei = Eigen::internal;
+    Scalar lanes[kSize];
+    ei::pstoreu(lanes, exponents_);
+    for (const Scalar e : lanes) exponent_total_ += static_cast<double>(e);
+    exponents_ = ei::pset1<Packet>(Scalar(0));
+    splits_ = 0;
   }
 
   Packet product_ = Eigen::internal::pset1<Packet>(Scalar(1));
