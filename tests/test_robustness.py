@@ -113,6 +113,57 @@ def test_minus_inf_logit_without_target_mass_costs_nothing(rng):
         np.testing.assert_allclose(loss, ref.sparse(labels, p, True), rtol=1e-5)
 
 
+@pytest.mark.parametrize("label_smoothing", [0.0, 0.1])
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32", "float64"])
+def test_logits_rows_of_every_tail_length(rng, label_smoothing, dtype):
+    # The logits kernels take a row in SIMD packets of 16 floats (8 doubles),
+    # the last partial packet masked, and the dense forward sets aside the
+    # packets whose labels are all zero. Rows here cover every tail length
+    # and start alignment, one-hot labels in the first, a middle or the
+    # tail packet, labels with mass in a few scattered packets only, and
+    # -inf logits without target mass (only where nothing smooths onto them).
+    num_rows = 37
+    for num_classes in [*range(32, 50), 1000, 2 * 1024 + 13]:
+        p = ref.logits(rng, (num_rows, num_classes), "float64")
+        labels = rng.integers(0, num_classes, size=num_rows)
+        labels[:3] = [0, num_classes - 1, num_classes // 2]
+        y = ref.one_hot(labels, num_classes)
+        for r in range(3, 12):  # soft labels on a few elements only
+            y[r] = 0.0
+            y[r, rng.choice(num_classes, size=3, replace=False)] = [0.5, 0.3, 0.2]
+        if not label_smoothing:
+            minus_inf = rng.random((num_rows, num_classes)) < 0.1
+            minus_inf[:, -1] |= y[:, -1] == 0  # always one in the tail
+            p[minus_inf & (y == 0)] = -np.inf
+        p = p.astype(ref.NUMPY_DTYPES[dtype])
+        rtol, atol = ref.tolerance(dtype)
+        ls = ref.as_attr(label_smoothing)
+        t = y.astype(np.float64) * (1.0 - ls) + ls / num_classes
+        z = p.astype(np.float64)
+        softmax = np.exp(z - z.max(-1, keepdims=True))
+        softmax /= softmax.sum(-1, keepdims=True)
+        grad_atol = {"bfloat16": 1e-2, "float32": 1e-6, "float64": 1e-12}[dtype]
+
+        for sparse in (False, True):
+            if sparse:
+                fn = txo.ops.sparse_crossentropy
+                rows = [0, 1, 2, *range(12, num_rows)]  # the one-hot rows
+                targets, expected = labels[rows], ref.sparse(labels, p, True, ls)[rows]
+            else:
+                fn = txo.ops.dense_crossentropy
+                rows = list(range(num_rows))
+                targets, expected = y, ref.dense(y, p, True, ls)
+            p_t = tf.constant(p[rows])
+            with tf.GradientTape() as tape:
+                tape.watch(p_t)
+                loss = fn(targets, p_t, from_logits=True, label_smoothing=ls)
+            grad = np.asarray(tf.cast(tape.gradient(loss, p_t), tf.float64))
+            case = f"C={num_classes} sparse={sparse}"
+            np.testing.assert_allclose(loss, expected, rtol=rtol, atol=atol, err_msg=case)
+            expected_grad = softmax[rows] * t[rows].sum(-1, keepdims=True) - t[rows]
+            np.testing.assert_allclose(grad, expected_grad, atol=grad_atol, err_msg=case)
+
+
 @pytest.mark.parametrize("label_smoothing", [0.0, 0.2])
 @pytest.mark.parametrize("dtype", ["bfloat16", "float32", "float64"])
 def test_rows_of_several_blocks_with_far_apart_maxima(rng, label_smoothing, dtype):

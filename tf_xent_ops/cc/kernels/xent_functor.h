@@ -125,6 +125,12 @@ struct XentConstants {
   TFXENT_HOST_DEVICE auto DenseTarget(const X& y) const {
     return on_weight * y + off_weight;
   }
+  // g * DenseTarget(y) for a scalar g, with g folded into the weights: one
+  // FMA per element.
+  template <typename X>
+  TFXENT_HOST_DEVICE auto ScaledDenseTarget(Tacc g, const X& y) const {
+    return (g * on_weight) * y + g * off_weight;
+  }
   // Smoothed sparse target for class k of a row labelled `label`.
   TFXENT_HOST_DEVICE Tacc SparseTarget(int64_t k, int64_t label) const {
     return (k == label ? on_weight : Tacc(0)) + off_weight;
@@ -180,11 +186,18 @@ struct CompensatedSum {
 
 // d loss / d z_k for logits: g * (softmax_k * sum_t - t_k), as
 // (g sum_t) softmax_k - g t_k: where g, sum_t and t_k are per-row scalars
-// (sparse labels), that is two operations per element after the exp.
+// (sparse labels), that is two operations per element after the exp. The
+// scaled form takes g sum_t and g t_k already formed (for dense targets,
+// XentConstants::ScaledDenseTarget: one FMA per element).
+template <typename A, typename Z, typename L, typename GT>
+TFXENT_HOST_DEVICE auto ScaledLogitsGrad(const A& g_sum_t, const Z& z,
+                                         const L& lse, const GT& g_t) {
+  return g_sum_t * ExpOf(z - lse) - g_t;
+}
 template <typename G, typename Z, typename L, typename S, typename T>
 TFXENT_HOST_DEVICE auto LogitsGrad(const G& g, const Z& z, const L& lse,
                                    const S& sum_t, const T& t) {
-  return (g * sum_t) * ExpOf(z - lse) - g * t;
+  return ScaledLogitsGrad(g * sum_t, z, lse, g * t);
 }
 
 // d loss / d p_k for sparse probabilities, z_k = log(clip(p_k)): zero outside

@@ -325,35 +325,66 @@ void ReduceLogitsBlock(const ConstRow<Tacc>& z, int64_t begin, Tacc shift,
   constexpr bool kUnit = std::is_same_v<Weights, UnitWeights>;
   const int64_t n = z.size(), full = n - n % kSize;
   const Packet zero = ei::pset1<Packet>(Tacc(0));
-  Packet e = zero, w_sum = zero, d_sum = zero;
+  // Packets whose labels are all 0 (with one-hot labels, all but one of the
+  // row) have w_k = off_weight: their sum_k d_k is kept apart and weighted
+  // once at the end, sparing the per-element target, product and zero test.
+  Packet e = zero, w_sum = zero, d_sum = zero, off_d_sum = zero;
+  int64_t off_packets = 0;
   for (int64_t i = 0; i < full; i += kSize) {
     const Packet d =
         ei::psub(ei::ploadu<Packet>(z.data() + i), ei::pset1<Packet>(shift));
-    e = ei::padd(e, VectorExpOp().packetOp(d));
+    e = ei::padd(e, NonPositiveExpOp().packetOp(d));
     if constexpr (kUnit) {
       d_sum = ei::padd(d_sum, d);
     } else if constexpr (kTargets) {
-      const Packet w = DenseTargetPacket(
-          weights.c, ei::ploadu<Packet>(weights.labels + begin + i));
+      const Packet y = ei::ploadu<Packet>(weights.labels + begin + i);
+      if (!AnyNonzero(y)) {
+        off_d_sum = ei::padd(off_d_sum, d);
+        ++off_packets;
+        continue;
+      }
+      const Packet w = DenseTargetPacket(weights.c, y);
       w_sum = ei::padd(w_sum, w);
       d_sum =
           ei::padd(d_sum, ei::pandnot(ei::pmul(w, d), ei::pcmp_eq(w, zero)));
     }
   }
-  Tacc e_total = ei::predux(e), w_total = ei::predux(w_sum),
-       d_total = ei::predux(d_sum);
-  for (int64_t i = full; i < n; ++i) {
-    const Tacc d = z[i] - shift;
-    e_total += ExpOf(d);
+  if (full < n) {
+    // The last n - full classes as one packet: lanes past the row read
+    // nothing, get d = 0 and y = 0, and are masked out of the sums.
+    const int64_t count = n - full;
+    const Packet valid =
+        ei::pcmp_lt(ei::plset<Packet>(Tacc(0)),
+                    ei::pset1<Packet>(static_cast<Tacc>(count)));
+    const Packet d = ei::pselect(
+        valid,
+        ei::psub(ei::ploaduSegment<Packet>(z.data() + full, 0, count),
+                 ei::pset1<Packet>(shift)),
+        zero);
+    e = ei::padd(e, ei::pand(valid, NonPositiveExpOp().packetOp(d)));
     if constexpr (kUnit) {
-      d_total += d;
+      d_sum = ei::padd(d_sum, d);
     } else if constexpr (kTargets) {
-      const Tacc w = weights.c.DenseTarget(weights.labels[begin + i]);
-      w_total += w;
-      if (w != Tacc(0)) d_total += w * d;
+      const Packet y = ei::pselect(
+          valid,
+          ei::ploaduSegment<Packet>(weights.labels + begin + full, 0, count),
+          zero);
+      const Packet w = ei::pand(valid, DenseTargetPacket(weights.c, y));
+      w_sum = ei::padd(w_sum, w);
+      d_sum =
+          ei::padd(d_sum, ei::pandnot(ei::pmul(w, d), ei::pcmp_eq(w, zero)));
     }
   }
-  *exp_sum = e_total;
+  Tacc w_total = ei::predux(w_sum), d_total = ei::predux(d_sum);
+  if constexpr (kTargets) {
+    // Without smoothing those packets' weights are 0: skipped, as -inf
+    // logits there must add nothing.
+    if (off_packets > 0 && weights.c.off_weight != Tacc(0)) {
+      w_total += weights.c.off_weight * static_cast<Tacc>(off_packets * kSize);
+      d_total += weights.c.off_weight * ei::predux(off_d_sum);
+    }
+  }
+  *exp_sum = ei::predux(e);
   *weight = kUnit ? Tacc(n) : w_total;
   *shifted = d_total;
 }
@@ -544,7 +575,7 @@ void ShiftedLogits(Chunk<T, Tacc>& chunk, const Columns<Tacc>& x,
   Columns<Tacc> shifted = chunk.Work(x.rows());
   *row_max = x.rowwise().maxCoeff();
   shifted = x - PerRow(*row_max, x.cols());
-  *log_s = LogOf(ExpOf(shifted).rowwise().sum());
+  *log_s = LogOf(ExpOfNonPositive(shifted).rowwise().sum());
 }
 
 }  // namespace
@@ -833,13 +864,14 @@ struct DenseXentBackward<CpuDevice, T> {
     }
     ForEachRow<T, Tacc>(d, p, [&](RowReader<T, Tacc>& reader, int64_t r) {
       const auto x = reader.Read(predictions + r * num_classes);
-      const auto t =
-          c.DenseTarget(ConstRow<Tacc>(labels + r * num_classes, num_classes));
+      const ConstRow<Tacc> y(labels + r * num_classes, num_classes);
+      const auto t = c.DenseTarget(y);
       T* dx = grad_predictions + r * num_classes;
       const Tacc g = grad_loss[r];
       if (p.from_logits) {
         WriteRow(dx, num_classes,
-                 LogitsGrad(g, x, stats[2 * r], stats[2 * r + 1], t));
+                 ScaledLogitsGrad(g * stats[2 * r + 1], x, stats[2 * r],
+                                  c.ScaledDenseTarget(g, y)));
       } else {
         const Tacc s = stats[2 * r];
         const ClipRangeOfRow<Tacc> range(c, s);

@@ -4,7 +4,8 @@ License 2.0.
 exp, log and reciprocal for the CPU kernels' Eigen array expressions.
 
 On AVX-512 builds, float packets use the functions below: Cody-Waite range
-reduction, a degree-6 polynomial and vscalefps for exp; vgetexpps/vgetmantps
+reduction, a degree-6 polynomial and vscalefps for exp (without the clamp
+above where the argument cannot be positive); vgetexpps/vgetmantps
 and a degree-9 polynomial for log; vrcp14ps and a Newton step for 1 / x.
 Measured through the ops on 4M arguments, exp is within 0.9 ulp of the exact
 result and log within 0.9 (tests/test_math_accuracy.py bounds them by 2 and
@@ -26,7 +27,42 @@ AVX-512) uses Eigen's own exp, log and division.
 
 namespace tf_xent_ops {
 
-struct VectorExpOp {
+#if defined(EIGEN_VECTORIZE_AVX512)
+// exp of x already clamped to [-104, 89] (or NaN): 2^n exp(r),
+// n = round(x / ln 2), r = x - n ln 2 (ln 2 in two parts, so r is exact to
+// float precision); vscalefps applies 2^n, overflow and underflow included.
+EIGEN_STRONG_INLINE __m512 ExpOfClamped(const __m512 xc) {
+  const __m512 n = _mm512_roundscale_ps(
+      _mm512_mul_ps(xc, _mm512_set1_ps(1.44269504088896341f)),
+      _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), xc);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  // exp(r) on |r| <= ln(2) / 2: a degree-6 polynomial with the leading
+  // 1 + r fixed, fitted for relative error (3e-9, 0.05 ulp), in Horner form:
+  // six FMAs.
+  __m512 p = _mm512_set1_ps(1.3814440463e-3f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3687184379e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1668392718e-2f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666521132e-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.9999994040e-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+  return _mm512_scalef_ps(p, n);
+}
+
+// max(-104, x): -inf -> -104 keeps n finite (exp gives 0). max(lo, x)
+// returns x when x is NaN, so NaN propagates.
+EIGEN_STRONG_INLINE __m512 ClampExpBelow(const __m512 x) {
+  return _mm512_max_ps(_mm512_set1_ps(-104.0f), x);
+}
+#endif
+
+// exp. kAnyArgument = false takes only arguments at most 0 (or NaN), such
+// as logits minus their max (the logits forwards): without the upper clamp,
+// which only arguments above 88 (where exp overflows) need, one instruction
+// of the dozen an exp takes.
+template <bool kAnyArgument>
+struct ExpOp {
   EIGEN_STRONG_INLINE float operator()(const float& x) const {
     return std::exp(x);
   }
@@ -37,31 +73,15 @@ struct VectorExpOp {
 #if defined(EIGEN_VECTORIZE_AVX512)
   EIGEN_STRONG_INLINE Eigen::internal::Packet16f packetOp(
       const Eigen::internal::Packet16f& x) const {
-    // exp(x) = 2^n exp(r), n = round(x / ln 2), r = x - n ln 2 (ln 2 in two
-    // parts, so r is exact to float precision). Clamping first keeps n finite
-    // (-inf -> 0, +inf -> inf through vscalefps); max(lo, x) returns x when
-    // x is NaN, so NaN propagates.
-    const __m512 xc = _mm512_min_ps(_mm512_set1_ps(89.0f),
-                                    _mm512_max_ps(_mm512_set1_ps(-104.0f), x));
-    const __m512 n = _mm512_roundscale_ps(
-        _mm512_mul_ps(xc, _mm512_set1_ps(1.44269504088896341f)),
-        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), xc);
-    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-    // exp(r) on |r| <= ln(2) / 2: a degree-6 polynomial with the leading
-    // 1 + r fixed, fitted for relative error (3e-9, 0.05 ulp), in Horner form:
-    // six FMAs.
-    __m512 p = _mm512_set1_ps(1.3814440463e-3f);
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3687184379e-3f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1668392718e-2f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666521132e-1f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.9999994040e-1f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
-    return _mm512_scalef_ps(p, n);
+    const __m512 clamped = ClampExpBelow(x);
+    // Clamped above too, +inf gives inf through vscalefps.
+    return ExpOfClamped(
+        kAnyArgument ? _mm512_min_ps(_mm512_set1_ps(89.0f), clamped) : clamped);
   }
 #endif
 };
+using VectorExpOp = ExpOp<true>;
+using NonPositiveExpOp = ExpOp<false>;
 
 struct VectorLogOp {
   EIGEN_STRONG_INLINE float operator()(const float& x) const {
@@ -248,12 +268,59 @@ struct MathImpl<X,
   }
 };
 
+// exp of an Eigen array expression whose elements are at most 0 (or NaN),
+// such as logits minus their max: NonPositiveExpOp for float.
+template <typename X>
+auto ExpOfNonPositive(const Eigen::ArrayBase<X>& x) {
+  if constexpr (std::is_same_v<typename X::Scalar, float>) {
+    return x.unaryExpr(NonPositiveExpOp());
+  } else {
+    return x.exp();
+  }
+}
+
 }  // namespace tf_xent_ops
 
 namespace Eigen {
 namespace internal {
+#if defined(EIGEN_VECTORIZE_AVX512)
+// Eigen (as TensorFlow 2.21 bundles it) assigns the elements before the
+// first and after the last whole packet of an array one at a time, through
+// the functors' scalar path (a libm exp or log call each: about 15% of a
+// logits backward at C = 1000), except for packet types that declare
+// has_packet_segment, which it does for AVX and not yet for AVX-512. Declared
+// here for float: those elements are then one masked packet, read and
+// written with AVX-512 masked loads and stores (lanes outside the segment are
+// neither read nor written). xent_functor_cpu.cc, the only file that
+// includes this header, is where the kernels' float assignments are made.
 template <>
-struct functor_traits<tf_xent_ops::VectorExpOp> {
+struct has_packet_segment<Packet16f> : std::true_type {};
+inline __mmask16 SegmentMask16(Index begin, Index count) {
+  return static_cast<__mmask16>(((1u << count) - 1u) << begin);
+}
+template <>
+inline Packet16f ploaduSegment<Packet16f>(const float* from, Index begin,
+                                          Index count) {
+  return _mm512_maskz_loadu_ps(SegmentMask16(begin, count), from);
+}
+template <>
+inline Packet16f ploadSegment<Packet16f>(const float* from, Index begin,
+                                         Index count) {
+  return _mm512_maskz_loadu_ps(SegmentMask16(begin, count), from);
+}
+template <>
+inline void pstoreuSegment<float, Packet16f>(float* to, const Packet16f& from,
+                                             Index begin, Index count) {
+  _mm512_mask_storeu_ps(to, SegmentMask16(begin, count), from);
+}
+template <>
+inline void pstoreSegment<float, Packet16f>(float* to, const Packet16f& from,
+                                            Index begin, Index count) {
+  _mm512_mask_storeu_ps(to, SegmentMask16(begin, count), from);
+}
+#endif
+template <bool kAnyArgument>
+struct functor_traits<tf_xent_ops::ExpOp<kAnyArgument>> {
   enum { Cost = 20, PacketAccess = packet_traits<float>::HasExp };
 };
 template <>
