@@ -9,7 +9,8 @@ the median over passes of the median milliseconds of the whole step; for
 forward + backward also the median
 of the same step without the loss (the producer: making the logits and
 returning an [N, C] tensor), which is taken off both to give the loss's own
-time; the speed-up over the built-in of the step and of the loss; and the
+time; the speed-up over the built-in of the step and of the loss (the median
+over passes of each pass's ratio: see timing_row); and the
 multiple of the floor of the loss's time: the bytes that must move (read the
 predictions, and dense labels, once; write the gradient once) over the copy
 bandwidth measured in this run. Peak
@@ -251,7 +252,12 @@ def run_timing(cases, passes=3):
 
 
 def timing_row(k, samples, bandwidth):
-    """A table row from a case's (ours, built-in, producer) ms of each pass."""
+    """A table row from a case's (ours, built-in, producer) ms of each pass.
+    The ms columns are medians over passes; the speed-ups are the medians of
+    each pass's own ratios, whose three timings ran in turns in the same
+    minute, so that a slow spell of the machine falls on both sides of a
+    ratio (a ratio of medians can pair our time from one pass with the
+    built-in's from another)."""
     ours_ms, theirs_ms, producer_ms = (statistics.median(col) for col in zip(*samples, strict=True))
     ours_net, theirs_net = ours_ms - producer_ms, theirs_ms - producer_ms
     floor_ms = floor_bytes(k) / bandwidth * 1e3
@@ -261,10 +267,11 @@ def timing_row(k, samples, bandwidth):
         ours_ms=ours_ms,
         builtin_ms=theirs_ms,
         producer_ms=producer_ms,
-        step_speedup=theirs_ms / ours_ms,
-        speedup=theirs_net / ours_net,
+        step_speedup=statistics.median(t / o for o, t, _ in samples),
+        speedup=statistics.median((t - p) / (o - p) for o, t, p in samples),
         ours_x_floor=ours_net / floor_ms,
         builtin_x_floor=theirs_net / floor_ms,
+        passes=[list(sample) for sample in samples],
     )
 
 
@@ -321,7 +328,8 @@ def write_outputs(rows, memory, bandwidth):
         "Floor = bytes that must move / that bandwidth. Step: the whole timed step; "
         "producer: the fwd+bwd step without the loss (making the logits), taken off "
         "the step to give the loss's own time, on which the loss speed-up and the "
-        "floor multiples are computed.",
+        "floor multiples are computed. Times: medians over the passes; speed-ups: "
+        "medians of each pass's own ratio (its three timings ran in turns).",
         "",
         "| N x C | case | ours ms | built-in ms | producer ms | speed-up (step) "
         "| speed-up (loss) | ours x floor | built-in x floor |",

@@ -44,7 +44,11 @@ def test_timing_rows(bench, labels, from_logits):
     assert fwd["producer_ms"] == 0.0 and fwd_bwd["producer_ms"] > 0.0
     for row in rows:
         assert row["ours_ms"] > 0 and row["builtin_ms"] > 0
-        assert row["step_speedup"] == pytest.approx(row["builtin_ms"] / row["ours_ms"])
+        assert len(row["passes"]) == 3
+        step = sorted(theirs / ours for ours, theirs, _ in row["passes"])[1]
+        loss = sorted((t - p) / (o - p) for o, t, p in row["passes"])[1]
+        assert row["step_speedup"] == pytest.approx(step)
+        assert row["speedup"] == pytest.approx(loss)
     assert bench.floor_bytes(fwd_bwd) == 2 * bench.floor_bytes(fwd) - (
         64 * 40 * 4 if labels == "dense" else 0
     )
