@@ -142,7 +142,9 @@ def test_logits_rows_of_every_tail_length(rng, label_smoothing, dtype):
         z = p.astype(np.float64)
         softmax = np.exp(z - z.max(-1, keepdims=True))
         softmax /= softmax.sum(-1, keepdims=True)
-        grad_atol = {"bfloat16": 1e-2, "float32": 1e-6, "float64": 1e-12}[dtype]
+        # z - lse carries the rounding of lse (|lse| up to ~20 here: ulp 2e-6 in
+        # float32), which exp passes on to the softmax near 1.
+        grad_atol = {"bfloat16": 1e-2, "float32": 5e-6, "float64": 1e-12}[dtype]
 
         for sparse in (False, True):
             if sparse:
