@@ -74,7 +74,7 @@ struct ExpOp {
   EIGEN_STRONG_INLINE Eigen::internal::Packet16f packetOp(
       const Eigen::internal::Packet16f& x) const {
     const __m512 clamped = ClampExpBelow(x);
-    // Clamped above too, +inf gives inf through vscalefps.
+    // For any argument, clamped above too: +inf gives inf through vscalefps.
     return ExpOfClamped(
         kAnyArgument ? _mm512_min_ps(_mm512_set1_ps(89.0f), clamped) : clamped);
   }
