@@ -330,6 +330,11 @@ void ReduceLogitsBlock(const ConstRow<Tacc>& z, int64_t begin, Tacc shift,
   // once at the end, sparing the per-element target, product and zero test.
   Packet e = zero, w_sum = zero, d_sum = zero, off_d_sum = zero;
   int64_t off_packets = 0;
+  // Adds a packet of targets w and their w * d, terms with w = 0 skipped.
+  const auto add_targets = [&](const Packet& d, const Packet& w) {
+    w_sum = ei::padd(w_sum, w);
+    d_sum = ei::padd(d_sum, ei::pandnot(ei::pmul(w, d), ei::pcmp_eq(w, zero)));
+  };
   for (int64_t i = 0; i < full; i += kSize) {
     const Packet d =
         ei::psub(ei::ploadu<Packet>(z.data() + i), ei::pset1<Packet>(shift));
@@ -343,10 +348,7 @@ void ReduceLogitsBlock(const ConstRow<Tacc>& z, int64_t begin, Tacc shift,
         ++off_packets;
         continue;
       }
-      const Packet w = DenseTargetPacket(weights.c, y);
-      w_sum = ei::padd(w_sum, w);
-      d_sum =
-          ei::padd(d_sum, ei::pandnot(ei::pmul(w, d), ei::pcmp_eq(w, zero)));
+      add_targets(d, DenseTargetPacket(weights.c, y));
     }
   }
   if (full < n) {
@@ -369,10 +371,7 @@ void ReduceLogitsBlock(const ConstRow<Tacc>& z, int64_t begin, Tacc shift,
           valid,
           ei::ploaduSegment<Packet>(weights.labels + begin + full, 0, count),
           zero);
-      const Packet w = ei::pand(valid, DenseTargetPacket(weights.c, y));
-      w_sum = ei::padd(w_sum, w);
-      d_sum =
-          ei::padd(d_sum, ei::pandnot(ei::pmul(w, d), ei::pcmp_eq(w, zero)));
+      add_targets(d, ei::pand(valid, DenseTargetPacket(weights.c, y)));
     }
   }
   Tacc w_total = ei::predux(w_sum), d_total = ei::predux(d_sum);
