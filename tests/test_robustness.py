@@ -166,6 +166,65 @@ def test_logits_rows_of_every_tail_length(rng, label_smoothing, dtype):
             np.testing.assert_allclose(grad, expected_grad, atol=grad_atol, err_msg=case)
 
 
+@pytest.mark.parametrize("label_smoothing", [0.0, 0.1])
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32", "float64"])
+def test_logits_rows_whose_max_is_far_from_their_first_packet(rng, label_smoothing, dtype):
+    # The logits forwards shift a block's exp sum by the largest logit of the
+    # row's first packet (16 floats, 8 doubles) and find the block's max in
+    # the same loop; a block whose max exceeds that shift by more than 64,
+    # or whose sum is not finite, is summed again relative to its own max.
+    # Rows here put the max 20 to 1e4 above the first packet, anywhere in the
+    # row (tail included), the first packet at -inf, everything but the
+    # first packet far below it, or the max 87.8 above an otherwise flat row
+    # (the sum stays finite, but exp(-87.8) is a denormal, which TensorFlow's
+    # threads flush to zero).
+    num_rows = 11
+    for num_classes in [40, 1000, 2 * 1024 + 13]:
+        p = ref.logits(rng, (num_rows, num_classes), "float64", scale=1.0)
+        far = rng.integers(16, num_classes, size=num_rows)
+        far[9] = num_classes - 1
+        for r, gap in enumerate([20.0, 60.0, 63.0, 66.0, 85.0, 100.0, 1e4]):
+            p[r, far[r]] += gap
+        p[7, :16] = -np.inf  # the first packet all -inf
+        p[8, 16:] -= 200.0  # the rest far below the first packet
+        p[9, far[9]] += 70.0
+        p[9, :16] = -np.inf
+        p[10] = -1.0
+        p[10, :16] = 0.0
+        p[10, far[10]] = 87.8
+        labels = far.copy()
+        labels[::2] = rng.integers(16, num_classes, size=(num_rows + 1) // 2)
+        labels[7] = labels[9] = num_classes - 1  # not on a -inf logit
+        y = ref.one_hot(labels, num_classes)
+        p = p.astype(ref.NUMPY_DTYPES[dtype])
+        rtol, atol = ref.tolerance(dtype)
+        ls = ref.as_attr(label_smoothing)
+        rows = [0, 1, 2, 3, 4, 5, 6, 8, 10]  # smoothing puts mass on -inf: inf loss
+        if not label_smoothing:
+            rows += [7, 9]
+        z = p.astype(np.float64)[rows]
+        softmax = np.exp(z - z.max(-1, keepdims=True))
+        softmax /= softmax.sum(-1, keepdims=True)
+        t = y[rows].astype(np.float64) * (1.0 - ls) + ls / num_classes
+        grad_atol = {"bfloat16": 1e-2, "float32": 5e-6, "float64": 1e-12}[dtype]
+        for sparse in (True, False):
+            fn = txo.ops.sparse_crossentropy if sparse else txo.ops.dense_crossentropy
+            targets = labels if sparse else y
+            p_t = tf.constant(p)
+            with tf.GradientTape() as tape:
+                tape.watch(p_t)
+                loss = fn(targets, p_t, from_logits=True, label_smoothing=ls)
+            grad = np.asarray(tf.cast(tape.gradient(loss, p_t), tf.float64))
+            case = f"C={num_classes} sparse={sparse}"
+            expected = ref.dense(y, p, True, ls)
+            np.testing.assert_allclose(
+                np.asarray(loss)[rows], expected[rows], rtol=rtol, atol=atol, err_msg=case
+            )
+            np.testing.assert_allclose(grad[rows], softmax - t, atol=grad_atol, err_msg=case)
+            if label_smoothing:
+                assert np.all(np.isposinf(np.asarray(loss)[[7, 9]])), case
+
+
 @pytest.mark.parametrize("label_smoothing", [0.0, 0.2])
 @pytest.mark.parametrize("dtype", ["bfloat16", "float32", "float64"])
 def test_rows_of_several_blocks_with_far_apart_maxima(rng, label_smoothing, dtype):

@@ -311,13 +311,15 @@ struct LogitsRowStats {
 
 // Sums over a block of logits z (classes [begin, begin + z.size()) of the
 // row), in one loop, as an Eigen reduction takes one expression per loop:
-// exp_sum = sum_k exp(z_k - shift) and, unless the weights are NoWeights,
-// weight = sum_k w_k and shifted = sum_k w_k (z_k - shift), terms with
-// w_k = 0 skipped (so a -inf logit without target mass costs nothing).
+// max = max_k z_k, exp_sum = sum_k exp(z_k - shift) and, unless the weights
+// are NoWeights, weight = sum_k w_k and shifted = sum_k w_k (z_k - shift),
+// terms with w_k = 0 skipped (so a -inf logit without target mass costs
+// nothing). z_k - shift may be positive: the exp is exact up to 88 and
+// unspecified above, where it overflows (the caller checks max - shift).
 template <typename Tacc, typename Weights>
 void ReduceLogitsBlock(const ConstRow<Tacc>& z, int64_t begin, Tacc shift,
-                       const Weights& weights, Tacc* exp_sum, Tacc* weight,
-                       Tacc* shifted) {
+                       const Weights& weights, Tacc* max, Tacc* exp_sum,
+                       Tacc* weight, Tacc* shifted) {
   namespace ei = Eigen::internal;
   using Packet = typename ei::packet_traits<Tacc>::type;
   constexpr int64_t kSize = ei::packet_traits<Tacc>::size;
@@ -325,6 +327,9 @@ void ReduceLogitsBlock(const ConstRow<Tacc>& z, int64_t begin, Tacc shift,
   constexpr bool kUnit = std::is_same_v<Weights, UnitWeights>;
   const int64_t n = z.size(), full = n - n % kSize;
   const Packet zero = ei::pset1<Packet>(Tacc(0));
+  const Packet lowest =
+      ei::pset1<Packet>(-std::numeric_limits<Tacc>::infinity());
+  Packet m = lowest;
   // Packets whose labels are all 0 (with one-hot labels, all but one of the
   // row) have w_k = off_weight: their sum_k d_k is kept apart and weighted
   // once at the end, sparing the per-element target, product and zero test.
@@ -336,9 +341,10 @@ void ReduceLogitsBlock(const ConstRow<Tacc>& z, int64_t begin, Tacc shift,
     d_sum = ei::padd(d_sum, ei::pandnot(ei::pmul(w, d), ei::pcmp_eq(w, zero)));
   };
   for (int64_t i = 0; i < full; i += kSize) {
-    const Packet d =
-        ei::psub(ei::ploadu<Packet>(z.data() + i), ei::pset1<Packet>(shift));
-    e = ei::padd(e, NonPositiveExpOp().packetOp(d));
+    const Packet x = ei::ploadu<Packet>(z.data() + i);
+    m = ei::pmax(m, x);
+    const Packet d = ei::psub(x, ei::pset1<Packet>(shift));
+    e = ei::padd(e, ExpUpTo88Op().packetOp(d));
     if constexpr (kUnit) {
       d_sum = ei::padd(d_sum, d);
     } else if constexpr (kTargets) {
@@ -358,12 +364,11 @@ void ReduceLogitsBlock(const ConstRow<Tacc>& z, int64_t begin, Tacc shift,
     const Packet valid =
         ei::pcmp_lt(ei::plset<Packet>(Tacc(0)),
                     ei::pset1<Packet>(static_cast<Tacc>(count)));
-    const Packet d = ei::pselect(
-        valid,
-        ei::psub(ei::ploaduSegment<Packet>(z.data() + full, 0, count),
-                 ei::pset1<Packet>(shift)),
-        zero);
-    e = ei::padd(e, ei::pand(valid, NonPositiveExpOp().packetOp(d)));
+    const Packet x = ei::ploaduSegment<Packet>(z.data() + full, 0, count);
+    m = ei::pmax(m, ei::pselect(valid, x, lowest));
+    const Packet d =
+        ei::pselect(valid, ei::psub(x, ei::pset1<Packet>(shift)), zero);
+    e = ei::padd(e, ei::pand(valid, ExpUpTo88Op().packetOp(d)));
     if constexpr (kUnit) {
       d_sum = ei::padd(d_sum, d);
     } else if constexpr (kTargets) {
@@ -383,19 +388,26 @@ void ReduceLogitsBlock(const ConstRow<Tacc>& z, int64_t begin, Tacc shift,
       d_total += weights.c.off_weight * ei::predux(off_d_sum);
     }
   }
+  *max = ei::predux_max(m);
   *exp_sum = ei::predux(e);
   *weight = kUnit ? Tacc(n) : w_total;
   *shifted = d_total;
 }
 
-// Reduces rows of logits from one read of each: per block of kSumBlock
-// classes (in L1 while it is reduced), the block's max m_b and its sums
-// relative to m_b; then, in block order, exp sums scaled by exp(m_b - m) and
-// weighted sums moved by (m_b - m) * sum_w, in compensated sums. A max pass
-// over the whole row before the exp pass would read the row twice, the
-// second time from L2, with the memory idle while exp runs. A block whose
-// max is -inf is shifted by 0 instead, so that its sums stay finite (its exp
-// sum is 0 and is scaled by exp(-inf) = 0). NaN and +inf propagate to NaN.
+// Reduces rows of logits from one read of each, per block of kSumBlock
+// classes (in L1 while it is reduced): the block's max m_b and its sums
+// relative to a shift s_b; then, in block order, exp sums scaled by
+// exp(s_b - m) and weighted sums moved by (s_b - m) * sum_w, in compensated
+// sums. The shift is the largest logit seen before the block (for the first
+// block, the largest of its first packet), so that one loop finds m_b and
+// the sums (a max pass before the exp pass took an eighth of the forward's
+// time). The shift is kept when the block's max exceeds it by at most
+// kMaxShiftGap and its exp sum is finite (no logit is NaN or +inf): its
+// terms then neither overflow nor, scaled by exp(s_b - m), lose precision.
+// Else, as where no logit was seen yet, the block is reduced again relative
+// to its own max (0 where that is -inf, so that its sums stay finite: its
+// exp sum is 0 and is scaled by exp(-inf) = 0). NaN and +inf propagate to
+// NaN.
 template <typename T, typename Tacc>
 class LogitsRowReducer {
  public:
@@ -406,22 +418,22 @@ class LogitsRowReducer {
 
   template <typename Weights>
   LogitsRowStats<Tacc> Reduce(const T* row, const Weights& weights) {
-    const Tacc lowest = -std::numeric_limits<Tacc>::infinity();
-    Tacc m = lowest;
+    Tacc m = -std::numeric_limits<Tacc>::infinity();
     for (int64_t i = 0; i < static_cast<int64_t>(blocks_.size()); ++i) {
       const int64_t begin = i * kSumBlock;
       const auto z =
           reader_.Read(row + begin, std::min(kSumBlock, num_classes_ - begin));
       Block& b = blocks_[i];
-      b.max = z.maxCoeff();
-      b.shift = b.max == lowest ? Tacc(0) : b.max;
-      ReduceLogitsBlock(z, begin, b.shift, weights, &b.exp_sum, &b.weight,
-                        &b.shifted);
+      const Tacc guess = i == 0 ? LeadingMax(z) : m;
+      if (!std::isfinite(guess) ||
+          !ReduceShifted(z, begin, guess, weights, &b)) {
+        ReduceExact(z, begin, weights, &b);
+      }
       m = std::max(m, b.max);
     }
     CompensatedSum<Tacc> exp_sum, sum_w, sum_w_shifted;
     for (const Block& b : blocks_) {
-      exp_sum.Add(b.exp_sum * ExpOf(b.max - m));
+      exp_sum.Add(b.exp_sum * ExpOf(b.exp_base - m));
       sum_w.Add(b.weight);
       sum_w_shifted.Add(b.shifted + b.weight * (b.shift - m));
     }
@@ -434,9 +446,41 @@ class LogitsRowReducer {
   }
 
  private:
+  // exp_sum is relative to exp_base, the weighted sums to shift.
   struct Block {
-    Tacc max, shift, exp_sum, weight, shifted;
+    Tacc max, shift, exp_base, exp_sum, weight, shifted;
   };
+  // A bound on m_b - s_b: kSumBlock * exp(64) is far from overflow, and
+  // exp(-64) far from the denormals (which TensorFlow's threads flush to 0).
+  static constexpr Tacc kMaxShiftGap = 64;
+
+  // The largest of the first packet's worth of logits.
+  static Tacc LeadingMax(const ConstRow<Tacc>& z) {
+    constexpr int64_t kSize = Eigen::internal::packet_traits<Tacc>::size;
+    return z.head(std::min<int64_t>(kSize, z.size())).maxCoeff();
+  }
+
+  template <typename Weights>
+  static bool ReduceShifted(const ConstRow<Tacc>& z, int64_t begin, Tacc shift,
+                            const Weights& weights, Block* b) {
+    ReduceLogitsBlock(z, begin, shift, weights, &b->max, &b->exp_sum,
+                      &b->weight, &b->shifted);
+    b->shift = b->exp_base = shift;
+    return std::isfinite(b->exp_sum) && b->max - shift <= kMaxShiftGap;
+  }
+
+  template <typename Weights>
+  static void ReduceExact(const ConstRow<Tacc>& z, int64_t begin,
+                          const Weights& weights, Block* b) {
+    const Tacc max = z.maxCoeff();
+    const Tacc shift =
+        max == -std::numeric_limits<Tacc>::infinity() ? Tacc(0) : max;
+    Tacc unused_max;
+    ReduceLogitsBlock(z, begin, shift, weights, &unused_max, &b->exp_sum,
+                      &b->weight, &b->shifted);
+    b->max = b->exp_base = max;
+    b->shift = shift;
+  }
 
   int64_t num_classes_;
   RowReader<T, Tacc> reader_;
@@ -574,7 +618,7 @@ void ShiftedLogits(Chunk<T, Tacc>& chunk, const Columns<Tacc>& x,
   Columns<Tacc> shifted = chunk.Work(x.rows());
   *row_max = x.rowwise().maxCoeff();
   shifted = x - PerRow(*row_max, x.cols());
-  *log_s = LogOf(ExpOfNonPositive(shifted).rowwise().sum());
+  *log_s = LogOf(ExpUpTo88(shifted).rowwise().sum());
 }
 
 }  // namespace

@@ -5,7 +5,7 @@ exp, log and reciprocal for the CPU kernels' Eigen array expressions.
 
 On AVX-512 builds, float packets use the functions below: Cody-Waite range
 reduction, a degree-6 polynomial and vscalefps for exp (without the clamp
-above where the argument cannot be positive); vgetexpps/vgetmantps
+above where the caller keeps the argument below 88); vgetexpps/vgetmantps
 and a degree-9 polynomial for log; vrcp14ps and a Newton step for 1 / x.
 Measured through the ops on 4M arguments, exp is within 0.9 ulp of the exact
 result and log within 0.9 (tests/test_math_accuracy.py bounds them by 2 and
@@ -57,10 +57,11 @@ EIGEN_STRONG_INLINE __m512 ClampExpBelow(const __m512 x) {
 }
 #endif
 
-// exp. kAnyArgument = false takes only arguments at most 0 (or NaN), such
-// as logits minus their max (the logits forwards): without the upper clamp,
-// which only arguments above 88 (where exp overflows) need, one instruction
-// of the dozen an exp takes.
+// exp. kAnyArgument = false takes arguments up to 88 (and -inf or NaN), such
+// as logits minus a shift near their max (the logits forwards): without the
+// upper clamp, one instruction of the dozen an exp takes. Above 88, where
+// exp overflows, its result is unspecified (inf or NaN; on builds without
+// AVX-512, Eigen's exp clamped to the largest float): callers check.
 template <bool kAnyArgument>
 struct ExpOp {
   EIGEN_STRONG_INLINE float operator()(const float& x) const {
@@ -81,7 +82,7 @@ struct ExpOp {
 #endif
 };
 using VectorExpOp = ExpOp<true>;
-using NonPositiveExpOp = ExpOp<false>;
+using ExpUpTo88Op = ExpOp<false>;
 
 struct VectorLogOp {
   EIGEN_STRONG_INLINE float operator()(const float& x) const {
@@ -268,12 +269,12 @@ struct MathImpl<X,
   }
 };
 
-// exp of an Eigen array expression whose elements are at most 0 (or NaN),
-// such as logits minus their max: NonPositiveExpOp for float.
+// exp of an Eigen array expression whose elements are at most 88 (or -inf,
+// or NaN), such as logits minus their max: ExpUpTo88Op for float.
 template <typename X>
-auto ExpOfNonPositive(const Eigen::ArrayBase<X>& x) {
+auto ExpUpTo88(const Eigen::ArrayBase<X>& x) {
   if constexpr (std::is_same_v<typename X::Scalar, float>) {
-    return x.unaryExpr(NonPositiveExpOp());
+    return x.unaryExpr(ExpUpTo88Op());
   } else {
     return x.exp();
   }
