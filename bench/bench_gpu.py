@@ -83,7 +83,8 @@ class Harness:
     def dense(self, x, t, from_logits=True, ls=0.0):
         n, c = x.shape
         loss = torch.full((n,), float("nan"), dtype=acc_dtype(x.dtype), device=x.device)
-        stats = torch.full((n, 2), float("nan"), dtype=acc_dtype(x.dtype), device=x.device)
+        per_row = self.lib.tfxent_dense_stats_per_row()
+        stats = torch.full((n, per_row), float("nan"), dtype=acc_dtype(x.dtype), device=x.device)
         common = (
             DTYPE_CODE[x.dtype],
             n,

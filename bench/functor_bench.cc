@@ -70,7 +70,8 @@ int main(int argc, char** argv) {
   std::mt19937 rng(1);
   std::normal_distribution<float> normal(0.0f, 3.0f);
   std::vector<float> logits(n * c), probs(n * c), onehot(n * c, 0.0f);
-  std::vector<float> work(n * c), loss(n), stats(2 * n), grad_loss(n, 1.0f / n);
+  std::vector<float> work(n * c), loss(n), stats(tf_xent_ops::kDenseStats * n),
+      grad_loss(n, 1.0f / n);
   std::vector<int64_t> labels(n);
   for (auto& v : logits) v = normal(rng);
   for (int64_t r = 0; r < n; ++r) {

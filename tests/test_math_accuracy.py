@@ -54,10 +54,19 @@ def _kernel_exp(values):
     return grad.numpy()[:, 1:].reshape(-1)[: values.size]
 
 
+def _dense_stats(stat0, stat1):
+    """The dense ops' [n, 4] row statistics from their first two columns (the
+    last two name no single label)."""
+    n = len(stat0)
+    return np.stack(
+        [stat0, stat1, np.full(n, -1.0, np.float32), np.zeros(n, np.float32)], axis=1
+    ).astype(np.float32)
+
+
 def _kernel_log(values):
     rows, n = _as_rows(values, 1024)
     rows[:, 0] = 0.5  # any value in (0, 1]: the row sum is given, not computed
-    stats = np.stack([np.ones(n, np.float32), np.zeros(n, np.float32)], axis=1)
+    stats = _dense_stats(np.ones(n, np.float32), np.zeros(n, np.float32))
     grad = library.tf_xent_dense_xent_labels_grad(
         rows, stats, tf.ones([n]), from_logits=False, label_smoothing=0.0, epsilon=0.0
     )
@@ -153,7 +162,7 @@ def test_dense_probs_gradient_clip_mask_equals_division(rng, ulps):
     y = np.stack(rows)
     n, c = y.shape
     # With labels of ones, g = 1 and A = 0 the gradient is -[q_k in range] / y_k.
-    stats = np.stack([sums, np.zeros(n, np.float32)], axis=1)
+    stats = _dense_stats(sums, np.zeros(n, np.float32))
     grad = library.tf_xent_dense_xent_grad(
         y,
         np.ones_like(y),

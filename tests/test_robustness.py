@@ -6,6 +6,7 @@ import pytest
 import reference as ref
 import tensorflow as tf
 from subprocess_util import run_python
+from tf_xent_ops._load import library
 
 import tf_xent_ops as txo
 
@@ -223,6 +224,67 @@ def test_logits_rows_whose_max_is_far_from_their_first_packet(rng, label_smoothi
             np.testing.assert_allclose(grad[rows], softmax - t, atol=grad_atol, err_msg=case)
             if label_smoothing:
                 assert np.all(np.isposinf(np.asarray(loss)[[7, 9]])), case
+
+
+@pytest.mark.parametrize("label_smoothing", [0.0, 0.1])
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32", "float64"])
+def test_dense_logits_rows_with_a_single_nonzero_label(rng, label_smoothing, dtype):
+    # The dense logits forward records the class and value of a row's only
+    # nonzero label; the backward then forms that row's gradient without
+    # reading its labels. Rows here have one nonzero label (1, or another
+    # value, negative included) in the first, a middle, the last or the tail
+    # packet, or in a later block; two nonzero labels; none; or a NaN label.
+    num_rows = 12
+    for num_classes in [40, 1000, 2 * 1024 + 13]:
+        p = ref.logits(rng, (num_rows, num_classes), "float64")
+        y = np.zeros((num_rows, num_classes))
+        cols = [0, num_classes // 2, num_classes - 1, num_classes - 3, 1500 % num_classes]
+        for r, col in enumerate(cols):
+            y[r, col] = 1.0
+        for r, value in zip(range(5, 9), [0.7, 2.5, -0.3, 1e-30], strict=True):
+            y[r, rng.integers(num_classes)] = value
+        y[9, [3, num_classes - 2]] = [0.4, 0.6]  # two: the labels are read
+        # Row 10 has no nonzero label; row 11 a single NaN one.
+        p[0, 1:6] = -np.inf  # no target mass there (unless smoothed)
+        y[11, 5] = np.nan
+        p = p.astype(ref.NUMPY_DTYPES[dtype])
+        rtol, atol = ref.tolerance(dtype)
+        ls = ref.as_attr(label_smoothing)
+        z = p.astype(np.float64)
+        softmax = np.exp(z - z.max(-1, keepdims=True))
+        softmax /= softmax.sum(-1, keepdims=True)
+        t = y * (1.0 - ls) + ls / num_classes
+        expected_grad = softmax * t.sum(-1, keepdims=True) - t
+        grad_atol = {"bfloat16": 1e-2, "float32": 5e-6, "float64": 1e-12}[dtype]
+        p_t = tf.constant(p)
+        with tf.GradientTape() as tape:
+            tape.watch(p_t)
+            loss = txo.ops.dense_crossentropy(y, p_t, from_logits=True, label_smoothing=ls)
+        grad = np.asarray(tf.cast(tape.gradient(loss, p_t), tf.float64))
+        loss = np.asarray(loss)
+        rows = list(range(1 if label_smoothing else 0, 11))  # smoothing onto -inf: inf
+        case = f"C={num_classes}"
+        expected = ref.dense(y, p, True, ls)
+        np.testing.assert_allclose(loss[rows], expected[rows], rtol=rtol, atol=atol, err_msg=case)
+        np.testing.assert_allclose(grad[rows], expected_grad[rows], atol=grad_atol, err_msg=case)
+        assert np.isnan(loss[11]) and np.all(np.isnan(grad[11])), case
+
+
+def test_dense_logits_gradient_with_statistics_that_name_no_class(rng):
+    # The statistics are an input of the gradient op: a recorded class that
+    # is not one (out of range, NaN, huge) makes the kernel read the labels,
+    # never an element outside the row.
+    n, c = 5, 300
+    p = tf.constant(ref.logits(rng, (n, c), "float32"))
+    y = tf.constant(ref.one_hot(rng.integers(0, c, size=n), c))
+    _, stats = library.tf_xent_dense_xent(p, y, from_logits=True)
+    g = tf.ones([n])
+    expected = library.tf_xent_dense_xent_grad(p, y, stats, g, from_logits=True)
+    stats = stats.numpy()
+    np.testing.assert_array_equal(stats[:, 2], np.argmax(y, -1))  # one-hot: recorded
+    stats[:, 2] = [c, -5.0, np.nan, 1e30, -np.inf]
+    grad = library.tf_xent_dense_xent_grad(p, y, stats, g, from_logits=True)
+    np.testing.assert_allclose(grad, expected, rtol=1e-6, atol=1e-7)
 
 
 @pytest.mark.parametrize("label_smoothing", [0.0, 0.2])

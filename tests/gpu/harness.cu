@@ -50,6 +50,11 @@ int Dispatch(int dtype, const Fn& fn) {
 
 extern "C" {
 
+// Statistics per row of the dense forward (the stats buffer is [n, this]).
+int tfxent_dense_stats_per_row() {
+  return static_cast<int>(tf_xent_ops::kDenseStats);
+}
+
 int tfxent_sparse_forward(int dtype, int64_t n, int64_t c, int from_logits,
                           float ls, float eps, int use_ignore, int64_t ignore,
                           const void* predictions, const int64_t* labels,

@@ -310,9 +310,14 @@ struct SparseXentBackward {
                   const Tacc* grad_loss, T* grad_predictions) const;
 };
 
-// Dense forward: loss[N] and stats[N, 2]:
-//   logits:        (log_sum_exp, sum_k t_k)
-//   probabilities: (sum_k y_k, sum over in-clip-range classes of t_k)
+// Dense forward: loss[N] and stats[N, kDenseStats]:
+//   logits:        (log_sum_exp, sum_k t_k, j, y_j)
+//   probabilities: (sum_k y_k, sum over in-clip-range classes of t_k, -1, 0)
+// where j is the class of the row's only nonzero label y_j, if it has exactly
+// one (as a one-hot row has) and the CPU kernel found it, else -1: the CPU
+// logits backward then reads no labels for that row, its targets being known.
+constexpr int64_t kDenseStats = 4;
+
 template <typename Device, typename T>
 struct DenseXentForward {
   using Tacc = typename AccumulatorType<T>::type;

@@ -280,6 +280,18 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
+// Row r's dense statistics. The GPU kernels read the labels in the backward
+// (coalesced, at the GPU's bandwidth), so no single label is recorded.
+template <typename Tacc>
+__device__ void WriteGpuDenseStats(Tacc* stats, int64_t r, Tacc stat0,
+                                   Tacc stat1) {
+  Tacc* row = stats + kDenseStats * r;
+  row[0] = stat0;
+  row[1] = stat1;
+  row[2] = Tacc(-1);
+  row[3] = Tacc(0);
+}
+
 template <typename T, typename Tacc>
 __global__ void __launch_bounds__(kThreads)
     DenseForwardKernel(XentParams p, const T* predictions, const Tacc* labels,
@@ -304,8 +316,7 @@ __global__ void __launch_bounds__(kThreads)
       const Tacc total_t_shifted = BlockSum(sum_t_shifted);
       if (threadIdx.x == 0) {
         loss[r] = DenseLogitsLoss(log_s, total_t, total_t_shifted);
-        stats[2 * r] = m + log_s;
-        stats[2 * r + 1] = total_t;
+        WriteGpuDenseStats(stats, r, m + log_s, total_t);
       }
     } else {
       CompensatedSum<Tacc> row_sum;
@@ -324,8 +335,7 @@ __global__ void __launch_bounds__(kThreads)
       const Tacc in_range_sum = BlockSum(in_range_t);
       if (threadIdx.x == 0) {
         loss[r] = -total_sum;
-        stats[2 * r] = s;
-        stats[2 * r + 1] = in_range_sum;
+        WriteGpuDenseStats(stats, r, s, in_range_sum);
       }
     }
   }
@@ -342,7 +352,8 @@ __global__ void __launch_bounds__(kThreads)
     const T* x = predictions + r * num_classes;
     const Tacc* y = labels + r * num_classes;
     T* dx = grad_predictions + r * num_classes;  // May alias x, element-wise.
-    const Tacc g = grad_loss[r], stat0 = stats[2 * r], stat1 = stats[2 * r + 1];
+    const Tacc g = grad_loss[r], stat0 = stats[kDenseStats * r],
+               stat1 = stats[kDenseStats * r + 1];
     for (int64_t k = threadIdx.x; k < num_classes; k += kThreads) {
       const Tacc z = Load<Tacc>(x, k);
       const Tacc t = c.DenseTarget(y[k]);
@@ -365,7 +376,8 @@ __global__ void __launch_bounds__(kThreads)
   for (int64_t r = blockIdx.x; r < p.num_rows; r += gridDim.x) {
     const T* x = predictions + r * num_classes;
     Tacc* dy = grad_labels + r * num_classes;
-    const Tacc scale = c.on_weight * grad_loss[r], stat = stats[2 * r];
+    const Tacc scale = c.on_weight * grad_loss[r],
+               stat = stats[kDenseStats * r];
     for (int64_t k = threadIdx.x; k < num_classes; k += kThreads) {
       const Tacc z = Load<Tacc>(x, k);
       dy[k] = scale * (p.from_logits ? stat - z : -LogOf(c.Clip(z / stat)));

@@ -248,8 +248,8 @@ class DenseXentOp : public OpKernel {
     Tensor *loss = nullptr, *stats = nullptr;
     OP_REQUIRES_OK(ctx,
                    ctx->allocate_output(0, TensorShape({p.num_rows}), &loss));
-    OP_REQUIRES_OK(
-        ctx, ctx->allocate_output(1, TensorShape({p.num_rows, 2}), &stats));
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(
+                            1, TensorShape({p.num_rows, kDenseStats}), &stats));
     DenseXentForward<Device, typename KernelType<Device, T>::type>()(
         DeviceTraits<Device>::Make(ctx), p, Data<Device, T>(predictions),
         labels.flat<Tacc>().data(), loss->flat<Tacc>().data(),
@@ -277,7 +277,7 @@ class DenseXentGradOp : public OpKernel {
     CheckPredictions(ctx, predictions, &p);
     if (!ctx->status().ok()) return;
     CheckShape(ctx, "labels", labels, predictions.shape());
-    CheckShape(ctx, "stats", stats, TensorShape({p.num_rows, 2}));
+    CheckShape(ctx, "stats", stats, TensorShape({p.num_rows, kDenseStats}));
     CheckShape(ctx, "grad_loss", grad_loss, TensorShape({p.num_rows}));
     if (!ctx->status().ok()) return;
 
@@ -309,7 +309,7 @@ class DenseXentLabelsGradOp : public OpKernel {
     const Tensor& grad_loss = ctx->input(2);
     CheckPredictions(ctx, predictions, &p);
     if (!ctx->status().ok()) return;
-    CheckShape(ctx, "stats", stats, TensorShape({p.num_rows, 2}));
+    CheckShape(ctx, "stats", stats, TensorShape({p.num_rows, kDenseStats}));
     CheckShape(ctx, "grad_loss", grad_loss, TensorShape({p.num_rows}));
     if (!ctx->status().ok()) return;
 

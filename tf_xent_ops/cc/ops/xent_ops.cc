@@ -9,6 +9,7 @@ double: losses, row statistics and dense labels are kept in that type.
 #include "tensorflow/core/framework/common_shape_fns.h"
 #include "tensorflow/core/framework/op.h"
 #include "tensorflow/core/framework/shape_inference.h"
+#include "tf_xent_ops/cc/kernels/xent_functor.h"
 
 namespace tf_xent_ops {
 namespace {
@@ -81,7 +82,7 @@ Status DenseForwardShape(InferenceContext* c) {
   TF_RETURN_IF_ERROR(c->Merge(predictions, c->input(1), &labels));
   n = c->Dim(labels, 0);
   c->set_output(0, c->Vector(n));
-  c->set_output(1, c->Matrix(n, 2));
+  c->set_output(1, c->Matrix(n, kDenseStats));
   return ::tensorflow::OkStatus();
 }
 
@@ -98,8 +99,9 @@ Status DenseBackwardShape(InferenceContext* c) {
   }
   ShapeHandle stats;
   TF_RETURN_IF_ERROR(MergeRows(c, next++, 2, &n, &stats));
-  DimensionHandle two;
-  TF_RETURN_IF_ERROR(c->WithValue(c->Dim(stats, 1), 2, &two));
+  DimensionHandle stats_per_row;
+  TF_RETURN_IF_ERROR(
+      c->WithValue(c->Dim(stats, 1), kDenseStats, &stats_per_row));
   TF_RETURN_IF_ERROR(MergeRows(c, next, 1, &n, &other));
   c->set_output(0, c->Matrix(n, c->Dim(predictions, 1)));
   return ::tensorflow::OkStatus();
@@ -156,8 +158,9 @@ Per-row cross-entropy with dense (soft) labels, fused.
 predictions: [N, C] logits (from_logits) or probabilities.
 labels: [N, C] targets, smoothed inside the op by label_smoothing.
 loss: [N] per-row loss.
-stats: [N, 2] row statistics for the gradients: (log_sum_exp, sum of
-  targets) for logits, (row sum, sum of in-range targets) for probabilities.
+stats: [N, 4] row statistics for the gradients: (log_sum_exp, sum of
+  targets, class of the row's only nonzero label or -1, that label) for
+  logits, (row sum, sum of in-range targets, -1, 0) for probabilities.
 )doc");
 
 REGISTER_OP("TfXent>DenseXentGrad")
