@@ -318,6 +318,18 @@ struct SparseXentBackward {
 // logits backward then reads no labels for that row, its targets being known.
 constexpr int64_t kDenseStats = 4;
 
+// Writes row r's dense statistics.
+template <typename Tacc>
+TFXENT_HOST_DEVICE void WriteDenseStats(Tacc* stats, int64_t r, Tacc stat0,
+                                        Tacc stat1, int64_t single_label = -1,
+                                        Tacc single_value = Tacc(0)) {
+  Tacc* row = stats + kDenseStats * r;
+  row[0] = stat0;
+  row[1] = stat1;
+  row[2] = static_cast<Tacc>(single_label);
+  row[3] = single_value;
+}
+
 template <typename Device, typename T>
 struct DenseXentForward {
   using Tacc = typename AccumulatorType<T>::type;

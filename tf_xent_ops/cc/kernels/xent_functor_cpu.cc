@@ -556,16 +556,6 @@ void WriteOneTargetLogitsGrad(T* dx, const X& x, int64_t num_classes,
   }
 }
 
-// Row r's dense statistics (see DenseXentForward in xent_functor.h).
-template <typename Tacc>
-void WriteDenseStats(Tacc* stats, int64_t r, Tacc stat0, Tacc stat1,
-                     int64_t single_label = -1, Tacc single_value = Tacc(0)) {
-  Tacc* row = stats + kDenseStats * r;
-  row[0] = stat0;
-  row[1] = stat1;
-  row[2] = static_cast<Tacc>(single_label);
-  row[3] = single_value;
-}
 // The class of the row's only nonzero label from its statistics, or -1 (also
 // for anything that is not a class: statistics are an input of the backward).
 template <typename Tacc>

@@ -280,18 +280,6 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-// Row r's dense statistics. The GPU kernels read the labels in the backward
-// (coalesced, at the GPU's bandwidth), so no single label is recorded.
-template <typename Tacc>
-__device__ void WriteGpuDenseStats(Tacc* stats, int64_t r, Tacc stat0,
-                                   Tacc stat1) {
-  Tacc* row = stats + kDenseStats * r;
-  row[0] = stat0;
-  row[1] = stat1;
-  row[2] = Tacc(-1);
-  row[3] = Tacc(0);
-}
-
 template <typename T, typename Tacc>
 __global__ void __launch_bounds__(kThreads)
     DenseForwardKernel(XentParams p, const T* predictions, const Tacc* labels,
@@ -316,7 +304,8 @@ __global__ void __launch_bounds__(kThreads)
       const Tacc total_t_shifted = BlockSum(sum_t_shifted);
       if (threadIdx.x == 0) {
         loss[r] = DenseLogitsLoss(log_s, total_t, total_t_shifted);
-        WriteGpuDenseStats(stats, r, m + log_s, total_t);
+        // No single label: the GPU backward reads the labels (coalesced).
+        WriteDenseStats(stats, r, m + log_s, total_t);
       }
     } else {
       CompensatedSum<Tacc> row_sum;
@@ -335,7 +324,7 @@ __global__ void __launch_bounds__(kThreads)
       const Tacc in_range_sum = BlockSum(in_range_t);
       if (threadIdx.x == 0) {
         loss[r] = -total_sum;
-        WriteGpuDenseStats(stats, r, s, in_range_sum);
+        WriteDenseStats(stats, r, s, in_range_sum);
       }
     }
   }
