@@ -1,255 +1,315 @@
 """GPU correctness and speed of the CUDA functors, without TensorFlow.
 
-For the lent H100 machine (PyTorch and nvcc, no TensorFlow). Builds
-tests/gpu/harness.cu (the op library's own xent_functor_gpu.cu.h behind a C
-ABI), then:
-  --check   compares with float64 references computed by PyTorch on the GPU,
-            on fresh random inputs, outputs poisoned before each run: every
-            dtype, sparse and dense, logits and probabilities, smoothing,
-            ignored rows, extreme rows (+-1e4, -inf), C from 2 to 256k;
-  --bench   times sparse-logits forward and forward+backward with CUDA events
-            (median of many runs) next to torch.nn.functional.cross_entropy
-            and Liger-Kernel's cross entropy (if importable), against the copy
-            bandwidth measured in the same run; writes bench/results/gpu_results.md.
+For the lent GPU machine (PyTorch, Triton and nvcc; no TensorFlow). Loads the
+standalone harness (tests/gpu/harness.cu: the op library's own
+xent_functor_gpu.cu.h behind a C ABI; built here with nvcc unless --library
+names one already built), then:
+  --check   tests/gpu/kernel_checks.py on the GPU: every functor, dtype and
+            label kind against float64 references, on fresh random inputs
+            with special rows, outputs poisoned, bitwise reproducibility,
+            C from 2 to 256000 and N up to 32768;
+  --bench   sparse logits (the large-vocabulary case), forward and
+            forward+backward, timed with CUDA events in one process next to
+            torch.nn.functional.cross_entropy and Liger-Kernel's cross
+            entropy (bench/gpu_requirements.txt, carried as a wheel), against
+            the copy bandwidth measured in the same run. Other harness builds
+            (--variant NAME=LIBRARY, an earlier version say) are timed beside.
+            Writes gpu_results.md and gpu_results.json to --out.
+  --emulated  the same on the CPU (the harness built against
+            tests/gpu/emulation, PyTorch's CPU tensors, small shapes, host
+            timers): a smoke test of this script where there is no GPU.
 
-    python bench/bench_gpu.py --check --bench
+    python bench/bench_gpu.py --check --bench --out "$OUT"
 """
 
 import argparse
 import ctypes
+import json
 import os
 import statistics
-import subprocess
-
-import torch
-from torch.nn import functional
+import sys
+import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-LIB = os.path.join(ROOT, "build", "harness", "libtfxent_harness.so")
-DTYPE_CODE = {torch.float16: 0, torch.bfloat16: 1, torch.float32: 2, torch.float64: 3}
-EPS = 1e-7
+sys.path.insert(0, os.path.join(ROOT, "tests", "gpu"))
+
+import harness as gpu_harness  # noqa: E402
+import kernel_checks  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from torch.nn import functional  # noqa: E402
+
+# C from 2 to 256000, N up to 32768, a few million elements each (so the
+# float64 references on the host stay quick): each shape crosses a different
+# boundary of the kernels, 50257 is odd (rows start anywhere).
+CHECK_SHAPES = (
+    (32768, 2),
+    (32768, 5),
+    (4099, 1000),
+    (80, 50257),
+    (33, 128256),
+    (16, 256000),
+)
+BENCH_SHAPES = ((8192, 32000), (8192, 128256), (4096, 256000))
+TORCH_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
-def build_harness():
-    os.makedirs(os.path.dirname(LIB), exist_ok=True)
-    arch = os.environ.get("TFXENT_CUDA_ARCH", "sm_90")
-    cmd = ["nvcc", "-x", "cu", "-std=c++17", "-O3", "-I" + ROOT, "--expt-relaxed-constexpr"]
-    cmd += ["-shared", "-Xcompiler", "-fPIC", f"-arch={arch}"]
-    subprocess.run(cmd + [os.path.join(ROOT, "tests/gpu/harness.cu"), "-o", LIB], check=True)
-    return ctypes.CDLL(LIB)
+class Device:
+    """Where the harness runs: "cuda", or "cpu" for the emulated build."""
 
+    def __init__(self, emulated):
+        self.name = "cpu" if emulated else "cuda"
+        self.emulated = emulated
 
-def ptr(t):
-    return ctypes.c_void_p(t.data_ptr())
+    def memory(self):
+        return gpu_harness.TorchMemory(self.name)
 
+    def load_harness(self, library):
+        """The harness at `library`, or built here (nvcc for this GPU, or
+        the host compiler against the emulation)."""
+        if library:
+            try:
+                return gpu_harness.Harness(library, self.memory())
+            except OSError as e:
+                print(f"could not load {library} ({e}); building it here")
+        if self.emulated:
+            out = os.path.join(ROOT, "build", "emulated", "libtfxent_harness.so")
+            return gpu_harness.Harness(gpu_harness.build_emulated(out), self.memory())
+        major, minor = torch.cuda.get_device_capability()
+        out = os.path.join(ROOT, "build", "harness", "libtfxent_harness.so")
+        path = gpu_harness.build_cuda(out, arch=f"sm_{major}{minor}")
+        return gpu_harness.Harness(path, self.memory())
 
-def acc_dtype(dtype):
-    return torch.float64 if dtype == torch.float64 else torch.float32
+    def synchronize(self):
+        if not self.emulated:
+            torch.cuda.synchronize()
 
-
-class Harness:
-    def __init__(self, lib):
-        self.lib = lib
-        for name in ("tfxent_sparse_forward", "tfxent_sparse_backward"):
-            getattr(lib, name).restype = ctypes.c_int
-        self.stream = ctypes.c_void_p(torch.cuda.current_stream().cuda_stream)
-
-    def _ok(self, code):
-        if code != 0:
-            raise RuntimeError(f"CUDA error {code}")
-
-    def sparse(self, x, y, from_logits=True, ls=0.0, ignore=None):
-        n, c = x.shape
-        loss = torch.full((n,), float("nan"), dtype=acc_dtype(x.dtype), device=x.device)
-        lse = torch.full_like(loss, float("nan"))
-        common = (DTYPE_CODE[x.dtype], n, c, int(from_logits), ctypes.c_float(ls))
-        common += (ctypes.c_float(EPS), int(ignore is not None), ignore or 0)
-        self._ok(
-            self.lib.tfxent_sparse_forward(
-                *common, ptr(x), ptr(y), ptr(loss), ptr(lse), self.stream
-            )
-        )
-        return loss, lse, common
-
-    def sparse_grad(self, x, y, lse, g, common, out=None):
-        out = torch.full_like(x, 7.0) if out is None else out  # poisoned
-        self._ok(
-            self.lib.tfxent_sparse_backward(
-                *common, ptr(x), ptr(y), ptr(lse), ptr(g), ptr(out), self.stream
-            )
-        )
-        return out
-
-    def dense(self, x, t, from_logits=True, ls=0.0):
-        n, c = x.shape
-        loss = torch.full((n,), float("nan"), dtype=acc_dtype(x.dtype), device=x.device)
-        per_row = self.lib.tfxent_dense_stats_per_row()
-        stats = torch.full((n, per_row), float("nan"), dtype=acc_dtype(x.dtype), device=x.device)
-        common = (
-            DTYPE_CODE[x.dtype],
-            n,
-            c,
-            int(from_logits),
-            ctypes.c_float(ls),
-            ctypes.c_float(EPS),
-        )
-        self._ok(
-            self.lib.tfxent_dense_forward(
-                *common, ptr(x), ptr(t), ptr(loss), ptr(stats), self.stream
-            )
-        )
-        g = torch.ones(n, dtype=loss.dtype, device=x.device)
-        grad = torch.full_like(x, 7.0)
-        self._ok(
-            self.lib.tfxent_dense_backward(
-                *common, ptr(x), ptr(t), ptr(stats), ptr(g), ptr(grad), self.stream
-            )
-        )
-        return loss, grad
-
-
-def reference(x, t, from_logits, ls, sparse_probs):
-    """float64 loss per row and its gradient by autograd (t: dense targets)."""
-    x = x.double().requires_grad_(True)
-    c = x.shape[1]
-    t = t.double() * (1 - ls) + ls / c
-    if from_logits:
-        z = x
-    elif sparse_probs:
-        z = torch.log(torch.clamp(x, EPS, 1 - EPS))
-    else:
-        q = torch.clamp(x / x.sum(1, keepdim=True), EPS, 1 - EPS)
-        loss = -(t * torch.log(q)).sum(1)
-        loss.sum().backward()
-        return loss.detach(), x.grad
-    loss = (t * (torch.logsumexp(z, 1, keepdim=True) - z)).sum(1)
-    loss.sum().backward()
-    return loss.detach(), x.grad
-
-
-def check(h):
-    gen = torch.Generator(device="cuda").manual_seed(int.from_bytes(os.urandom(4), "little"))
-    failures = 0
-    for c in (2, 1000, 32000, 128256, 256000):
-        n = max(4, min(4096, 2**25 // c))
-        for dtype in DTYPE_CODE:
-            for from_logits in (True, False):
-                for ls in (0.0, 0.1):
-                    x = torch.randn(n, c, device="cuda", generator=gen) * 4
-                    if not from_logits:
-                        x = torch.softmax(x, 1)
-                    else:
-                        x[0, :] = 1e4
-                        x[1, 0] = -1e4
-                        x[2, 1] = float("-inf")
-                    x = x.to(dtype)
-                    y = torch.randint(0, c, (n,), device="cuda", generator=gen)
-                    y[2] = 0 if c > 1 else y[2]
-                    y[3] = -1  # ignored
-                    loss, lse, common = h.sparse(x, y, from_logits, ls, ignore=-1)
-                    grad = h.sparse_grad(x, y, lse, torch.ones_like(loss), common)
-                    t = functional.one_hot(y.clamp(min=0), c)
-                    ref_loss, ref_grad = reference(x, t, from_logits, ls, sparse_probs=True)
-                    ref_loss[3] = 0
-                    ref_grad[3] = 0
-                    tol = 1e-9 if dtype == torch.float64 else 1e-4
-                    gtol = {torch.float16: 2e-3, torch.bfloat16: 1e-2}.get(dtype, tol)
-                    bad = not torch.allclose(loss.double(), ref_loss, rtol=tol, atol=tol)
-                    bad |= not torch.allclose(grad.double(), ref_grad, rtol=gtol, atol=gtol)
-                    again, _, _ = h.sparse(x, y, from_logits, ls, ignore=-1)
-                    bad |= not torch.equal(again, loss)  # bitwise reproducible
-                    failures += bad
-                    status = "FAIL" if bad else "ok  "
-                    print(f"{status} sparse C={c} {dtype} logits={from_logits} ls={ls}")
-    # A label outside [0, C): NaN loss, zero gradient, nothing read out of bounds.
-    x = torch.zeros(2, 3, device="cuda")
-    y = torch.tensor([0, 7], device="cuda")
-    loss, lse, common = h.sparse(x, y)
-    grad = h.sparse_grad(x, y, lse, torch.ones_like(loss), common)
-    bad_row_ok = bool(torch.isnan(loss[1])) and bool((grad[1] == 0).all())
-    print(f"{'ok  ' if bad_row_ok else 'FAIL'} out-of-range label -> {loss.tolist()}")
-    assert failures == 0 and bad_row_ok, f"{failures} failing cases"
-
-
-def time_ms(fn, runs=50):
-    fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(runs):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
+    def time_ms(self, fn, repeat=20, groups=7):
+        """Median over `groups` of the mean time of `repeat` back-to-back
+        calls. On a GPU, with CUDA events: the queue stays ahead of the GPU,
+        so launch overhead and the host's ctypes calls are hidden as they are
+        in a training step."""
         fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
+        self.synchronize()
+        times = []
+        for _ in range(groups):
+            if self.emulated:
+                start = time.perf_counter()
+                for _ in range(repeat):
+                    fn()
+                times.append((time.perf_counter() - start) * 1e3 / repeat)
+                continue
+            start = torch.cuda.Event(enable_timing=True)
+            end = torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(repeat):
+                fn()
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end) / repeat)
+        return statistics.median(times)
+
+    def copy_bandwidth_gbs(self):
+        """Bytes read plus bytes written per second by a device copy."""
+        size = 2**24 if self.emulated else 2**31
+        src = torch.empty(size, dtype=torch.uint8, device=self.name)
+        dst = torch.empty_like(src)
+        return 2 * src.numel() / self.time_ms(lambda: dst.copy_(src), repeat=5) / 1e6
+
+    def stream(self):
+        if self.emulated:
+            return None
+        return ctypes.c_void_p(torch.cuda.current_stream().cuda_stream)
 
 
-def copy_bandwidth_gbs():
-    """Read + write bytes per second of a 1 GiB device-to-device copy."""
-    buffer = torch.empty(2**30, dtype=torch.uint8, device="cuda")
-    return 2 * buffer.numel() / time_ms(buffer.clone, 10) / 1e6
+class OursSparse:
+    """Forward and forward+backward of one harness build on preallocated
+    buffers (as TensorFlow's allocator hands them out), the C calls' argument
+    lists formed once."""
+
+    def __init__(self, h, x, y, stream):
+        n, c = x.shape
+        # Every tensor whose pointer is passed is kept alive here.
+        self.lib, self.x, self.y = h.lib, x, y
+        self.loss, self.dx = x.new_empty(n, dtype=torch.float32), torch.empty_like(x)
+        self.lse, self.g = torch.empty_like(self.loss), torch.full_like(self.loss, 1.0 / n)
+        dtype = gpu_harness.DTYPE_CODES[str(x.dtype).removeprefix("torch.")]
+        params = h.sparse_params(dtype, 64, n, c, True, 0.0, 1e-7, None)
+
+        def pointers(*tensors):
+            return tuple(ctypes.c_void_p(t.data_ptr()) for t in tensors)
+
+        self.forward_args = params + pointers(x, y, self.loss, self.lse) + (stream,)
+        self.backward_args = params + pointers(x, y, self.lse, self.g, self.dx) + (stream,)
+
+    def forward(self):
+        if self.lib.tfxent_sparse_forward(*self.forward_args):
+            raise RuntimeError("sparse forward failed to launch")
+
+    def both(self):
+        self.forward()
+        if self.lib.tfxent_sparse_backward(*self.backward_args):
+            raise RuntimeError("sparse backward failed to launch")
+
+    def check_against(self, x, y):
+        """Relative errors of our mean loss and its gradient against PyTorch's
+        in float64."""
+        self.both()
+        xd = x.double().requires_grad_(True)
+        ref = functional.cross_entropy(xd, y)
+        ref.backward()
+        loss_err = abs(self.loss.double().mean().item() - ref.item()) / abs(ref.item())
+        grad_err = (self.dx.double() - xd.grad).norm().item() / xd.grad.norm().item()
+        return loss_err, grad_err
 
 
-def bench(h):
+def _liger():
     try:
         from liger_kernel.transformers.functional import liger_cross_entropy
-    except ImportError:
-        liger_cross_entropy = None
-    copy_gbs = copy_bandwidth_gbs()
+    except ImportError as e:
+        print(f"Liger-Kernel not importable ({e}): its column stays empty")
+        return None, None
+    import liger_kernel
+
+    return liger_cross_entropy, getattr(liger_kernel, "__version__", "?")
+
+
+def bench(device, h, variants, shapes, out_dir):
+    liger_cross_entropy, liger_version = _liger()
+    copy_gbs = device.copy_bandwidth_gbs()
+    name = "CPU (emulated harness)" if device.emulated else torch.cuda.get_device_name()
+    print(f"{name}; copy bandwidth {copy_gbs:.0f} GB/s (read + write)", flush=True)
+    rows = []
+    builds = {"ours": h, **variants}
+    for n, c in shapes:
+        for dtype_name, dtype in TORCH_DTYPES.items():
+            gen = torch.Generator(device=device.name)
+            gen.manual_seed(int.from_bytes(os.urandom(4), "little"))
+            x = torch.randn(n, c, device=device.name, dtype=dtype, generator=gen) * 4
+            y = torch.randint(0, c, (n,), device=device.name, generator=gen)
+            ours = {b: OursSparse(builds[b], x, y, device.stream()) for b in builds}
+            loss_err, grad_err = ours["ours"].check_against(x, y)
+            times = {}
+            for b in builds:
+                times[f"{b} fwd"] = device.time_ms(ours[b].forward)
+                times[f"{b} fwd+bwd"] = device.time_ms(ours[b].both)
+            del ours
+            times["torch fwd"] = device.time_ms(lambda x=x, y=y: functional.cross_entropy(x, y))
+            xt = x.detach().clone().requires_grad_(True)
+
+            def torch_both(xt=xt, y=y):
+                xt.grad = None
+                functional.cross_entropy(xt, y).backward()
+
+            times["torch fwd+bwd"] = device.time_ms(torch_both)
+            del xt, torch_both
+            if liger_cross_entropy is not None and not device.emulated:
+                xl = x.detach().clone().requires_grad_(True)
+
+                def liger_both(xl=xl, y=y):
+                    xl.grad = None
+                    liger_cross_entropy(xl, y).backward()
+
+                times["liger fwd+bwd"] = device.time_ms(liger_both)
+                del xl, liger_both
+            if not device.emulated:
+                torch.cuda.empty_cache()
+            nbytes = n * c * x.element_size()
+            row = {
+                "shape": [n, c],
+                "dtype": dtype_name,
+                "times_ms": times,
+                # Floors: one read of the logits (forward); one read and one
+                # write (forward+backward), at the measured copy bandwidth.
+                "floor_fwd_ms": nbytes / copy_gbs / 1e6,
+                "floor_fwd_bwd_ms": 2 * nbytes / copy_gbs / 1e6,
+                "loss_rel_err": loss_err,
+                "grad_rel_err": grad_err,
+            }
+            rows.append(row)
+            print(_line(row), flush=True)
+    result = {
+        "device": name,
+        "copy_gbs": copy_gbs,
+        "liger_version": liger_version,
+        "torch_version": torch.__version__,
+        "builds": list(builds),
+        "rows": rows,
+    }
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, "gpu_results.json"), "w") as f:
+        json.dump(result, f, indent=1)
+    table = markdown(result)
+    with open(os.path.join(out_dir, "gpu_results.md"), "w") as f:
+        f.write(table)
+    print(table)
+
+
+def _line(row):
+    t = row["times_ms"]
+    parts = [f"{row['shape'][0]}x{row['shape'][1]} {row['dtype']}:"]
+    parts += [f"{k} {v:.3f}" for k, v in t.items()]
+    parts += [f"err loss {row['loss_rel_err']:.1e} grad {row['grad_rel_err']:.1e}"]
+    return "  ".join(parts)
+
+
+def markdown(result):
+    """The README table: times, multiples of the floor, speed-ups."""
+    names = result["builds"]
     lines = [
-        f"Copy bandwidth measured in the run: {copy_gbs:.0f} GB/s.",
+        f"{result['device']}, copy bandwidth {result['copy_gbs']:.0f} GB/s (read + write), "
+        f"torch {result['torch_version']}, Liger-Kernel {result['liger_version']}.",
         "",
-        "| N x C | dtype | op | ours ms | torch ms | liger ms | ours x floor |",
-        "|---|---|---|---:|---:|---:|---:|",
+        "| N x C | dtype | op | ours ms | x floor | torch ms | liger ms | vs torch | vs liger |"
+        + "".join(f" {n} ms |" for n in names[1:]),
+        "|---|---|---|---:|---:|---:|---:|---:|---:|" + "---:|" * (len(names) - 1),
     ]
-    for n, c in ((8192, 32000), (8192, 128256), (4096, 256000)):
-        for dtype in (torch.bfloat16, torch.float32):
-            x = torch.randn(n, c, device="cuda", dtype=dtype)
-            y = torch.randint(0, c, (n,), device="cuda")
-            g = torch.ones(n, device="cuda")
-            elem = x.element_size()
-            fwd = time_ms(lambda x=x, y=y: h.sparse(x, y))
-            out = torch.empty_like(x)
-
-            def fwd_bwd(x=x, y=y, g=g, out=out):
-                loss, lse, common = h.sparse(x, y)
-                h.sparse_grad(x, y, lse, g, common, out=out)
-
-            both = time_ms(fwd_bwd)
-            xt = x.detach().requires_grad_(True)
-            t_fwd = time_ms(lambda xt=xt, y=y: functional.cross_entropy(xt, y))
-            t_both = time_ms(lambda xt=xt, y=y: functional.cross_entropy(xt, y).backward())
-            l_both = float("nan")
-            if liger_cross_entropy is not None:
-                l_both = time_ms(lambda xt=xt, y=y: liger_cross_entropy(xt, y).backward())
-            for op, ours, torch_ms, liger_ms, nbytes in (
-                ("fwd", fwd, t_fwd, float("nan"), n * c * elem),
-                ("fwd+bwd", both, t_both, l_both, 2 * n * c * elem),
-            ):
-                floor = nbytes / copy_gbs / 1e6
-                line = (
-                    f"| {n} x {c} | {str(dtype)[6:]} | {op} | {ours:.2f} | {torch_ms:.2f}"
-                    f" | {liger_ms:.2f} | {ours / floor:.2f} |"
-                )
-                print(line, flush=True)
-                lines.append(line)
-    os.makedirs(os.path.join(ROOT, "bench", "results"), exist_ok=True)
-    with open(os.path.join(ROOT, "bench", "results", "gpu_results.md"), "w") as f:
-        f.write("\n".join(lines) + "\n")
+    for row in result["rows"]:
+        t = row["times_ms"]
+        for op, floor in (("fwd", row["floor_fwd_ms"]), ("fwd+bwd", row["floor_fwd_bwd_ms"])):
+            ours = t[f"ours {op}"]
+            torch_ms = t[f"torch {op}"]
+            liger_ms = t.get(f"liger {op}", float("nan"))
+            line = (
+                f"| {row['shape'][0]} x {row['shape'][1]} | {row['dtype']} | {op} | {ours:.3f} "
+                f"| {ours / floor:.2f} | {torch_ms:.3f} | {liger_ms:.3f} "
+                f"| {torch_ms / ours:.2f}x | {liger_ms / ours:.2f}x |"
+            )
+            line += "".join(f" {t[f'{n} {op}']:.3f} |" for n in names[1:])
+            lines.append(line)
+    return "\n".join(lines) + "\n"
 
 
 def main():
-    parser = argparse.ArgumentParser()
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--check", action="store_true")
     parser.add_argument("--bench", action="store_true")
+    parser.add_argument("--emulated", action="store_true", help="on the CPU, small shapes")
+    parser.add_argument("--library", help="a harness built already (else built here)")
+    parser.add_argument("--variant", action="append", default=[], metavar="NAME=LIBRARY")
+    parser.add_argument("--out", default=os.path.join(ROOT, "bench", "results"))
+    parser.add_argument("--seed", type=int)
     args = parser.parse_args()
-    h = Harness(build_harness())
+    start = time.perf_counter()
+    device = Device(args.emulated)
+    h = device.load_harness(args.library)
+    print(f"harness ready in {time.perf_counter() - start:.1f} s", flush=True)
+    failed = 0
     if args.check:
-        check(h)
+        shapes = kernel_checks.EMULATED_SHAPES[:2] if args.emulated else CHECK_SHAPES
+        cases = kernel_checks.grid(shapes)
+        failed = kernel_checks.run(h, cases, args.seed, log=lambda s: print(s, flush=True))
     if args.bench:
-        bench(h)
+        variants = {}
+        for spec in args.variant:
+            name, path = spec.split("=", 1)
+            variants[name] = gpu_harness.Harness(path, device.memory())
+        shapes = ((16, 300), (8, 1000)) if args.emulated else BENCH_SHAPES
+        bench(device, h, variants, shapes, args.out)
+    print(f"done in {time.perf_counter() - start:.1f} s")
+    sys.exit(1 if failed else 0)
 
 
 if __name__ == "__main__":
+    np.seterr(all="ignore")
     main()

@@ -5,6 +5,8 @@ kernels: the dense probability path normalizes, clips to [eps, 1 - eps] and
 takes the log; the sparse one clips, takes the log and log-softmaxes.
 """
 
+from typing import NamedTuple
+
 import ml_dtypes
 import numpy as np
 
@@ -68,6 +70,88 @@ def sparse(
     if label_smoothing and num_classes:  # only then do other classes carry target mass
         loss = loss + label_smoothing / num_classes * np.sum(neg_log_softmax, axis=-1)
     return np.where(valid, loss, 0.0)
+
+
+def _log_softmax(z):
+    with np.errstate(invalid="ignore"):
+        return z - _logsumexp(z)[..., None]
+
+
+def _clip_mask(q, epsilon):
+    # Where tf.clip_by_value passes the gradient through (bounds inclusive).
+    with np.errstate(invalid="ignore"):
+        return (q >= epsilon) & (q <= 1.0 - epsilon)
+
+
+def _softmax_scale(softmax, lse):
+    # The kernels keep lse (log-sum-exp) as one number of the accumulation
+    # type for the backward, so exp(z - lse) carries lse's rounding: a
+    # relative error of |lse| ulps, 6e-4 in float32 at |lse| = 1e4.
+    return np.abs(softmax) * np.maximum(1.0, np.abs(lse))
+
+
+class Gradient(NamedTuple):
+    """A float64 gradient and, element-wise, the size of the terms it is the
+    difference of (softmax * sum(t) and t, say): a computation in lower
+    precision errs in proportion to `scale`, not to the gradient itself."""
+
+    value: np.ndarray
+    scale: np.ndarray
+
+
+def dense_gradients(labels, predictions, from_logits, label_smoothing=0.0, epsilon=EPSILON):
+    """Gradients of `dense` for [N, C] inputs and an upstream gradient of one
+    per row, with respect to the predictions and to the labels, in closed
+    form: for logits softmax(z) sum(t) - t and -(1 - ls) log_softmax(z); for
+    probabilities (q = p / s, m the clip mask, A = sum of t over m)
+    A / s - m t / p and -(1 - ls) log(clip(q))."""
+    label_smoothing, epsilon = as_attr(label_smoothing), as_attr(epsilon)
+    y = np.asarray(labels, np.float64)
+    p = np.asarray(predictions).astype(np.float64)
+    on = 1.0 - label_smoothing
+    t = y * on + label_smoothing / max(p.shape[-1], 1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        if from_logits:
+            lse = _logsumexp(p)[..., None]
+            weighted = np.exp(p - lse) * t.sum(-1, keepdims=True)
+            wrt_labels = Gradient(-on * (p - lse), on * (np.abs(lse) + np.abs(p)))
+            return Gradient(weighted - t, _softmax_scale(weighted, lse) + np.abs(t)), wrt_labels
+        s = p.sum(-1, keepdims=True)
+        q = p / s
+        mask = _clip_mask(q, epsilon)
+        spread = np.sum(np.where(mask, t, 0.0), -1, keepdims=True) / s
+        own = np.where(mask, t / p, 0.0)
+        log_q = np.log(np.clip(q, epsilon, 1.0 - epsilon))
+        wrt_labels = Gradient(-on * log_q, on * np.maximum(np.abs(log_q), 1.0))
+        return Gradient(spread - own, np.abs(spread) + np.abs(own)), wrt_labels
+
+
+def sparse_gradient(
+    labels, predictions, from_logits, label_smoothing=0.0, ignore_class=None, epsilon=EPSILON
+):
+    """Gradient of `sparse` with respect to [N, C] predictions for an upstream
+    gradient of one per row: softmax(z) - t with respect to z, where z = p for
+    logits and log(clip(p)) for probabilities (then times m / p, m the clip
+    mask); zero in ignored rows."""
+    label_smoothing, epsilon = as_attr(label_smoothing), as_attr(epsilon)
+    p = np.asarray(predictions).astype(np.float64)
+    labels = np.asarray(labels).astype(np.int64)
+    valid = np.ones(labels.shape, bool) if ignore_class is None else labels != ignore_class
+    t = np.full(p.shape, label_smoothing / p.shape[-1])
+    rows = np.flatnonzero(valid)
+    t[rows, labels[rows]] += 1.0 - label_smoothing
+    with np.errstate(invalid="ignore", divide="ignore"):
+        z = p if from_logits else np.log(np.clip(p, epsilon, 1.0 - epsilon))
+        softmax = np.exp(_log_softmax(z))
+        if from_logits:
+            grad = softmax - t
+            scale = _softmax_scale(softmax, _logsumexp(z)[..., None]) + t
+        else:
+            mask = _clip_mask(p, epsilon)
+            grad = np.where(mask, (softmax - t) / p, 0.0)
+            scale = np.where(mask, (softmax + t) / p, 0.0)
+    keep = valid[:, None]
+    return Gradient(np.where(keep, grad, 0.0), np.where(keep, scale, 0.0))
 
 
 def logits(rng, shape, dtype, scale=4.0):

@@ -173,8 +173,10 @@ template <typename Tacc>
 __device__ void CombineExpSums(const OnlineExpSum<Tacc>& mine, Tacc* row_max,
                                Tacc* log_s) {
   const Tacc m = BlockReduce(mine.m, MaxOp(), -Tacc(INFINITY));
-  const Tacc part =
-      mine.m == -Tacc(INFINITY) ? Tacc(0) : mine.s.Total() * ExpOf(mine.m - m);
+  // A thread that saw only -inf and NaN has m = -inf and a sum of 0 or NaN.
+  const Tacc part = mine.m == -Tacc(INFINITY)
+                        ? mine.s.Total()
+                        : mine.s.Total() * ExpOf(mine.m - m);
   *row_max = m;
   *log_s = LogOf(BlockReduce(part, SumOp(), Tacc(0)));
 }
@@ -375,15 +377,23 @@ __global__ void __launch_bounds__(kThreads)
 }
 
 // Launches a row kernel, kernel(p, args...), on d's stream: one block per
-// row up to kMaxBlocks (the kernels stride over the rest).
-template <typename... Params, typename... Args>
+// row up to kMaxBlocks (the kernels stride over the rest). A launch error is
+// left for cudaGetLastError. cudaLaunchKernel rather than <<<...>>>, so that
+// a host compiler can build the kernels against the CPU emulation of CUDA
+// in tests/gpu/emulation.
+template <typename T>
+struct NonDeduced {
+  using type = T;
+};
+template <typename... Params>
 void LaunchRows(void (*kernel)(XentParams, Params...), const GpuDevice& d,
-                const XentParams& p, Args... args) {
+                XentParams p, typename NonDeduced<Params>::type... args) {
   if (p.num_rows == 0) return;
   const auto blocks = static_cast<unsigned int>(
       p.num_rows < kMaxBlocks ? p.num_rows : kMaxBlocks);
-  kernel<<<blocks, kThreads, 0, static_cast<cudaStream_t>(d.stream)>>>(p,
-                                                                       args...);
+  void* kernel_args[] = {&p, &args...};
+  cudaLaunchKernel(kernel, dim3(blocks), dim3(kThreads), kernel_args, 0,
+                   static_cast<cudaStream_t>(d.stream));
 }
 
 }  // namespace gpu

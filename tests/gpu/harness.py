@@ -1,0 +1,231 @@
+"""The GPU functors behind tests/gpu/harness.cu's C ABI, from Python.
+
+Two builds of the same source: `build_cuda` (nvcc, for a GPU) and
+`build_emulated` (the host compiler with tests/gpu/emulation/ first on the
+include path: CUDA emulated on the CPU, for machines without a GPU). A
+`Harness` calls either through buffers of a `Memory`: `HostMemory` (NumPy
+arrays, for the emulation) or `TorchMemory` (PyTorch buffers).
+Buffers are raw bytes with a NumPy dtype and shape beside them, so 16-bit
+types need nothing from the framework.
+"""
+
+import ctypes
+import os
+import subprocess
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+SOURCE = os.path.join(ROOT, "tests", "gpu", "harness.cu")
+EMULATION = os.path.join(ROOT, "tests", "gpu", "emulation")
+HEADERS = [
+    os.path.join(ROOT, "tf_xent_ops", "cc", "kernels", "xent_functor.h"),
+    os.path.join(ROOT, "tf_xent_ops", "cc", "kernels", "xent_functor_gpu.cu.h"),
+]
+
+
+def _newer_than(target, sources):
+    return os.path.exists(target) and all(
+        os.path.getmtime(target) >= os.path.getmtime(s) for s in sources
+    )
+
+
+def _build(cmd, out, sources):
+    if _newer_than(out, sources):
+        return out
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    subprocess.run(cmd + ["-o", out + ".tmp"], check=True)
+    os.replace(out + ".tmp", out)
+    return out
+
+
+def build_cuda(out, arch="sm_90"):
+    """nvcc build for a GPU of compute capability `arch`."""
+    cmd = ["nvcc", "-x", "cu", "-std=c++17", "-O3", "-I" + ROOT, "--expt-relaxed-constexpr"]
+    cmd += ["-shared", "-Xcompiler", "-fPIC", f"-arch={arch}", SOURCE]
+    return _build(cmd, out, [SOURCE] + HEADERS)
+
+
+def build_emulated(out, sanitize=False, source=SOURCE):
+    """Host-compiler build of `source` (the harness by default) against the
+    CUDA emulation; with AddressSanitizer and UndefinedBehaviorSanitizer if
+    `sanitize` (load it with the runtimes preloaded: `sanitizer_preload`)."""
+    api = os.path.join(EMULATION, "emulation_api.cc")
+    cmd = [os.environ.get("CXX", "g++"), "-std=c++17", "-O1", "-g", "-fPIC", "-shared"]
+    cmd += ["-I" + EMULATION, "-I" + ROOT, "-Wall", "-Werror", "-Wno-unknown-pragmas"]
+    if sanitize:
+        cmd += ["-fsanitize=address,undefined", "-fno-sanitize-recover=all"]
+        cmd += ["-fno-omit-frame-pointer"]
+    cmd += ["-x", "c++", source, api]
+    headers = [os.path.join(EMULATION, h) for h in os.listdir(EMULATION)]
+    return _build(cmd, out, [source] + HEADERS + headers)
+
+
+def sanitizer_preload():
+    """LD_PRELOAD value with the host compiler's ASan and UBSan runtimes, or
+    None if it has none."""
+    paths = []
+    for lib in ("libasan.so", "libubsan.so"):
+        path = subprocess.run(
+            [os.environ.get("CXX", "g++"), f"-print-file-name={lib}"],
+            capture_output=True,
+            text=True,
+        ).stdout.strip()
+        if not os.path.isabs(path):
+            return None
+        paths.append(path)
+    return " ".join(paths)
+
+
+class HostMemory:
+    """Buffers in host memory: the emulated harness's 'device'."""
+
+    stream = None
+
+    def put(self, array, offset_bytes=0):
+        """A copy of `array` on the device, starting `offset_bytes` past a
+        16-byte boundary (to test rows that are not). It ends where its
+        allocation ends, so that AddressSanitizer sees a read past the end."""
+        array = np.ascontiguousarray(array)
+        raw = np.empty(array.nbytes + offset_bytes, np.uint8)
+        if raw.ctypes.data % 16:  # malloc's blocks are 16-byte aligned, but in case
+            raw = np.empty(array.nbytes + 16 + offset_bytes, np.uint8)
+        start = (-raw.ctypes.data) % 16 + offset_bytes
+        view = raw[start : start + array.nbytes].view(array.dtype).reshape(array.shape)
+        view[...] = array
+        return view
+
+    def full(self, shape, dtype, value):
+        return self.put(np.full(shape, value, dtype))
+
+    def get(self, buffer):
+        return np.array(buffer)
+
+    def pointer(self, buffer):
+        return ctypes.c_void_p(buffer.ctypes.data)
+
+    def synchronize(self):
+        pass
+
+
+class TorchMemory:
+    """Buffers held by PyTorch on `device` (raw bytes; dtype and shape kept
+    beside them): GPU memory for the nvcc build, or host memory, which the
+    emulated build takes too (bench/bench_gpu.py --emulated)."""
+
+    def __init__(self, device="cuda"):
+        import torch
+
+        self.torch, self.device = torch, device
+        self.stream = None
+        if device == "cuda":
+            self.stream = ctypes.c_void_p(torch.cuda.current_stream().cuda_stream)
+
+    class Buffer:
+        def __init__(self, data, dtype, shape):
+            self.data, self.dtype, self.shape = data, dtype, shape
+
+    def put(self, array, offset_bytes=0):
+        array = np.ascontiguousarray(array)
+        raw = self.torch.empty(array.nbytes + offset_bytes, dtype=self.torch.uint8)
+        raw = raw.to(self.device)
+        data = raw[offset_bytes:]
+        data.copy_(self.torch.from_numpy(array.reshape(-1).view(np.uint8)))
+        return self.Buffer(data, array.dtype, array.shape)
+
+    def full(self, shape, dtype, value):
+        return self.put(np.full(shape, value, dtype))
+
+    def get(self, buffer):
+        return buffer.data.cpu().numpy().view(buffer.dtype).reshape(buffer.shape)
+
+    def pointer(self, buffer):
+        return ctypes.c_void_p(buffer.data.data_ptr())
+
+    def synchronize(self):
+        if self.device == "cuda":
+            self.torch.cuda.synchronize()
+
+
+DTYPE_CODES = {"float16": 0, "bfloat16": 1, "float32": 2, "float64": 3}
+STATS_PER_ROW_FUNCTION = "tfxent_dense_stats_per_row"
+
+
+class Harness:
+    """The functors of one build of the harness, over buffers of `memory`.
+
+    Each call launches one functor on memory.stream and raises if the
+    launch failed (with the emulation's message where there is one).
+    """
+
+    def __init__(self, library_path, memory):
+        self.lib = ctypes.CDLL(library_path)
+        self.memory = memory
+        self.emulated = hasattr(self.lib, "tfxent_emulation_take_error")
+        self.stats_per_row = getattr(self.lib, STATS_PER_ROW_FUNCTION)()
+
+    def set_seed(self, seed):
+        """The emulation's fiber order (no effect on a GPU)."""
+        if self.emulated:
+            self.lib.tfxent_emulation_set_seed(ctypes.c_uint64(seed))
+
+    def _check(self, name, code):
+        message = ""
+        if self.emulated:
+            buffer = ctypes.create_string_buffer(4096)
+            self.lib.tfxent_emulation_take_error(buffer, len(buffer))
+            message = buffer.value.decode()
+        if code != 0 or message:
+            raise RuntimeError(f"{name}: CUDA error {code} {message}".strip())
+
+    def _call(self, name, params, *buffers):
+        pointers = tuple(self.memory.pointer(b) for b in buffers)
+        self._check(name, getattr(self.lib, name)(*params, *pointers, self.memory.stream))
+
+    @staticmethod
+    def params(dtype, n, c, from_logits, ls, eps):
+        """The C calls' leading arguments (dtype: a DTYPE_CODES key or code)."""
+        return (
+            DTYPE_CODES.get(dtype, dtype),
+            ctypes.c_int64(n),
+            ctypes.c_int64(c),
+            int(from_logits),
+            ctypes.c_float(ls),
+            ctypes.c_float(eps),
+        )
+
+    @staticmethod
+    def sparse_params(dtype, index_bits, n, c, from_logits, ls, eps, ignore_class):
+        """The sparse C calls' leading arguments."""
+        common = Harness.params(dtype, n, c, from_logits, ls, eps)
+        ignore = (int(ignore_class is not None), ctypes.c_int64(ignore_class or 0))
+        return (common[0], index_bits) + common[1:] + ignore
+
+    def sparse_forward(self, dtype, index_bits, n, c, from_logits, ls, eps, ignore_class,
+                       predictions, labels, loss, log_sum_exp):  # fmt: skip
+        params = self.sparse_params(dtype, index_bits, n, c, from_logits, ls, eps, ignore_class)
+        self._call("tfxent_sparse_forward", params, predictions, labels, loss, log_sum_exp)
+
+    def sparse_backward(self, dtype, index_bits, n, c, from_logits, ls, eps, ignore_class,
+                        predictions, labels, log_sum_exp, grad_loss, grad_predictions):  # fmt: skip
+        params = self.sparse_params(dtype, index_bits, n, c, from_logits, ls, eps, ignore_class)
+        buffers = (predictions, labels, log_sum_exp, grad_loss, grad_predictions)
+        self._call("tfxent_sparse_backward", params, *buffers)
+
+    def dense_forward(self, dtype, n, c, from_logits, ls, eps, predictions, labels, loss, stats):
+        params = self.params(dtype, n, c, from_logits, ls, eps)
+        self._call("tfxent_dense_forward", params, predictions, labels, loss, stats)
+
+    def dense_backward(self, dtype, n, c, from_logits, ls, eps, predictions, labels, stats,
+                       grad_loss, grad_predictions):  # fmt: skip
+        params = self.params(dtype, n, c, from_logits, ls, eps)
+        self._call(
+            "tfxent_dense_backward", params, predictions, labels, stats, grad_loss, grad_predictions
+        )
+
+    def dense_labels_backward(self, dtype, n, c, from_logits, ls, eps, predictions, stats,
+                              grad_loss, grad_labels):  # fmt: skip
+        params = self.params(dtype, n, c, from_logits, ls, eps)
+        self._call(
+            "tfxent_dense_labels_backward", params, predictions, stats, grad_loss, grad_labels
+        )
