@@ -90,7 +90,10 @@ def _rounded(array, dtype):
 
 def _special_logits(rng, z, labels, dense_labels):
     """Rows that stress the reductions, each on its own row (while rows last).
-    Labels are moved so that -inf entries carry target mass only where said."""
+    Labels (dense ones if not None) are moved so that -inf entries carry
+    target mass only where said."""
+    if dense_labels is None:
+        dense_labels = np.zeros_like(z[:0])  # nothing to move
     n, c = z.shape
     if n > 0:
         z[0] = 1e4  # all equal and large
@@ -101,8 +104,7 @@ def _special_logits(rng, z, labels, dense_labels):
         k = rng.integers(c)
         z[2, (np.arange(c) != k) & (rng.random(c) < 0.5)] = -np.inf
         labels[2] = k  # -inf only off the label: no target mass there at ls = 0
-        dense_labels[2] = 0.0
-        dense_labels[2, k] = 1.0
+        _one_hot_row(dense_labels, 2, k)
     if n > 5:
         z[5, rng.integers(c)] = np.nan
     if n > 6 and c > 1:
@@ -110,11 +112,16 @@ def _special_logits(rng, z, labels, dense_labels):
         z[6] = -np.inf
         z[6, k] = rng.standard_normal()
         labels[6] = k
-        dense_labels[6] = 0.0
-        dense_labels[6, k] = 1.0
+        _one_hot_row(dense_labels, 6, k)
     if n > 7:
         z[7] *= 30.0
     return z
+
+
+def _one_hot_row(y, r, k):
+    if r < len(y):
+        y[r] = 0.0
+        y[r, k] = 1.0
 
 
 def _special_probabilities(rng, p, labels):
@@ -134,13 +141,15 @@ def _special_probabilities(rng, p, labels):
 
 def make_inputs(rng, case):
     """Predictions (in the case's dtype), sparse labels (with an ignored row
-    and a row labelled outside [0, C)), dense labels (soft, some one-hot, one
-    all-zero row) and the upstream gradient."""
+    and a row labelled outside [0, C)), dense labels for dense cases (soft,
+    some one-hot, one all-zero row; else None) and the upstream gradient."""
     n, c = case.num_rows, case.num_classes
     labels = rng.integers(0, c, size=n)
-    dense_labels = ref.soft_labels(rng, (n, c))
-    one_hot_rows = rng.random(n) < 0.3
-    dense_labels[one_hot_rows] = ref.one_hot(labels[one_hot_rows], c)
+    dense_labels = None
+    if not case.sparse:
+        dense_labels = ref.soft_labels(rng, (n, c))
+        one_hot_rows = rng.random(n) < 0.3
+        dense_labels[one_hot_rows] = ref.one_hot(labels[one_hot_rows], c)
     if case.from_logits:
         predictions = _special_logits(rng, ref.logits(rng, (n, c), "float64"), labels, dense_labels)
     else:
@@ -149,7 +158,8 @@ def make_inputs(rng, case):
         labels[3] = IGNORE_CLASS
     if n > 4:
         labels[4] = rng.choice([c, c + 1000, -2, np.iinfo(np.int32).max])
-        dense_labels[4] = 0.0
+        if dense_labels is not None:
+            dense_labels[4] = 0.0
     grad_loss = rng.uniform(0.5, 2.0, size=n)
     if n > 8:
         grad_loss[8] = 0.0
@@ -204,7 +214,8 @@ class _Runner:
         self.x = self.m.put(self.predictions, case.offset_bytes)
         index_dtype = np.int32 if case.index_bits == 32 else np.int64
         self.y = self.m.put(self.labels.astype(index_dtype))
-        self.t = self.m.put(self.dense_labels.astype(self.acc))
+        if not case.sparse:
+            self.t = self.m.put(self.dense_labels.astype(self.acc))
         self.g = self.m.put(self.grad_loss.astype(self.acc))
         self.common = (case.dtype, n, c, case.from_logits, case.label_smoothing, ref.EPSILON)
 
@@ -305,10 +316,19 @@ def run(h, cases, seed=None, log=print):
     return failed
 
 
-# Shapes the CPU emulation runs in CI: each C crosses a different boundary of
-# the kernels (fewer classes than a warp, than a block of threads, rows of a
-# few 16-byte pieces per thread, odd C), a few rows each.
-EMULATED_SHAPES = ((9, 2), (10, 7), (9, 33), (12, 256), (9, 1000), (9, 2051))
+# Shapes the CPU emulation runs in CI, a few rows each: C crosses the
+# kernels' boundaries (a warp's lanes, 16-byte pieces, the largest rows a warp
+# computes, several rounds of pieces in flight per thread, odd C).
+EMULATED_SHAPES = (
+    (9, 2),
+    (10, 7),
+    (9, 33),
+    (12, 256),
+    (9, 1000),
+    (10, 2048),
+    (9, 2051),
+    (5, 16397),
+)
 
 
 def main():

@@ -327,6 +327,16 @@ V __shfl_sync(unsigned int mask, V v, int src_lane, int width = warpSize) {
   });
 }
 
+// Streaming loads and stores (cache hints only).
+template <typename V>
+V __ldcs(const V* p) {
+  return *p;
+}
+template <typename V>
+void __stcs(V* p, V v) {
+  *p = v;
+}
+
 // Device-only math the kernels call, with the host's libm (expf, exp2f and
 // the rest are libm's own).
 inline float __expf(float x) { return std::exp(x); }

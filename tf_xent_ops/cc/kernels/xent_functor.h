@@ -188,11 +188,17 @@ struct CompensatedSum {
 // (g sum_t) softmax_k - g t_k: where g, sum_t and t_k are per-row scalars
 // (sparse labels), that is two operations per element after the exp. The
 // scaled form takes g sum_t and g t_k already formed (for dense targets,
-// XentConstants::ScaledDenseTarget: one FMA per element).
+// XentConstants::ScaledDenseTarget: one FMA per element); SoftmaxGrad takes
+// softmax_k = exp(z_k - lse) formed too (the GPU kernels use their own exp).
+template <typename A, typename E, typename GT>
+TFXENT_HOST_DEVICE auto SoftmaxGrad(const A& g_sum_t, const E& softmax,
+                                    const GT& g_t) {
+  return g_sum_t * softmax - g_t;
+}
 template <typename A, typename Z, typename L, typename GT>
 TFXENT_HOST_DEVICE auto ScaledLogitsGrad(const A& g_sum_t, const Z& z,
                                          const L& lse, const GT& g_t) {
-  return g_sum_t * ExpOf(z - lse) - g_t;
+  return SoftmaxGrad(g_sum_t, ExpOf(z - lse), g_t);
 }
 template <typename G, typename Z, typename L, typename S, typename T>
 TFXENT_HOST_DEVICE auto LogitsGrad(const G& g, const Z& z, const L& lse,

@@ -6,11 +6,15 @@ type: the TensorFlow build instantiates them in xent_functor_gpu.cu.cc and the
 standalone harness (tests/gpu/) in its own file, both with CUDA's __half and
 __nv_bfloat16. No TensorFlow or Eigen header is included here.
 
-One block per row (rows strided over the grid), threads strided over the
-classes (16 bytes per load where rows are aligned); per-thread compensated
-sums and fixed-order block reductions, so results are bitwise reproducible
-(no atomics). The sparse logits forward without smoothing reads its row once
-(online softmax). All offsets are int64.
+A row is computed by a group of threads: a warp for rows of up to
+kMaxWarpRowClasses classes (eight rows per block), else a whole block; rows
+are strided over the grid. A group reads its row in 16-byte pieces (a head
+and a tail of single elements where the row does not start or end on a
+16-byte boundary), several pieces in flight per thread. Logits forwards read
+the row once: each thread keeps its sums relative to the largest logit it
+has seen (moving them when that grows), and the group combines them relative
+to the row max. Reductions run in an order fixed by thread numbers, with no
+atomics: results are bitwise reproducible. All offsets are int64.
 Sparse labels outside [0, C) that are not ignore_class are never read
 through: that row's loss and log_sum_exp are NaN and its gradient is 0 (the
 CPU op raises instead; TensorFlow's GPU kernel gives NaN too).
@@ -22,29 +26,61 @@ CPU op raises instead; TensorFlow's GPU kernel gives NaN too).
 
 #include <cmath>
 #include <cstdint>
+#include <type_traits>
 
 #include "tf_xent_ops/cc/kernels/xent_functor.h"
 
 namespace tf_xent_ops {
 namespace gpu {
 
-constexpr int kThreads = 256;
-constexpr int64_t kMaxBlocks = 1 << 20;
+// Two tuning knobs, defined at build time only to measure other values
+// (bench/gpu_session.sh builds such variants of the harness).
+#ifndef TFXENT_GPU_MAX_WARP_ROW_CLASSES
+#define TFXENT_GPU_MAX_WARP_ROW_CLASSES 2048
+#endif
+#ifndef TFXENT_GPU_PIECES_IN_FLIGHT
+#define TFXENT_GPU_PIECES_IN_FLIGHT 4
+#endif
 
-template <typename Tacc, typename T>
-__device__ __forceinline__ Tacc Load(const T* x, int64_t i) {
-  return static_cast<Tacc>(x[i]);
-}
+constexpr int kBlockThreads = 256;
+constexpr int kWarpThreads = 32;
+constexpr int64_t kMaxBlocks = 1 << 20;
+// Rows of at most this many classes are computed by a warp each: a block
+// would leave most of its threads idle.
+constexpr int64_t kMaxWarpRowClasses = TFXENT_GPU_MAX_WARP_ROW_CLASSES;
+// 16-byte pieces a thread loads before it uses the first, so that enough
+// bytes are in flight to cover the memory's latency.
+constexpr int kPiecesInFlight = TFXENT_GPU_PIECES_IN_FLIGHT;
 
 template <typename Tacc>
-__device__ __forceinline__ Tacc NaNOf() {
-  return static_cast<Tacc>(NAN);
+__device__ __forceinline__ Tacc Infinity() {
+  return static_cast<Tacc>(INFINITY);
 }
+
+// exp(x) in the reductions and gradients. float: the hardware's base-2
+// exponential of x log2(e) (2 ulp; results below 2^-126 flush to zero; for
+// x within [-87, 0] the product's rounding adds |x| 2^-24 relative), a few
+// instructions where expf takes about ten. double: exp.
+__device__ __forceinline__ float FastExp(float x) {
+#if defined(__CUDA_ARCH__)
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x * 1.4426950408889634f));
+  return y;
+#else
+  return std::exp(x);  // The CPU emulation of CUDA (tests/gpu/emulation).
+#endif
+}
+__device__ __forceinline__ double FastExp(double x) { return exp(x); }
+
+// max(a, b), NaN-ignoring (one instruction): a NaN reaches the result
+// through the sums instead.
+__device__ __forceinline__ float Max(float a, float b) { return fmaxf(a, b); }
+__device__ __forceinline__ double Max(double a, double b) { return fmax(a, b); }
 
 struct MaxOp {
   template <typename Tacc>
   __device__ Tacc operator()(Tacc a, Tacc b) const {
-    return b > a ? b : a;
+    return Max(a, b);
   }
 };
 struct SumOp {
@@ -54,135 +90,284 @@ struct SumOp {
   }
 };
 
-// Fixed-order reduction over the block; every thread gets the result.
-template <typename Tacc, typename Op>
-__device__ Tacc BlockReduce(Tacc value, Op op, Tacc identity) {
-  __shared__ Tacc warp_results[kThreads / 32];
-  __shared__ Tacc result;
-  for (int offset = 16; offset > 0; offset >>= 1) {
-    value = op(value, __shfl_down_sync(0xffffffffu, value, offset));
+// The threads that compute one row: a warp or a whole block.
+template <int kThreads>
+struct Group {
+  static_assert(kThreads == kWarpThreads || kThreads == kBlockThreads,
+                "a row is computed by a warp or by a block");
+  static constexpr int kSize = kThreads;
+  static constexpr int kRowsPerBlock = kBlockThreads / kThreads;
+
+  __device__ static int Lane() { return threadIdx.x % kThreads; }
+  __device__ static int64_t FirstRow() {
+    return static_cast<int64_t>(blockIdx.x) * kRowsPerBlock +
+           threadIdx.x / kThreads;
   }
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  __syncthreads();  // The previous call's readers are done with the buffers.
-  if (lane == 0) warp_results[warp] = value;
-  __syncthreads();
-  if (warp == 0) {
-    value = lane < kThreads / 32 ? warp_results[lane] : identity;
-    for (int offset = 16; offset > 0; offset >>= 1) {
-      value = op(value, __shfl_down_sync(0xffffffffu, value, offset));
-    }
-    if (lane == 0) result = value;
+  __device__ static int64_t RowStride() {
+    return static_cast<int64_t>(gridDim.x) * kRowsPerBlock;
   }
-  __syncthreads();
-  return result;
-}
 
-template <typename Tacc, typename T>
-__device__ Tacc RowMax(const T* row, int64_t num_classes) {
-  const Tacc lowest = -Tacc(INFINITY);
-  Tacc m = lowest;
-  for (int64_t k = threadIdx.x; k < num_classes; k += kThreads) {
-    m = MaxOp()(m, Load<Tacc>(row, k));
-  }
-  return BlockReduce(m, MaxOp(), lowest);
-}
-
-template <typename Tacc>
-__device__ Tacc BlockSum(const CompensatedSum<Tacc>& partial) {
-  return BlockReduce(partial.Total(), SumOp(), Tacc(0));
-}
-
-// Calls fn(k, x_k) for this thread's share of a row of n elements. Rows that
-// start on a 16-byte boundary and are a whole number of 16-byte pieces are
-// read 16 bytes per load (8 bfloat16s): 2-byte loads alone leave much of the
-// memory bandwidth unused.
-template <typename T>
-__device__ __forceinline__ bool InPieces(const T* row, int64_t n) {
-  constexpr int kVec = 16 / sizeof(T);
-  return kVec > 1 && n % kVec == 0 &&
-         reinterpret_cast<uintptr_t>(row) % 16 == 0;
-}
-
-template <typename Tacc, typename T, typename Fn>
-__device__ __forceinline__ void ForEachElement(const T* row, int64_t n, Fn fn) {
-  constexpr int kVec = 16 / sizeof(T);
-  if (InPieces(row, n)) {
-    const uint4* pieces = reinterpret_cast<const uint4*>(row);
-    for (int64_t i = threadIdx.x; i < n / kVec; i += kThreads) {
-      const uint4 piece = pieces[i];
-      const T* e = reinterpret_cast<const T*>(&piece);
+  // Folds op over the group's values of each v[i]; every thread gets the
+  // results, bitwise the same (the butterfly pairs operands commutatively,
+  // and the block's warps are combined in warp order).
+  template <int kN, typename Tacc, typename Op>
+  __device__ static void Reduce(Tacc (&v)[kN], Op op) {
 #pragma unroll
-      for (int j = 0; j < kVec; ++j) fn(i * kVec + j, static_cast<Tacc>(e[j]));
-    }
-  } else {
-    for (int64_t k = threadIdx.x; k < n; k += kThreads) {
-      fn(k, Load<Tacc>(row, k));
-    }
-  }
-}
-
-// dx_k = fn(k, x_k) over a row, with ForEachElement's 16-byte loads and
-// stores where the rows allow. dx may alias x: each piece is read before it
-// is written, by the same thread.
-template <typename Tacc, typename T, typename Fn>
-__device__ __forceinline__ void MapRow(const T* x, T* dx, int64_t n, Fn fn) {
-  constexpr int kVec = 16 / sizeof(T);
-  if (InPieces(x, n) && InPieces(dx, n)) {
-    const uint4* in = reinterpret_cast<const uint4*>(x);
-    uint4* out = reinterpret_cast<uint4*>(dx);
-    for (int64_t i = threadIdx.x; i < n / kVec; i += kThreads) {
-      const uint4 piece = in[i];
-      const T* e = reinterpret_cast<const T*>(&piece);
-      uint4 result;
-      T* r = reinterpret_cast<T*>(&result);
+    for (int offset = kWarpThreads / 2; offset > 0; offset >>= 1) {
 #pragma unroll
-      for (int j = 0; j < kVec; ++j) {
-        r[j] = static_cast<T>(fn(i * kVec + j, static_cast<Tacc>(e[j])));
+      for (int i = 0; i < kN; ++i) {
+        v[i] = op(v[i], __shfl_xor_sync(0xffffffffu, v[i], offset));
       }
-      out[i] = result;
     }
-  } else {
-    for (int64_t k = threadIdx.x; k < n; k += kThreads) {
-      dx[k] = static_cast<T>(fn(k, Load<Tacc>(x, k)));
-    }
-  }
-}
-
-// Online softmax sum of one thread's elements: the running max m and
-// sum_k exp(x_k - m), rescaled when m grows, so the row is read once.
-template <typename Tacc>
-struct OnlineExpSum {
-  Tacc m = -Tacc(INFINITY);
-  CompensatedSum<Tacc> s;
-  __device__ void Add(Tacc x) {
-    if (x > m) {
-      const Tacc scale = ExpOf(m - x);  // 0 while m is -inf
-      s.sum *= scale;
-      s.carry *= scale;
-      s.Add(Tacc(1));
-      m = x;
-    } else if (!(x == -Tacc(INFINITY))) {  // exp(-inf) adds nothing; NaN does
-      s.Add(ExpOf(x - m));
+    if constexpr (kThreads > kWarpThreads) {
+      constexpr int kWarps = kThreads / kWarpThreads;
+      __shared__ Tacc partials[kN][kWarps];
+      __syncthreads();  // The previous reduction's readers are done.
+      if (threadIdx.x % kWarpThreads == 0) {
+#pragma unroll
+        for (int i = 0; i < kN; ++i)
+          partials[i][threadIdx.x / kWarpThreads] = v[i];
+      }
+      __syncthreads();
+#pragma unroll
+      for (int i = 0; i < kN; ++i) {
+        Tacc total = partials[i][0];
+#pragma unroll
+        for (int w = 1; w < kWarps; ++w) total = op(total, partials[i][w]);
+        v[i] = total;
+      }
     }
   }
 };
 
-// The row's max and log(sum_k exp(x_k - max)) from every thread's
-// OnlineExpSum, combined in a fixed order.
-template <typename Tacc>
-__device__ void CombineExpSums(const OnlineExpSum<Tacc>& mine, Tacc* row_max,
-                               Tacc* log_s) {
-  const Tacc m = BlockReduce(mine.m, MaxOp(), -Tacc(INFINITY));
-  // A thread that saw only -inf and NaN has m = -inf and a sum of 0 or NaN.
-  const Tacc part = mine.m == -Tacc(INFINITY)
-                        ? mine.s.Total()
-                        : mine.s.Total() * ExpOf(mine.m - m);
-  *row_max = m;
-  *log_s = LogOf(BlockReduce(part, SumOp(), Tacc(0)));
+// The length of a piece's array of values (kVec, or 1 for a single element).
+template <typename Tacc, int kN>
+__device__ __forceinline__ constexpr int Size(const Tacc (&)[kN]) {
+  return kN;
+}
+template <typename Array>
+constexpr int SizeOf = std::extent<std::remove_reference_t<Array>>::value;
+
+template <typename Tacc, int kN>
+__device__ __forceinline__ Tacc MaxOf(const Tacc (&v)[kN]) {
+  Tacc m = -Infinity<Tacc>();
+#pragma unroll
+  for (int j = 0; j < kN; ++j) m = Max(m, v[j]);
+  return m;
 }
 
+// A row of n elements of T starting at `row`, as a head of single elements
+// up to the first 16-byte boundary, whole 16-byte pieces of kVec elements,
+// and a tail of single elements.
+template <typename T>
+struct RowPieces {
+  static constexpr int kVec = 16 / sizeof(T);
+  int64_t head;    // elements before the first piece
+  int64_t pieces;  // whole pieces
+  int64_t tail;    // index of the first element after them
+
+  __device__ RowPieces(const void* row, int64_t n) {
+    const int64_t into = (reinterpret_cast<uintptr_t>(row) % 16) / sizeof(T);
+    head = into == 0 ? 0 : (kVec - into < n ? kVec - into : n);
+    pieces = (n - head) / kVec;
+    tail = head + pieces * kVec;
+  }
+};
+
+template <typename Tacc, typename T, int kVec>
+__device__ __forceinline__ void Unpack(const uint4& piece, Tacc (&v)[kVec]) {
+  const T* e = reinterpret_cast<const T*>(&piece);
+#pragma unroll
+  for (int j = 0; j < kVec; ++j) v[j] = static_cast<Tacc>(e[j]);
+}
+
+template <typename T, typename Tacc, int kVec>
+__device__ __forceinline__ uint4 Pack(const Tacc (&v)[kVec]) {
+  uint4 piece;
+  T* e = reinterpret_cast<T*>(&piece);
+#pragma unroll
+  for (int j = 0; j < kVec; ++j) e[j] = static_cast<T>(v[j]);
+  return piece;
+}
+
+// Calls fn(k, v) over this thread's share of a row of n elements: v an
+// array of the values x_k .. x_{k+N-1} in Tacc (N is kVec for a piece, 1 for
+// a head or tail element). Loads stream past the caches (each element is
+// read once).
+template <int kThreads, typename Tacc, typename T, typename Fn>
+__device__ __forceinline__ void ForEachPiece(const T* row, int64_t n, Fn fn) {
+  constexpr int kVec = RowPieces<T>::kVec;
+  const RowPieces<T> layout(row, n);
+  const int lane = Group<kThreads>::Lane();
+  for (int64_t k = lane; k < layout.head; k += kThreads) {
+    const Tacc v[1] = {static_cast<Tacc>(row[k])};
+    fn(k, v);
+  }
+  const uint4* pieces = reinterpret_cast<const uint4*>(row + layout.head);
+  int64_t i = lane;
+  for (; i + (kPiecesInFlight - 1) * kThreads < layout.pieces;
+       i += kPiecesInFlight * kThreads) {
+    uint4 raw[kPiecesInFlight];
+#pragma unroll
+    for (int u = 0; u < kPiecesInFlight; ++u)
+      raw[u] = __ldcs(pieces + i + u * kThreads);
+#pragma unroll
+    for (int u = 0; u < kPiecesInFlight; ++u) {
+      Tacc v[kVec];
+      Unpack<Tacc, T>(raw[u], v);
+      fn(layout.head + (i + u * kThreads) * kVec, v);
+    }
+  }
+  for (; i < layout.pieces; i += kThreads) {
+    Tacc v[kVec];
+    Unpack<Tacc, T>(__ldcs(pieces + i), v);
+    fn(layout.head + i * kVec, v);
+  }
+  for (int64_t k = layout.tail + lane; k < n; k += kThreads) {
+    const Tacc v[1] = {static_cast<Tacc>(row[k])};
+    fn(k, v);
+  }
+}
+
+// dx_k = fn(k, x) for this thread's share of a row, in pieces as
+// ForEachPiece (fn(k, in, out) fills out[j] for x_{k+j}). dx may alias x:
+// each piece is read before it is written, by the same thread.
+template <int kThreads, typename Tacc, typename T, typename Fn>
+__device__ __forceinline__ void MapPieces(const T* x, T* dx, int64_t n, Fn fn) {
+  constexpr int kVec = RowPieces<T>::kVec;
+  const int lane = Group<kThreads>::Lane();
+  const auto one = [&](int64_t k) {
+    const Tacc in[1] = {static_cast<Tacc>(x[k])};
+    Tacc out[1];
+    fn(k, in, out);
+    dx[k] = static_cast<T>(out[0]);
+  };
+  if (reinterpret_cast<uintptr_t>(x) % 16 !=
+      reinterpret_cast<uintptr_t>(dx) % 16) {
+    for (int64_t k = lane; k < n; k += kThreads) one(k);  // No common pieces.
+    return;
+  }
+  const RowPieces<T> layout(x, n);
+  for (int64_t k = lane; k < layout.head; k += kThreads) one(k);
+  const uint4* in_pieces = reinterpret_cast<const uint4*>(x + layout.head);
+  uint4* out_pieces = reinterpret_cast<uint4*>(dx + layout.head);
+  const auto map = [&](int64_t i, const uint4& raw) {
+    Tacc in[kVec], out[kVec];
+    Unpack<Tacc, T>(raw, in);
+    fn(layout.head + i * kVec, in, out);
+    __stcs(out_pieces + i, Pack<T>(out));
+  };
+  int64_t i = lane;
+  for (; i + (kPiecesInFlight - 1) * kThreads < layout.pieces;
+       i += kPiecesInFlight * kThreads) {
+    uint4 raw[kPiecesInFlight];
+#pragma unroll
+    for (int u = 0; u < kPiecesInFlight; ++u)
+      raw[u] = __ldcs(in_pieces + i + u * kThreads);
+#pragma unroll
+    for (int u = 0; u < kPiecesInFlight; ++u) map(i + u * kThreads, raw[u]);
+  }
+  for (; i < layout.pieces; i += kThreads) map(i, __ldcs(in_pieces + i));
+  for (int64_t k = layout.tail + lane; k < n; k += kThreads) one(k);
+}
+
+// What a LogitSums keeps besides sum exp(z - m).
+enum LogitSumsKeep {
+  kExpSum = 0,
+  kShiftedSum = 1,  // sum (z - m) and the count (sparse label smoothing)
+  kTargetSums = 2,  // sum t and sum t (z - m) (dense targets)
+};
+
+// One thread's sums over its logits z_k, relative to the largest it has
+// seen, m (the shift is m, or 0 while m is -inf: every z so far was -inf or
+// NaN, and 0 keeps exp(z - shift) at 0 or NaN): sum exp(z - m) and what
+// kKeep asks for; sum t (z - m) is over t != 0, so that a -inf logit without
+// target mass adds nothing. When m grows the sums are moved to the new max;
+// the group then moves every thread's sums to the row max and adds them.
+template <typename Tacc, int kKeep>
+struct LogitSums {
+  static constexpr bool kShifted = (kKeep & kShiftedSum) != 0;
+  static constexpr bool kTargets = (kKeep & kTargetSums) != 0;
+  Tacc m = -Infinity<Tacc>();
+  CompensatedSum<Tacc> exp_sum, shifted_sum, target_sum, target_shifted;
+  Tacc count = Tacc(0);
+
+  __device__ static Tacc ShiftOf(Tacc max) {
+    return max == -Infinity<Tacc>() ? Tacc(0) : max;
+  }
+
+  // Moves the sums from m to m_new > m.
+  __device__ void Rebase(Tacc m_new) {
+    if (m == -Infinity<Tacc>()) {
+      // The exp sum is 0 or NaN, the others -inf, NaN or 0 (nothing seen,
+      // or no target mass): all stay as they are but the exp sum's scale.
+      exp_sum.sum *= Tacc(0);
+      exp_sum.carry = Tacc(0);
+    } else {
+      const Tacc d = m - m_new;  // < 0, or -inf if m_new is +inf
+      const Tacc scale = FastExp(d);
+      exp_sum.sum *= scale;
+      exp_sum.carry *= scale;
+      if (kShifted && count != Tacc(0)) shifted_sum.Add(count * d);
+      if (kTargets && target_sum.Total() != Tacc(0)) {
+        target_shifted.Add(target_sum.Total() * d);
+      }
+    }
+    m = m_new;
+  }
+
+  // Adds logits z (with targets t where kTargets; else t is not read).
+  template <int kN>
+  __device__ void Add(const Tacc (&z)[kN], const Tacc (&t)[kN]) {
+    const Tacc piece_max = MaxOf(z);
+    if (piece_max > m) Rebase(piece_max);
+    const Tacc shift = ShiftOf(m);
+    Tacc e = Tacc(0), d_sum = Tacc(0), t_sum = Tacc(0), td_sum = Tacc(0);
+#pragma unroll
+    for (int j = 0; j < kN; ++j) {
+      const Tacc d = z[j] - shift;
+      e += FastExp(d);
+      if (kShifted) d_sum += d;
+      if (kTargets) {
+        t_sum += t[j];
+        td_sum += t[j] != Tacc(0) ? t[j] * d : Tacc(0);
+      }
+    }
+    exp_sum.Add(e);
+    if (kShifted) {
+      shifted_sum.Add(d_sum);
+      count += Tacc(kN);
+    }
+    if (kTargets) {
+      target_sum.Add(t_sum);
+      target_shifted.Add(td_sum);
+    }
+  }
+  template <int kN>
+  __device__ void Add(const Tacc (&z)[kN]) {
+    static_assert(!kTargets, "dense logits need their targets");
+    Add(z, z);
+  }
+
+  // The row's totals, relative to shift = ShiftOf(row max), in every
+  // thread of the group (0 for what kKeep does not ask for).
+  struct Totals {
+    Tacc shift, log_exp_sum, shifted_sum, target_sum, target_shifted;
+  };
+  template <int kThreads>
+  __device__ Totals Combine() {
+    Tacc row_max[1] = {m};
+    Group<kThreads>::Reduce(row_max, MaxOp());
+    if (row_max[0] > m) Rebase(row_max[0]);
+    Tacc v[4] = {exp_sum.Total(), shifted_sum.Total(), target_sum.Total(),
+                 target_shifted.Total()};
+    Group<kThreads>::Reduce(v, SumOp());
+    return {ShiftOf(row_max[0]), LogOf(v[0]), v[1], v[2], v[3]};
+  }
+};
+
 // Whether a sparse row is ignored (0 everywhere) or has a bad label (NaN loss,
-// 0 gradient); the same for every thread of the block.
+// 0 gradient); the same for every thread of the group.
 enum class RowKind { kValid, kIgnored, kBadLabel };
 template <typename Tidx>
 __device__ RowKind ClassifyRow(const XentParams& p, Tidx label) {
@@ -191,18 +376,19 @@ __device__ RowKind ClassifyRow(const XentParams& p, Tidx label) {
   return (y >= 0 && y < p.num_classes) ? RowKind::kValid : RowKind::kBadLabel;
 }
 
-template <typename T, typename Tidx, typename Tacc>
-__global__ void __launch_bounds__(kThreads)
+template <int kThreads, typename T, typename Tidx, typename Tacc>
+__global__ void __launch_bounds__(kBlockThreads)
     SparseForwardKernel(XentParams p, const T* predictions, const Tidx* labels,
                         Tacc* loss, Tacc* log_sum_exp) {
+  using G = Group<kThreads>;
   const XentConstants<Tacc> c(p);
   const int64_t num_classes = p.num_classes;
-  const bool smoothing = p.label_smoothing != 0.0f;
-  for (int64_t r = blockIdx.x; r < p.num_rows; r += gridDim.x) {
+  for (int64_t r = G::FirstRow(); r < p.num_rows; r += G::RowStride()) {
     const RowKind kind = ClassifyRow(p, labels[r]);
     if (kind != RowKind::kValid) {
-      if (threadIdx.x == 0) {
-        const Tacc value = kind == RowKind::kIgnored ? Tacc(0) : NaNOf<Tacc>();
+      if (G::Lane() == 0) {
+        const Tacc value =
+            kind == RowKind::kIgnored ? Tacc(0) : static_cast<Tacc>(NAN);
         loss[r] = value;
         log_sum_exp[r] = value;
       }
@@ -210,190 +396,254 @@ __global__ void __launch_bounds__(kThreads)
     }
     const T* x = predictions + r * num_classes;
     const int64_t label = static_cast<int64_t>(labels[r]);
-    if (p.from_logits && !smoothing) {
-      // One read of the row.
-      OnlineExpSum<Tacc> mine;
-      ForEachElement<Tacc>(x, num_classes,
-                           [&](int64_t, Tacc z) { mine.Add(z); });
-      Tacc m, log_s;
-      CombineExpSums(mine, &m, &log_s);
-      if (threadIdx.x == 0) {
-        log_sum_exp[r] = m + log_s;
-        loss[r] = SparseLogitsLoss(c, log_s, Load<Tacc>(x, label) - m, Tacc(0));
-      }
-    } else if (p.from_logits) {
-      // Smoothing also needs sum_k (x_k - max): a second read, from L2.
-      const Tacc m = RowMax<Tacc>(x, num_classes);
-      CompensatedSum<Tacc> s, sum_shifted;
-      ForEachElement<Tacc>(x, num_classes, [&](int64_t, Tacc z) {
-        s.Add(ExpOf(z - m));
-        sum_shifted.Add(z - m);
-      });
-      const Tacc log_s = LogOf(BlockSum(s));
-      const Tacc total_shifted = BlockSum(sum_shifted);
-      if (threadIdx.x == 0) {
-        log_sum_exp[r] = m + log_s;
-        loss[r] =
-            SparseLogitsLoss(c, log_s, Load<Tacc>(x, label) - m, total_shifted);
+    if (p.from_logits) {
+      const auto forward = [&](auto sums) {
+        ForEachPiece<kThreads, Tacc>(
+            x, num_classes, [&](int64_t, const auto& z) { sums.Add(z); });
+        const auto row = sums.template Combine<kThreads>();
+        if (G::Lane() == 0) {
+          log_sum_exp[r] = row.shift + row.log_exp_sum;
+          const Tacc label_shifted = static_cast<Tacc>(x[label]) - row.shift;
+          loss[r] = SparseLogitsLoss(c, row.log_exp_sum, label_shifted,
+                                     row.shifted_sum);
+        }
+      };
+      // Only smoothing needs sum (z - m); without it, -inf logits (a -inf
+      // sum) cost nothing.
+      if (c.off_weight != Tacc(0)) {
+        forward(LogitSums<Tacc, kShiftedSum>());
+      } else {
+        forward(LogitSums<Tacc, kExpSum>());
       }
     } else {
       CompensatedSum<Tacc> s, sum_log;
-      for (int64_t k = threadIdx.x; k < num_classes; k += kThreads) {
-        const Tacc clipped = c.Clip(Load<Tacc>(x, k));
-        s.Add(clipped);
-        if (smoothing) sum_log.Add(LogOf(clipped));
-      }
-      const Tacc lse = LogOf(BlockSum(s));
-      const Tacc total_log = smoothing ? BlockSum(sum_log) : Tacc(0);
-      if (threadIdx.x == 0) {
+      const bool smoothing = p.label_smoothing != 0.0f;
+      ForEachPiece<kThreads, Tacc>(x, num_classes, [&](int64_t, const auto& v) {
+        Tacc piece_sum = Tacc(0), piece_log = Tacc(0);
+#pragma unroll
+        for (int j = 0; j < Size(v); ++j) {
+          const Tacc clipped = c.Clip(v[j]);
+          piece_sum += clipped;
+          if (smoothing) piece_log += LogOf(clipped);
+        }
+        s.Add(piece_sum);
+        sum_log.Add(piece_log);
+      });
+      Tacc totals[2] = {s.Total(), sum_log.Total()};
+      G::Reduce(totals, SumOp());
+      if (G::Lane() == 0) {
+        const Tacc lse = LogOf(totals[0]);
         log_sum_exp[r] = lse;
-        loss[r] = SparseProbsLoss(c, lse, LogOf(c.Clip(Load<Tacc>(x, label))),
-                                  total_log);
+        const Tacc label_log = LogOf(c.Clip(static_cast<Tacc>(x[label])));
+        loss[r] = SparseProbsLoss(c, lse, label_log, totals[1]);
       }
     }
   }
 }
 
-template <typename T, typename Tidx, typename Tacc>
-__global__ void __launch_bounds__(kThreads)
+template <int kThreads, typename T, typename Tidx, typename Tacc>
+__global__ void __launch_bounds__(kBlockThreads)
     SparseBackwardKernel(XentParams p, const T* predictions, const Tidx* labels,
                          const Tacc* log_sum_exp, const Tacc* grad_loss,
                          T* grad_predictions) {
+  using G = Group<kThreads>;
   const XentConstants<Tacc> c(p);
   const int64_t num_classes = p.num_classes;
-  for (int64_t r = blockIdx.x; r < p.num_rows; r += gridDim.x) {
+  for (int64_t r = G::FirstRow(); r < p.num_rows; r += G::RowStride()) {
     const T* x = predictions + r * num_classes;
     T* dx = grad_predictions + r * num_classes;  // May alias x, element-wise.
-    const RowKind kind = ClassifyRow(p, labels[r]);
-    if (kind != RowKind::kValid) {
-      for (int64_t k = threadIdx.x; k < num_classes; k += kThreads) {
-        dx[k] = static_cast<T>(Tacc(0));
-      }
+    if (ClassifyRow(p, labels[r]) != RowKind::kValid) {
+      MapPieces<kThreads, Tacc>(x, dx, num_classes,
+                                [](int64_t, const auto& in, auto& out) {
+#pragma unroll
+                                  for (int j = 0; j < Size(in); ++j) {
+                                    out[j] = Tacc(0);
+                                  }
+                                });
       continue;
     }
     const int64_t label = static_cast<int64_t>(labels[r]);
     const Tacc g = grad_loss[r], lse = log_sum_exp[r];
-    const Tacc inv_sum = ExpOf(-lse);
-    MapRow<Tacc>(x, dx, num_classes, [&](int64_t k, Tacc z) {
-      const Tacc t = c.SparseTarget(k, label);
-      return p.from_logits ? LogitsGrad(g, z, lse, Tacc(1), t)
-                           : SparseProbsGrad(c, g, z, inv_sum, t);
-    });
+    if (p.from_logits) {
+      // g t_k: g ls / C, plus g (1 - ls) at the label (sum_t is 1). The
+      // label is found once per piece, in 32 bits.
+      const Tacc g_off = g * c.off_weight, g_on = g_off + g * c.on_weight;
+      MapPieces<kThreads, Tacc>(
+          x, dx, num_classes, [&](int64_t k, const auto& in, auto& out) {
+            const int64_t into = label - k;
+            const int hit =
+                into >= 0 && into < Size(in) ? static_cast<int>(into) : -1;
+#pragma unroll
+            for (int j = 0; j < Size(in); ++j) {
+              out[j] =
+                  SoftmaxGrad(g, FastExp(in[j] - lse), j == hit ? g_on : g_off);
+            }
+          });
+    } else {
+      const Tacc inv_sum = ExpOf(-lse);
+      MapPieces<kThreads, Tacc>(
+          x, dx, num_classes, [&](int64_t k, const auto& in, auto& out) {
+#pragma unroll
+            for (int j = 0; j < Size(in); ++j) {
+              const Tacc t = c.SparseTarget(k + j, label);
+              out[j] = SparseProbsGrad(c, g, in[j], inv_sum, t);
+            }
+          });
+    }
   }
 }
 
-template <typename T, typename Tacc>
-__global__ void __launch_bounds__(kThreads)
+template <int kThreads, typename T, typename Tacc>
+__global__ void __launch_bounds__(kBlockThreads)
     DenseForwardKernel(XentParams p, const T* predictions, const Tacc* labels,
                        Tacc* loss, Tacc* stats) {
+  using G = Group<kThreads>;
   const XentConstants<Tacc> c(p);
   const int64_t num_classes = p.num_classes;
-  for (int64_t r = blockIdx.x; r < p.num_rows; r += gridDim.x) {
+  for (int64_t r = G::FirstRow(); r < p.num_rows; r += G::RowStride()) {
     const T* x = predictions + r * num_classes;
     const Tacc* y = labels + r * num_classes;
     if (p.from_logits) {
-      const Tacc m = RowMax<Tacc>(x, num_classes);
-      CompensatedSum<Tacc> s, sum_t, sum_t_shifted;
-      for (int64_t k = threadIdx.x; k < num_classes; k += kThreads) {
-        const Tacc shifted = Load<Tacc>(x, k) - m;
-        const Tacc t = c.DenseTarget(y[k]);
-        s.Add(ExpOf(shifted));
-        sum_t.Add(t);
-        if (t != Tacc(0)) sum_t_shifted.Add(t * shifted);
-      }
-      const Tacc log_s = LogOf(BlockSum(s));
-      const Tacc total_t = BlockSum(sum_t);
-      const Tacc total_t_shifted = BlockSum(sum_t_shifted);
-      if (threadIdx.x == 0) {
-        loss[r] = DenseLogitsLoss(log_s, total_t, total_t_shifted);
+      LogitSums<Tacc, kTargetSums> sums;
+      ForEachPiece<kThreads, Tacc>(x, num_classes,
+                                   [&](int64_t k, const auto& z) {
+                                     Tacc t[SizeOf<decltype(z)>];
+#pragma unroll
+                                     for (int j = 0; j < Size(z); ++j) {
+                                       t[j] = c.DenseTarget(y[k + j]);
+                                     }
+                                     sums.Add(z, t);
+                                   });
+      const auto row = sums.template Combine<kThreads>();
+      if (G::Lane() == 0) {
+        loss[r] = DenseLogitsLoss(row.log_exp_sum, row.target_sum,
+                                  row.target_shifted);
         // No single label: the GPU backward reads the labels (coalesced).
-        WriteDenseStats(stats, r, m + log_s, total_t);
+        WriteDenseStats(stats, r, row.shift + row.log_exp_sum, row.target_sum);
       }
     } else {
+      // The clip range depends on the row sum: a second read, from L2 where
+      // rows are short enough.
       CompensatedSum<Tacc> row_sum;
-      for (int64_t k = threadIdx.x; k < num_classes; k += kThreads) {
-        row_sum.Add(Load<Tacc>(x, k));
-      }
-      const Tacc s = BlockSum(row_sum);
+      ForEachPiece<kThreads, Tacc>(x, num_classes, [&](int64_t, const auto& v) {
+        Tacc piece = Tacc(0);
+#pragma unroll
+        for (int j = 0; j < Size(v); ++j) piece += v[j];
+        row_sum.Add(piece);
+      });
+      Tacc s[1] = {row_sum.Total()};
+      G::Reduce(s, SumOp());
       CompensatedSum<Tacc> total, in_range_t;
-      for (int64_t k = threadIdx.x; k < num_classes; k += kThreads) {
-        const Tacc q = Load<Tacc>(x, k) / s;
-        const Tacc t = c.DenseTarget(y[k]);
-        total.Add(t * LogOf(c.Clip(q)));
-        if (c.InClipRange(q)) in_range_t.Add(t);
-      }
-      const Tacc total_sum = BlockSum(total);
-      const Tacc in_range_sum = BlockSum(in_range_t);
-      if (threadIdx.x == 0) {
-        loss[r] = -total_sum;
-        WriteDenseStats(stats, r, s, in_range_sum);
+      ForEachPiece<kThreads, Tacc>(
+          x, num_classes, [&](int64_t k, const auto& v) {
+            Tacc piece_total = Tacc(0), piece_in_range = Tacc(0);
+#pragma unroll
+            for (int j = 0; j < Size(v); ++j) {
+              const Tacc q = v[j] / s[0];
+              const Tacc t = c.DenseTarget(y[k + j]);
+              piece_total += t * LogOf(c.Clip(q));
+              if (c.InClipRange(q)) piece_in_range += t;
+            }
+            total.Add(piece_total);
+            in_range_t.Add(piece_in_range);
+          });
+      Tacc totals[2] = {total.Total(), in_range_t.Total()};
+      G::Reduce(totals, SumOp());
+      if (G::Lane() == 0) {
+        loss[r] = -totals[0];
+        WriteDenseStats(stats, r, s[0], totals[1]);
       }
     }
   }
 }
 
-template <typename T, typename Tacc>
-__global__ void __launch_bounds__(kThreads)
+template <int kThreads, typename T, typename Tacc>
+__global__ void __launch_bounds__(kBlockThreads)
     DenseBackwardKernel(XentParams p, const T* predictions, const Tacc* labels,
                         const Tacc* stats, const Tacc* grad_loss,
                         T* grad_predictions) {
+  using G = Group<kThreads>;
   const XentConstants<Tacc> c(p);
   const int64_t num_classes = p.num_classes;
-  for (int64_t r = blockIdx.x; r < p.num_rows; r += gridDim.x) {
+  for (int64_t r = G::FirstRow(); r < p.num_rows; r += G::RowStride()) {
     const T* x = predictions + r * num_classes;
     const Tacc* y = labels + r * num_classes;
     T* dx = grad_predictions + r * num_classes;  // May alias x, element-wise.
     const Tacc g = grad_loss[r], stat0 = stats[kDenseStats * r],
                stat1 = stats[kDenseStats * r + 1];
-    for (int64_t k = threadIdx.x; k < num_classes; k += kThreads) {
-      const Tacc z = Load<Tacc>(x, k);
-      const Tacc t = c.DenseTarget(y[k]);
-      dx[k] = static_cast<T>(
-          p.from_logits
-              ? LogitsGrad(g, z, stat0, stat1, t)
-              : DenseProbsGrad(g, z, ClipRangeByDivision<Tacc, Tacc>{c, stat0},
-                               stat1 / stat0, t));
+    if (p.from_logits) {
+      const Tacc g_sum_t = g * stat1;
+      MapPieces<kThreads, Tacc>(
+          x, dx, num_classes, [&](int64_t k, const auto& in, auto& out) {
+#pragma unroll
+            for (int j = 0; j < Size(in); ++j) {
+              out[j] = SoftmaxGrad(g_sum_t, FastExp(in[j] - stat0),
+                                   c.ScaledDenseTarget(g, y[k + j]));
+            }
+          });
+    } else {
+      const ClipRangeByDivision<Tacc, Tacc> range{c, stat0};
+      MapPieces<kThreads, Tacc>(
+          x, dx, num_classes, [&](int64_t k, const auto& in, auto& out) {
+#pragma unroll
+            for (int j = 0; j < Size(in); ++j) {
+              out[j] = DenseProbsGrad(g, in[j], range, stat1 / stat0,
+                                      c.DenseTarget(y[k + j]));
+            }
+          });
     }
   }
 }
 
-template <typename T, typename Tacc>
-__global__ void __launch_bounds__(kThreads)
+template <int kThreads, typename T, typename Tacc>
+__global__ void __launch_bounds__(kBlockThreads)
     DenseLabelsBackwardKernel(XentParams p, const T* predictions,
                               const Tacc* stats, const Tacc* grad_loss,
                               Tacc* grad_labels) {
+  using G = Group<kThreads>;
   const XentConstants<Tacc> c(p);
   const int64_t num_classes = p.num_classes;
-  for (int64_t r = blockIdx.x; r < p.num_rows; r += gridDim.x) {
+  for (int64_t r = G::FirstRow(); r < p.num_rows; r += G::RowStride()) {
     const T* x = predictions + r * num_classes;
     Tacc* dy = grad_labels + r * num_classes;
     const Tacc scale = c.on_weight * grad_loss[r],
                stat = stats[kDenseStats * r];
-    for (int64_t k = threadIdx.x; k < num_classes; k += kThreads) {
-      const Tacc z = Load<Tacc>(x, k);
-      dy[k] = scale * (p.from_logits ? stat - z : -LogOf(c.Clip(z / stat)));
-    }
+    ForEachPiece<kThreads, Tacc>(x, num_classes, [&](int64_t k, const auto& z) {
+#pragma unroll
+      for (int j = 0; j < Size(z); ++j) {
+        dy[k + j] =
+            scale * (p.from_logits ? stat - z[j] : -LogOf(c.Clip(z[j] / stat)));
+      }
+    });
   }
 }
 
-// Launches a row kernel, kernel(p, args...), on d's stream: one block per
-// row up to kMaxBlocks (the kernels stride over the rest). A launch error is
-// left for cudaGetLastError. cudaLaunchKernel rather than <<<...>>>, so that
-// a host compiler can build the kernels against the CPU emulation of CUDA
-// in tests/gpu/emulation.
 template <typename T>
 struct NonDeduced {
   using type = T;
 };
+
+// Launches a row kernel on d's stream over every row: warp_kernel (a warp a
+// row) for rows of up to kMaxWarpRowClasses classes, else block_kernel (a
+// block a row); the grid is capped at kMaxBlocks (the kernels stride over the
+// rest). A launch error is left for cudaGetLastError. cudaLaunchKernel rather
+// than <<<...>>>, so that a host compiler can build the kernels against the
+// CPU emulation of CUDA in tests/gpu/emulation.
 template <typename... Params>
-void LaunchRows(void (*kernel)(XentParams, Params...), const GpuDevice& d,
+void LaunchRows(void (*warp_kernel)(XentParams, Params...),
+                void (*block_kernel)(XentParams, Params...), const GpuDevice& d,
                 XentParams p, typename NonDeduced<Params>::type... args) {
   if (p.num_rows == 0) return;
-  const auto blocks = static_cast<unsigned int>(
-      p.num_rows < kMaxBlocks ? p.num_rows : kMaxBlocks);
+  const bool by_warp = p.num_classes <= kMaxWarpRowClasses;
+  const int64_t rows_per_block =
+      by_warp ? Group<kWarpThreads>::kRowsPerBlock : 1;
+  const int64_t blocks = (p.num_rows + rows_per_block - 1) / rows_per_block;
   void* kernel_args[] = {&p, &args...};
-  cudaLaunchKernel(kernel, dim3(blocks), dim3(kThreads), kernel_args, 0,
-                   static_cast<cudaStream_t>(d.stream));
+  cudaLaunchKernel(
+      by_warp ? warp_kernel : block_kernel,
+      dim3(
+          static_cast<unsigned int>(blocks < kMaxBlocks ? blocks : kMaxBlocks)),
+      dim3(kBlockThreads), kernel_args, 0, static_cast<cudaStream_t>(d.stream));
 }
 
 }  // namespace gpu
@@ -403,8 +653,10 @@ struct SparseXentForward<GpuDevice, T, Tidx> {
   using Tacc = typename AccumulatorType<T>::type;
   void operator()(const GpuDevice& d, const XentParams& p, const T* predictions,
                   const Tidx* labels, Tacc* loss, Tacc* log_sum_exp) const {
-    gpu::LaunchRows(gpu::SparseForwardKernel<T, Tidx, Tacc>, d, p, predictions,
-                    labels, loss, log_sum_exp);
+    using namespace gpu;  // NOLINT(build/namespaces)
+    LaunchRows(SparseForwardKernel<kWarpThreads, T, Tidx, Tacc>,
+               SparseForwardKernel<kBlockThreads, T, Tidx, Tacc>, d, p,
+               predictions, labels, loss, log_sum_exp);
   }
 };
 
@@ -414,8 +666,10 @@ struct SparseXentBackward<GpuDevice, T, Tidx> {
   void operator()(const GpuDevice& d, const XentParams& p, const T* predictions,
                   const Tidx* labels, const Tacc* log_sum_exp,
                   const Tacc* grad_loss, T* grad_predictions) const {
-    gpu::LaunchRows(gpu::SparseBackwardKernel<T, Tidx, Tacc>, d, p, predictions,
-                    labels, log_sum_exp, grad_loss, grad_predictions);
+    using namespace gpu;  // NOLINT(build/namespaces)
+    LaunchRows(SparseBackwardKernel<kWarpThreads, T, Tidx, Tacc>,
+               SparseBackwardKernel<kBlockThreads, T, Tidx, Tacc>, d, p,
+               predictions, labels, log_sum_exp, grad_loss, grad_predictions);
   }
 };
 
@@ -424,8 +678,10 @@ struct DenseXentForward<GpuDevice, T> {
   using Tacc = typename AccumulatorType<T>::type;
   void operator()(const GpuDevice& d, const XentParams& p, const T* predictions,
                   const Tacc* labels, Tacc* loss, Tacc* stats) const {
-    gpu::LaunchRows(gpu::DenseForwardKernel<T, Tacc>, d, p, predictions, labels,
-                    loss, stats);
+    using namespace gpu;  // NOLINT(build/namespaces)
+    LaunchRows(DenseForwardKernel<kWarpThreads, T, Tacc>,
+               DenseForwardKernel<kBlockThreads, T, Tacc>, d, p, predictions,
+               labels, loss, stats);
   }
 };
 
@@ -435,8 +691,10 @@ struct DenseXentBackward<GpuDevice, T> {
   void operator()(const GpuDevice& d, const XentParams& p, const T* predictions,
                   const Tacc* labels, const Tacc* stats, const Tacc* grad_loss,
                   T* grad_predictions) const {
-    gpu::LaunchRows(gpu::DenseBackwardKernel<T, Tacc>, d, p, predictions,
-                    labels, stats, grad_loss, grad_predictions);
+    using namespace gpu;  // NOLINT(build/namespaces)
+    LaunchRows(DenseBackwardKernel<kWarpThreads, T, Tacc>,
+               DenseBackwardKernel<kBlockThreads, T, Tacc>, d, p, predictions,
+               labels, stats, grad_loss, grad_predictions);
   }
 };
 
@@ -446,8 +704,10 @@ struct DenseXentLabelsBackward<GpuDevice, T> {
   void operator()(const GpuDevice& d, const XentParams& p, const T* predictions,
                   const Tacc* stats, const Tacc* grad_loss,
                   Tacc* grad_labels) const {
-    gpu::LaunchRows(gpu::DenseLabelsBackwardKernel<T, Tacc>, d, p, predictions,
-                    stats, grad_loss, grad_labels);
+    using namespace gpu;  // NOLINT(build/namespaces)
+    LaunchRows(DenseLabelsBackwardKernel<kWarpThreads, T, Tacc>,
+               DenseLabelsBackwardKernel<kBlockThreads, T, Tacc>, d, p,
+               predictions, stats, grad_loss, grad_labels);
   }
 };
 
