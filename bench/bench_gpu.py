@@ -39,16 +39,16 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from torch.nn import functional  # noqa: E402
 
-# C from 2 to 256000, N up to 32768, a few million elements each (so the
-# float64 references on the host stay quick): each shape crosses a different
-# boundary of the kernels, 50257 is odd (rows start anywhere).
+# C from 2 to 256000, N up to 32768, at most a few million elements each (so
+# that the float64 references on the host stay quick): each shape crosses a
+# different boundary of the kernels; 50257 is odd (rows start anywhere).
 CHECK_SHAPES = (
     (32768, 2),
     (32768, 5),
     (4099, 1000),
-    (80, 50257),
-    (33, 128256),
-    (16, 256000),
+    (41, 50257),
+    (17, 128256),
+    (9, 256000),
 )
 BENCH_SHAPES = ((8192, 32000), (8192, 128256), (4096, 256000))
 TORCH_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
@@ -285,6 +285,7 @@ def main():
     parser.add_argument("--check", action="store_true")
     parser.add_argument("--bench", action="store_true")
     parser.add_argument("--emulated", action="store_true", help="on the CPU, small shapes")
+    parser.add_argument("--small", action="store_true", help="check the small shapes only")
     parser.add_argument("--library", help="a harness built already (else built here)")
     parser.add_argument("--variant", action="append", default=[], metavar="NAME=LIBRARY")
     parser.add_argument("--out", default=os.path.join(ROOT, "bench", "results"))
@@ -296,7 +297,9 @@ def main():
     print(f"harness ready in {time.perf_counter() - start:.1f} s", flush=True)
     failed = 0
     if args.check:
-        shapes = kernel_checks.EMULATED_SHAPES[:2] if args.emulated else CHECK_SHAPES
+        shapes = CHECK_SHAPES
+        if args.small or args.emulated:
+            shapes = kernel_checks.EMULATED_SHAPES[: 2 if args.emulated else None]
         cases = kernel_checks.grid(shapes)
         failed = kernel_checks.run(h, cases, args.seed, log=lambda s: print(s, flush=True))
     if args.bench:

@@ -1,0 +1,74 @@
+#!/usr/bin/env bash
+# A GPU session's work in one device call (bench/GPU_NOTES.md says what to do
+# with its output). Two steps:
+#
+#   bash bench/gpu_session.sh prepare
+#       here, with nvcc: the harness built for sm_90 from this tree, tuning
+#       variants of it, and the previous kernel version from git
+#       ($TFXENT_GPU_BASELINE, a revision); the wheels of
+#       bench/gpu_requirements.txt. All into .gpu/ (git-ignored; the device
+#       call carries it).
+#   bash bench/gpu_session.sh run
+#       on the device machine, with .gpu carried: the correctness checks,
+#       the benchmark (ours, the variants, PyTorch, Liger-Kernel), then
+#       compute-sanitizer's memcheck over the small checks. Everything it
+#       prints goes to $OUT/gpu_session.log too; the tables to $OUT.
+#
+# Device tool call: run(command="bash bench/gpu_session.sh run", carry=[".gpu"],
+# timeout_s=600).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+GPU_DIR=.gpu
+BASELINE=${TFXENT_GPU_BASELINE:-35b24b7}
+ARCH=${TFXENT_CUDA_ARCH:-sm_90}
+
+build() {  # build NAME SOURCE_ROOT [NVCC FLAGS...]
+  local name=$1 root=$2
+  shift 2
+  nvcc -x cu -std=c++17 -O3 -I"$root" --expt-relaxed-constexpr -shared \
+    -Xcompiler -fPIC -arch="$ARCH" "$@" "$root/tests/gpu/harness.cu" -o "$GPU_DIR/$name.so"
+}
+
+case "${1:-}" in
+  prepare)
+    rm -rf "$GPU_DIR" && mkdir -p "$GPU_DIR/wheels"
+    python3 -m pip download -q --no-deps --only-binary=:all: \
+      -r bench/gpu_requirements.txt -d "$GPU_DIR/wheels"
+    build ours . &
+    build pieces2 . -DTFXENT_GPU_PIECES_IN_FLIGHT=2 &
+    build pieces8 . -DTFXENT_GPU_PIECES_IN_FLIGHT=8 &
+    wait
+    baseline=$(mktemp -d)
+    git archive "$BASELINE" | tar -x -C "$baseline"
+    build baseline "$baseline"
+    rm -rf "$baseline"
+    echo "$BASELINE" >"$GPU_DIR/baseline_revision"
+    du -sh "$GPU_DIR"
+    ;;
+  run)
+    out=${OUT:-bench/results}
+    mkdir -p "$out"
+    run_all() {
+      nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem --format=csv
+      python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site \
+        "$GPU_DIR"/wheels/*.whl
+      export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
+      local status=0
+      python3 bench/bench_gpu.py --check --bench --library "$GPU_DIR/ours.so" \
+        --variant "baseline=$GPU_DIR/baseline.so" --variant "pieces2=$GPU_DIR/pieces2.so" \
+        --variant "pieces8=$GPU_DIR/pieces8.so" --out "$out" || status=$?
+      echo "baseline: $(cat "$GPU_DIR/baseline_revision")"
+      # Out-of-bounds accesses on the real GPU: the small checks under memcheck.
+      timeout 150 compute-sanitizer --tool memcheck --error-exitcode 3 \
+        python3 bench/bench_gpu.py --check --small --library "$GPU_DIR/ours.so" || status=$?
+      return "$status"
+    }
+    set +e
+    run_all 2>&1 | tee "$out/gpu_session.log"
+    exit "${PIPESTATUS[0]}"
+    ;;
+  *)
+    echo "usage: $0 prepare|run" >&2
+    exit 2
+    ;;
+esac
