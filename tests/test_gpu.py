@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import reference as ref
 import tensorflow as tf
+from subprocess_util import run_python
 from tensorflow.python.framework import kernels
 
 import tf_xent_ops as txo
@@ -109,3 +110,34 @@ def test_gpu_out_of_range_label_gives_nan_row_and_zero_gradient(rng):
     )
     assert np.isnan(loss[1]) and np.all(np.isfinite(loss[[0, 2]]))
     assert np.all(grad[1] == 0)
+
+
+_DETERMINISM = """
+import numpy as np, tensorflow as tf, tf_xent_ops as txo
+tf.config.experimental.enable_op_determinism()
+p = tf.constant(np.random.default_rng(0).standard_normal((64, 1000)), tf.float32)
+y = tf.constant(np.arange(64) % 1000)
+results = []
+for _ in range(2):
+    with tf.device("/gpu:0"):
+        with tf.GradientTape() as tape:
+            tape.watch(p)
+            loss = txo.ops.sparse_crossentropy(y, p, True, 0.1)
+        grad = tape.gradient(loss, p)
+    results.append((loss.numpy().tobytes(), grad.numpy().tobytes()))
+assert results[0] == results[1]
+with tf.device("/gpu:0"):
+    try:
+        tf.nn.sparse_softmax_cross_entropy_with_logits(labels=y, logits=p)
+        print("built-in ran")
+    except tf.errors.UnimplementedError:
+        print("built-in refused")
+"""
+
+
+@pytest.mark.skipif(not HAS_GPU, reason="TensorFlow sees no GPU")
+def test_gpu_kernels_run_under_op_determinism():
+    # Fixed-order reductions: the ops run, bitwise repeatably, where
+    # TensorFlow's own GPU kernel raises UnimplementedError.
+    out = run_python(_DETERMINISM).stdout
+    assert "built-in refused" in out, out

@@ -291,6 +291,11 @@ struct GpuDevice {
   void* stream = nullptr;
 };
 
+// The error of this thread's last failed GPU launch, which it clears, or
+// nullptr if there was none (defined with the CUDA functors; the GPU
+// OpKernels turn it into an error status).
+const char* TakeGpuLaunchError();
+
 // ---------------------------------------------------------------------------
 // Functors. `Tidx` is int32_t or int64_t; T is the prediction type; the loss,
 // the row statistics and dense labels are in AccumulatorType<T>.

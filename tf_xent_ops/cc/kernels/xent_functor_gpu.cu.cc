@@ -10,6 +10,15 @@ same layout). Compiled by nvcc when a CUDA toolkit is found (setup.py).
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+namespace tf_xent_ops {
+
+const char* TakeGpuLaunchError() {
+  const cudaError_t error = cudaGetLastError();
+  return error == cudaSuccess ? nullptr : cudaGetErrorString(error);
+}
+
+}  // namespace tf_xent_ops
+
 TFXENT_INSTANTIATE_GPU(__half)
 TFXENT_INSTANTIATE_GPU(__nv_bfloat16)
 TFXENT_INSTANTIATE_GPU(float)

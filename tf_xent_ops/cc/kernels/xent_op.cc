@@ -71,6 +71,7 @@ template <>
 struct DeviceTraits<CpuDevice> {
   static CpuDevice Make(OpKernelContext* ctx) { return MakeCpuDevice(ctx); }
   static constexpr bool kChecksLabels = true;
+  static void CheckLaunch(OpKernelContext*) {}
 };
 
 template <typename Device, typename T>
@@ -88,6 +89,13 @@ struct DeviceTraits<GpuDevice> {
   // Labels live on the device; the kernels give a bad label's row a NaN loss
   // and never read through it.
   static constexpr bool kChecksLabels = false;
+  // A kernel that could not be launched leaves its outputs unwritten.
+  static void CheckLaunch(OpKernelContext* ctx) {
+    if (const char* error = TakeGpuLaunchError()) {
+      ctx->CtxFailure(::tensorflow::errors::Internal(
+          "tf_xent_ops: GPU kernel launch failed: ", error));
+    }
+  }
 };
 template <>
 struct KernelType<GpuDevice, Eigen::half> {
@@ -183,6 +191,7 @@ class SparseXentOp : public OpKernel {
         DeviceTraits<Device>::Make(ctx), p, Data<Device, T>(predictions),
         labels.flat<Tidx>().data(), loss->flat<Tacc>().data(),
         lse->flat<Tacc>().data());
+    DeviceTraits<Device>::CheckLaunch(ctx);
   }
 
  private:
@@ -222,6 +231,7 @@ class SparseXentGradOp : public OpKernel {
         DeviceTraits<Device>::Make(ctx), p, Data<Device, T>(predictions),
         labels.flat<Tidx>().data(), lse.flat<Tacc>().data(),
         grad_loss.flat<Tacc>().data(), MutableData<Device, T>(grad));
+    DeviceTraits<Device>::CheckLaunch(ctx);
   }
 
  private:
@@ -254,6 +264,7 @@ class DenseXentOp : public OpKernel {
         DeviceTraits<Device>::Make(ctx), p, Data<Device, T>(predictions),
         labels.flat<Tacc>().data(), loss->flat<Tacc>().data(),
         stats->flat<Tacc>().data());
+    DeviceTraits<Device>::CheckLaunch(ctx);
   }
 
  private:
@@ -288,6 +299,7 @@ class DenseXentGradOp : public OpKernel {
         DeviceTraits<Device>::Make(ctx), p, Data<Device, T>(predictions),
         labels.flat<Tacc>().data(), stats.flat<Tacc>().data(),
         grad_loss.flat<Tacc>().data(), MutableData<Device, T>(grad));
+    DeviceTraits<Device>::CheckLaunch(ctx);
   }
 
  private:
@@ -319,6 +331,7 @@ class DenseXentLabelsGradOp : public OpKernel {
         DeviceTraits<Device>::Make(ctx), p, Data<Device, T>(predictions),
         stats.flat<Tacc>().data(), grad_loss.flat<Tacc>().data(),
         grad->flat<Tacc>().data());
+    DeviceTraits<Device>::CheckLaunch(ctx);
   }
 
  private:
