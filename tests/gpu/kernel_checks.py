@@ -289,11 +289,31 @@ def run_case(h, rng, case):
         f.close("loss", loss, ref.dense(dense_labels, predictions, *args), rtol, atol)
         wrt_p, wrt_y = ref.dense_gradients(dense_labels, predictions, *args)
         g = grad_loss[:, None]
-        f.within("gradient", grads[0], ref.Gradient(g * wrt_p.value, g * wrt_p.scale), case.dtype)
+        expected = ref.Gradient(g * wrt_p.value, g * wrt_p.scale)
+        f.within("gradient", grads[0], expected, case.dtype)
+        if case.from_logits:
+            _check_single_labels(f, rng, run, stats, dense_labels, expected)
         acc = "float64" if case.dtype == "float64" else "float32"
         f.within("labels gradient", label_grads[0],
                  ref.Gradient(g * wrt_y.value, g * wrt_y.scale), acc)  # fmt: skip
     return f.messages
+
+
+def _check_single_labels(f, rng, run, stats, dense_labels, expected):
+    """Dense logits: the forward names each row's only nonzero label (class
+    and value, or -1 and 0), the backward then reads no labels for the row;
+    statistics that name no class make it read them (never out of the row)."""
+    nonzero = dense_labels != 0
+    single = nonzero.sum(1) == 1
+    j = np.where(single, nonzero.argmax(1), -1)
+    y_j = np.where(single, dense_labels[np.arange(len(j)), np.maximum(j, 0)], 0.0)
+    f.equal("single label classes", stats[:, 2].astype(np.float64), j.astype(np.float64))
+    f.equal("single label values", stats[:, 3].astype(np.float64), y_j.astype(np.float64))
+    tampered = stats.copy()
+    c = dense_labels.shape[1]
+    tampered[:, 2] = rng.choice([np.nan, -1.0, -7.0, c, c + 0.5, 1e30, np.inf], size=len(j))
+    grad = run.m.get(run.backward(run.m.put(tampered), np.nan))
+    f.within("gradient from statistics that name no class", grad, expected, run.case.dtype)
 
 
 def run(h, cases, seed=None, log=print):

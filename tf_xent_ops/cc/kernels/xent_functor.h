@@ -325,8 +325,8 @@ struct SparseXentBackward {
 //   logits:        (log_sum_exp, sum_k t_k, j, y_j)
 //   probabilities: (sum_k y_k, sum over in-clip-range classes of t_k, -1, 0)
 // where j is the class of the row's only nonzero label y_j, if it has exactly
-// one (as a one-hot row has) and the CPU kernel found it, else -1: the CPU
-// logits backward then reads no labels for that row, its targets being known.
+// one (as a one-hot row has), else -1: the logits backwards then read no
+// labels for that row, its targets being known.
 constexpr int64_t kDenseStats = 4;
 
 // Writes row r's dense statistics.
@@ -339,6 +339,18 @@ TFXENT_HOST_DEVICE void WriteDenseStats(Tacc* stats, int64_t r, Tacc stat0,
   row[1] = stat1;
   row[2] = static_cast<Tacc>(single_label);
   row[3] = single_value;
+}
+
+// The class of the row's only nonzero label from its statistics, or -1 (also
+// for anything that is not a class: statistics are an input of the backward,
+// and the backward must never index out of the row).
+template <typename Tacc>
+TFXENT_HOST_DEVICE int64_t SingleLabel(const Tacc* row_stats,
+                                       int64_t num_classes) {
+  const Tacc j = row_stats[2];
+  if (!(j >= Tacc(0) && j < static_cast<Tacc>(num_classes))) return -1;
+  const int64_t k = static_cast<int64_t>(j);
+  return k < num_classes ? k : -1;
 }
 
 template <typename Device, typename T>

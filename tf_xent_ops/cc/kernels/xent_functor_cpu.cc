@@ -556,16 +556,6 @@ void WriteOneTargetLogitsGrad(T* dx, const X& x, int64_t num_classes,
   }
 }
 
-// The class of the row's only nonzero label from its statistics, or -1 (also
-// for anything that is not a class: statistics are an input of the backward).
-template <typename Tacc>
-int64_t SingleLabel(const Tacc* row_stats, int64_t num_classes) {
-  const Tacc j = row_stats[2];
-  if (!(j >= Tacc(0) && j < static_cast<Tacc>(num_classes))) return -1;
-  const int64_t k = static_cast<int64_t>(j);
-  return k < num_classes ? k : -1;
-}
-
 // Runs row_fn(reader, r) for every row on the device's thread pool, with one
 // Reader (a RowReader or a LogitsRowReducer) per shard.
 template <typename T, typename Tacc, typename Reader = RowReader<T, Tacc>,

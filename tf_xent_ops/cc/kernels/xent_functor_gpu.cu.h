@@ -76,6 +76,9 @@ __device__ __forceinline__ double FastExp(double x) { return exp(x); }
 // through the sums instead.
 __device__ __forceinline__ float Max(float a, float b) { return fmaxf(a, b); }
 __device__ __forceinline__ double Max(double a, double b) { return fmax(a, b); }
+__device__ __forceinline__ int64_t Max(int64_t a, int64_t b) {
+  return a > b ? a : b;
+}
 
 struct MaxOp {
   template <typename Tacc>
@@ -366,6 +369,14 @@ struct LogitSums {
   }
 };
 
+// Where element `target` of a row falls in the piece of n elements starting
+// at k: its index there, or -1. Once per piece, so that each element's test
+// is a 32-bit compare with a constant.
+__device__ __forceinline__ int IndexInPiece(int64_t target, int64_t k, int n) {
+  const int64_t into = target - k;
+  return into >= 0 && into < n ? static_cast<int>(into) : -1;
+}
+
 // Whether a sparse row is ignored (0 everywhere) or has a bad label (NaN loss,
 // 0 gradient); the same for every thread of the group.
 enum class RowKind { kValid, kIgnored, kBadLabel };
@@ -465,14 +476,11 @@ __global__ void __launch_bounds__(kBlockThreads)
     const int64_t label = static_cast<int64_t>(labels[r]);
     const Tacc g = grad_loss[r], lse = log_sum_exp[r];
     if (p.from_logits) {
-      // g t_k: g ls / C, plus g (1 - ls) at the label (sum_t is 1). The
-      // label is found once per piece, in 32 bits.
+      // g t_k: g ls / C, plus g (1 - ls) at the label (sum_t is 1).
       const Tacc g_off = g * c.off_weight, g_on = g_off + g * c.on_weight;
       MapPieces<kThreads, Tacc>(
           x, dx, num_classes, [&](int64_t k, const auto& in, auto& out) {
-            const int64_t into = label - k;
-            const int hit =
-                into >= 0 && into < Size(in) ? static_cast<int>(into) : -1;
+            const int hit = IndexInPiece(label, k, Size(in));
 #pragma unroll
             for (int j = 0; j < Size(in); ++j) {
               out[j] =
@@ -505,21 +513,39 @@ __global__ void __launch_bounds__(kBlockThreads)
     const Tacc* y = labels + r * num_classes;
     if (p.from_logits) {
       LogitSums<Tacc, kTargetSums> sums;
+      // This thread's nonzero labels: how many, the last one's class and
+      // value (a one-hot row has one in the whole row).
+      int64_t nonzero[2] = {0, -1};
+      Tacc nonzero_value[1] = {Tacc(0)};
       ForEachPiece<kThreads, Tacc>(x, num_classes,
                                    [&](int64_t k, const auto& z) {
                                      Tacc t[SizeOf<decltype(z)>];
 #pragma unroll
                                      for (int j = 0; j < Size(z); ++j) {
-                                       t[j] = c.DenseTarget(y[k + j]);
+                                       const Tacc label = y[k + j];
+                                       t[j] = c.DenseTarget(label);
+                                       if (label != Tacc(0)) {
+                                         ++nonzero[0];
+                                         nonzero[1] = k + j;
+                                         nonzero_value[0] = label;
+                                       }
                                      }
                                      sums.Add(z, t);
                                    });
       const auto row = sums.template Combine<kThreads>();
+      // The row's single nonzero label, if it has one: its class is the
+      // largest of the threads' last ones, its value the sum of theirs.
+      int64_t count[1] = {nonzero[0]}, last[1] = {nonzero[1]};
+      G::Reduce(count, SumOp());
+      G::Reduce(last, MaxOp());
+      G::Reduce(nonzero_value, SumOp());
       if (G::Lane() == 0) {
         loss[r] = DenseLogitsLoss(row.log_exp_sum, row.target_sum,
                                   row.target_shifted);
-        // No single label: the GPU backward reads the labels (coalesced).
-        WriteDenseStats(stats, r, row.shift + row.log_exp_sum, row.target_sum);
+        const bool single = count[0] == 1;
+        WriteDenseStats(stats, r, row.shift + row.log_exp_sum, row.target_sum,
+                        single ? last[0] : -1,
+                        single ? nonzero_value[0] : Tacc(0));
       }
     } else {
       // The clip range depends on the row sum: a second read, from L2 where
@@ -573,6 +599,22 @@ __global__ void __launch_bounds__(kBlockThreads)
                stat1 = stats[kDenseStats * r + 1];
     if (p.from_logits) {
       const Tacc g_sum_t = g * stat1;
+      const int64_t single = SingleLabel(stats + kDenseStats * r, num_classes);
+      if (single >= 0) {
+        // The row's only nonzero label is y_single: no labels read.
+        const Tacc y_single = stats[kDenseStats * r + 3];
+        MapPieces<kThreads, Tacc>(
+            x, dx, num_classes, [&](int64_t k, const auto& in, auto& out) {
+              const int hit = IndexInPiece(single, k, Size(in));
+#pragma unroll
+              for (int j = 0; j < Size(in); ++j) {
+                const Tacc label = j == hit ? y_single : Tacc(0);
+                out[j] = SoftmaxGrad(g_sum_t, FastExp(in[j] - stat0),
+                                     c.ScaledDenseTarget(g, label));
+              }
+            });
+        continue;
+      }
       MapPieces<kThreads, Tacc>(
           x, dx, num_classes, [&](int64_t k, const auto& in, auto& out) {
 #pragma unroll
