@@ -127,8 +127,9 @@ class TorchMemory:
 
     def put(self, array, offset_bytes=0):
         array = np.ascontiguousarray(array)
-        raw = self.torch.empty(array.nbytes + offset_bytes, dtype=self.torch.uint8)
-        raw = raw.to(self.device)
+        raw = self.torch.empty(
+            array.nbytes + offset_bytes, dtype=self.torch.uint8, device=self.device
+        )
         data = raw[offset_bytes:]
         data.copy_(self.torch.from_numpy(array.reshape(-1).view(np.uint8)))
         return self.Buffer(data, array.dtype, array.shape)
