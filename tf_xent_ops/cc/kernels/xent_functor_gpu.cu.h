@@ -193,20 +193,20 @@ __device__ __forceinline__ uint4 Pack(const Tacc (&v)[kVec]) {
   return piece;
 }
 
-// Calls fn(k, v) over this thread's share of a row of n elements: v an
-// array of the values x_k .. x_{k+N-1} in Tacc (N is kVec for a piece, 1 for
-// a head or tail element). Loads stream past the caches (each element is
+// Visits this thread's share of a row of n elements: element(k) for each
+// single element (the head and the tail), piece(k, raw) for each 16-byte
+// piece, raw holding x_k .. x_{k+kVec-1}. kPiecesInFlight pieces are loaded
+// before the first is visited; loads stream past the caches (each element is
 // read once).
-template <int kThreads, typename Tacc, typename T, typename Fn>
-__device__ __forceinline__ void ForEachPiece(const T* row, int64_t n, Fn fn) {
+template <int kThreads, typename T, typename Element, typename Piece>
+__device__ __forceinline__ void VisitRow(const T* row, int64_t n,
+                                         Element element, Piece piece) {
   constexpr int kVec = RowPieces<T>::kVec;
   const RowPieces<T> layout(row, n);
   const int lane = Group<kThreads>::Lane();
-  for (int64_t k = lane; k < layout.head; k += kThreads) {
-    const Tacc v[1] = {static_cast<Tacc>(row[k])};
-    fn(k, v);
-  }
+  for (int64_t k = lane; k < layout.head; k += kThreads) element(k);
   const uint4* pieces = reinterpret_cast<const uint4*>(row + layout.head);
+  const auto first = [&](int64_t i) { return layout.head + i * kVec; };
   int64_t i = lane;
   for (; i + (kPiecesInFlight - 1) * kThreads < layout.pieces;
        i += kPiecesInFlight * kThreads) {
@@ -216,20 +216,29 @@ __device__ __forceinline__ void ForEachPiece(const T* row, int64_t n, Fn fn) {
       raw[u] = __ldcs(pieces + i + u * kThreads);
 #pragma unroll
     for (int u = 0; u < kPiecesInFlight; ++u) {
-      Tacc v[kVec];
-      Unpack<Tacc, T>(raw[u], v);
-      fn(layout.head + (i + u * kThreads) * kVec, v);
+      piece(first(i + u * kThreads), raw[u]);
     }
   }
-  for (; i < layout.pieces; i += kThreads) {
-    Tacc v[kVec];
-    Unpack<Tacc, T>(__ldcs(pieces + i), v);
-    fn(layout.head + i * kVec, v);
-  }
-  for (int64_t k = layout.tail + lane; k < n; k += kThreads) {
-    const Tacc v[1] = {static_cast<Tacc>(row[k])};
-    fn(k, v);
-  }
+  for (; i < layout.pieces; i += kThreads) piece(first(i), __ldcs(pieces + i));
+  for (int64_t k = layout.tail + lane; k < n; k += kThreads) element(k);
+}
+
+// Calls fn(k, v) over this thread's share of a row of n elements: v an
+// array of the values x_k .. x_{k+N-1} in Tacc (N is kVec for a piece, 1 for
+// a single element).
+template <int kThreads, typename Tacc, typename T, typename Fn>
+__device__ __forceinline__ void ForEachPiece(const T* row, int64_t n, Fn fn) {
+  VisitRow<kThreads>(
+      row, n,
+      [&](int64_t k) {
+        const Tacc v[1] = {static_cast<Tacc>(row[k])};
+        fn(k, v);
+      },
+      [&](int64_t k, const uint4& raw) {
+        Tacc v[RowPieces<T>::kVec];
+        Unpack<Tacc, T>(raw, v);
+        fn(k, v);
+      });
 }
 
 // dx_k = fn(k, x) for this thread's share of a row, in pieces as
@@ -237,9 +246,7 @@ __device__ __forceinline__ void ForEachPiece(const T* row, int64_t n, Fn fn) {
 // each piece is read before it is written, by the same thread.
 template <int kThreads, typename Tacc, typename T, typename Fn>
 __device__ __forceinline__ void MapPieces(const T* x, T* dx, int64_t n, Fn fn) {
-  constexpr int kVec = RowPieces<T>::kVec;
-  const int lane = Group<kThreads>::Lane();
-  const auto one = [&](int64_t k) {
+  const auto element = [&](int64_t k) {
     const Tacc in[1] = {static_cast<Tacc>(x[k])};
     Tacc out[1];
     fn(k, in, out);
@@ -247,31 +254,16 @@ __device__ __forceinline__ void MapPieces(const T* x, T* dx, int64_t n, Fn fn) {
   };
   if (reinterpret_cast<uintptr_t>(x) % 16 !=
       reinterpret_cast<uintptr_t>(dx) % 16) {
-    for (int64_t k = lane; k < n; k += kThreads) one(k);  // No common pieces.
+    // No pieces in common: element by element.
+    for (int64_t k = Group<kThreads>::Lane(); k < n; k += kThreads) element(k);
     return;
   }
-  const RowPieces<T> layout(x, n);
-  for (int64_t k = lane; k < layout.head; k += kThreads) one(k);
-  const uint4* in_pieces = reinterpret_cast<const uint4*>(x + layout.head);
-  uint4* out_pieces = reinterpret_cast<uint4*>(dx + layout.head);
-  const auto map = [&](int64_t i, const uint4& raw) {
-    Tacc in[kVec], out[kVec];
+  VisitRow<kThreads>(x, n, element, [&](int64_t k, const uint4& raw) {
+    Tacc in[RowPieces<T>::kVec], out[RowPieces<T>::kVec];
     Unpack<Tacc, T>(raw, in);
-    fn(layout.head + i * kVec, in, out);
-    __stcs(out_pieces + i, Pack<T>(out));
-  };
-  int64_t i = lane;
-  for (; i + (kPiecesInFlight - 1) * kThreads < layout.pieces;
-       i += kPiecesInFlight * kThreads) {
-    uint4 raw[kPiecesInFlight];
-#pragma unroll
-    for (int u = 0; u < kPiecesInFlight; ++u)
-      raw[u] = __ldcs(in_pieces + i + u * kThreads);
-#pragma unroll
-    for (int u = 0; u < kPiecesInFlight; ++u) map(i + u * kThreads, raw[u]);
-  }
-  for (; i < layout.pieces; i += kThreads) map(i, __ldcs(in_pieces + i));
-  for (int64_t k = layout.tail + lane; k < n; k += kThreads) one(k);
+    fn(k, in, out);
+    __stcs(reinterpret_cast<uint4*>(dx + k), Pack<T>(out));
+  });
 }
 
 // What a LogitSums keeps besides sum exp(z - m).
