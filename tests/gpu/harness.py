@@ -104,9 +104,6 @@ class HostMemory:
     def pointer(self, buffer):
         return ctypes.c_void_p(buffer.ctypes.data)
 
-    def synchronize(self):
-        pass
-
 
 class TorchMemory:
     """Buffers held by PyTorch on `device` (raw bytes; dtype and shape kept
@@ -143,13 +140,8 @@ class TorchMemory:
     def pointer(self, buffer):
         return ctypes.c_void_p(buffer.data.data_ptr())
 
-    def synchronize(self):
-        if self.device == "cuda":
-            self.torch.cuda.synchronize()
-
 
 DTYPE_CODES = {"float16": 0, "bfloat16": 1, "float32": 2, "float64": 3}
-STATS_PER_ROW_FUNCTION = "tfxent_dense_stats_per_row"
 
 
 class Harness:
@@ -163,7 +155,7 @@ class Harness:
         self.lib = ctypes.CDLL(library_path)
         self.memory = memory
         self.emulated = hasattr(self.lib, "tfxent_emulation_take_error")
-        self.stats_per_row = getattr(self.lib, STATS_PER_ROW_FUNCTION)()
+        self.stats_per_row = self.lib.tfxent_dense_stats_per_row()
 
     def set_seed(self, seed):
         """The emulation's fiber order (no effect on a GPU)."""
