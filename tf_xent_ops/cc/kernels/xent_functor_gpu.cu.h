@@ -144,10 +144,6 @@ struct Group {
 };
 
 // The length of a piece's array of values (kVec, or 1 for a single element).
-template <typename Tacc, int kN>
-__device__ __forceinline__ constexpr int Size(const Tacc (&)[kN]) {
-  return kN;
-}
 template <typename Array>
 constexpr int SizeOf = std::extent<std::remove_reference_t<Array>>::value;
 
@@ -424,7 +420,7 @@ __global__ void __launch_bounds__(kBlockThreads)
       ForEachPiece<kThreads, Tacc>(x, num_classes, [&](int64_t, const auto& v) {
         Tacc piece_sum = Tacc(0), piece_log = Tacc(0);
 #pragma unroll
-        for (int j = 0; j < Size(v); ++j) {
+        for (int j = 0; j < SizeOf<decltype(v)>; ++j) {
           const Tacc clipped = c.Clip(v[j]);
           piece_sum += clipped;
           if (smoothing) piece_log += LogOf(clipped);
@@ -456,13 +452,13 @@ __global__ void __launch_bounds__(kBlockThreads)
     const T* x = predictions + r * num_classes;
     T* dx = grad_predictions + r * num_classes;  // May alias x, element-wise.
     if (ClassifyRow(p, labels[r]) != RowKind::kValid) {
-      MapPieces<kThreads, Tacc>(x, dx, num_classes,
-                                [](int64_t, const auto& in, auto& out) {
+      MapPieces<kThreads, Tacc>(
+          x, dx, num_classes, [](int64_t, const auto& in, auto& out) {
 #pragma unroll
-                                  for (int j = 0; j < Size(in); ++j) {
-                                    out[j] = Tacc(0);
-                                  }
-                                });
+            for (int j = 0; j < SizeOf<decltype(in)>; ++j) {
+              out[j] = Tacc(0);
+            }
+          });
       continue;
     }
     const int64_t label = static_cast<int64_t>(labels[r]);
@@ -472,9 +468,9 @@ __global__ void __launch_bounds__(kBlockThreads)
       const Tacc g_off = g * c.off_weight, g_on = g_off + g * c.on_weight;
       MapPieces<kThreads, Tacc>(
           x, dx, num_classes, [&](int64_t k, const auto& in, auto& out) {
-            const int hit = IndexInPiece(label, k, Size(in));
+            const int hit = IndexInPiece(label, k, SizeOf<decltype(in)>);
 #pragma unroll
-            for (int j = 0; j < Size(in); ++j) {
+            for (int j = 0; j < SizeOf<decltype(in)>; ++j) {
               out[j] =
                   SoftmaxGrad(g, FastExp(in[j] - lse), j == hit ? g_on : g_off);
             }
@@ -484,7 +480,7 @@ __global__ void __launch_bounds__(kBlockThreads)
       MapPieces<kThreads, Tacc>(
           x, dx, num_classes, [&](int64_t k, const auto& in, auto& out) {
 #pragma unroll
-            for (int j = 0; j < Size(in); ++j) {
+            for (int j = 0; j < SizeOf<decltype(in)>; ++j) {
               const Tacc t = c.SparseTarget(k + j, label);
               out[j] = SparseProbsGrad(c, g, in[j], inv_sum, t);
             }
@@ -509,21 +505,21 @@ __global__ void __launch_bounds__(kBlockThreads)
       // value (a one-hot row has one in the whole row).
       int64_t nonzero[2] = {0, -1};
       Tacc nonzero_value[1] = {Tacc(0)};
-      ForEachPiece<kThreads, Tacc>(x, num_classes,
-                                   [&](int64_t k, const auto& z) {
-                                     Tacc t[SizeOf<decltype(z)>];
+      ForEachPiece<kThreads, Tacc>(
+          x, num_classes, [&](int64_t k, const auto& z) {
+            Tacc t[SizeOf<decltype(z)>];
 #pragma unroll
-                                     for (int j = 0; j < Size(z); ++j) {
-                                       const Tacc label = y[k + j];
-                                       t[j] = c.DenseTarget(label);
-                                       if (label != Tacc(0)) {
-                                         ++nonzero[0];
-                                         nonzero[1] = k + j;
-                                         nonzero_value[0] = label;
-                                       }
-                                     }
-                                     sums.Add(z, t);
-                                   });
+            for (int j = 0; j < SizeOf<decltype(z)>; ++j) {
+              const Tacc label = y[k + j];
+              t[j] = c.DenseTarget(label);
+              if (label != Tacc(0)) {
+                ++nonzero[0];
+                nonzero[1] = k + j;
+                nonzero_value[0] = label;
+              }
+            }
+            sums.Add(z, t);
+          });
       const auto row = sums.template Combine<kThreads>();
       // The row's single nonzero label, if it has one: its class is the
       // largest of the threads' last ones, its value the sum of theirs.
@@ -546,7 +542,7 @@ __global__ void __launch_bounds__(kBlockThreads)
       ForEachPiece<kThreads, Tacc>(x, num_classes, [&](int64_t, const auto& v) {
         Tacc piece = Tacc(0);
 #pragma unroll
-        for (int j = 0; j < Size(v); ++j) piece += v[j];
+        for (int j = 0; j < SizeOf<decltype(v)>; ++j) piece += v[j];
         row_sum.Add(piece);
       });
       Tacc s[1] = {row_sum.Total()};
@@ -556,7 +552,7 @@ __global__ void __launch_bounds__(kBlockThreads)
           x, num_classes, [&](int64_t k, const auto& v) {
             Tacc piece_total = Tacc(0), piece_in_range = Tacc(0);
 #pragma unroll
-            for (int j = 0; j < Size(v); ++j) {
+            for (int j = 0; j < SizeOf<decltype(v)>; ++j) {
               const Tacc q = v[j] / s[0];
               const Tacc t = c.DenseTarget(y[k + j]);
               piece_total += t * LogOf(c.Clip(q));
@@ -597,9 +593,9 @@ __global__ void __launch_bounds__(kBlockThreads)
         const Tacc y_single = stats[kDenseStats * r + 3];
         MapPieces<kThreads, Tacc>(
             x, dx, num_classes, [&](int64_t k, const auto& in, auto& out) {
-              const int hit = IndexInPiece(single, k, Size(in));
+              const int hit = IndexInPiece(single, k, SizeOf<decltype(in)>);
 #pragma unroll
-              for (int j = 0; j < Size(in); ++j) {
+              for (int j = 0; j < SizeOf<decltype(in)>; ++j) {
                 const Tacc label = j == hit ? y_single : Tacc(0);
                 out[j] = SoftmaxGrad(g_sum_t, FastExp(in[j] - stat0),
                                      c.ScaledDenseTarget(g, label));
@@ -610,7 +606,7 @@ __global__ void __launch_bounds__(kBlockThreads)
       MapPieces<kThreads, Tacc>(
           x, dx, num_classes, [&](int64_t k, const auto& in, auto& out) {
 #pragma unroll
-            for (int j = 0; j < Size(in); ++j) {
+            for (int j = 0; j < SizeOf<decltype(in)>; ++j) {
               out[j] = SoftmaxGrad(g_sum_t, FastExp(in[j] - stat0),
                                    c.ScaledDenseTarget(g, y[k + j]));
             }
@@ -620,7 +616,7 @@ __global__ void __launch_bounds__(kBlockThreads)
       MapPieces<kThreads, Tacc>(
           x, dx, num_classes, [&](int64_t k, const auto& in, auto& out) {
 #pragma unroll
-            for (int j = 0; j < Size(in); ++j) {
+            for (int j = 0; j < SizeOf<decltype(in)>; ++j) {
               out[j] = DenseProbsGrad(g, in[j], range, stat1 / stat0,
                                       c.DenseTarget(y[k + j]));
             }
@@ -644,7 +640,7 @@ __global__ void __launch_bounds__(kBlockThreads)
                stat = stats[kDenseStats * r];
     ForEachPiece<kThreads, Tacc>(x, num_classes, [&](int64_t k, const auto& z) {
 #pragma unroll
-      for (int j = 0; j < Size(z); ++j) {
+      for (int j = 0; j < SizeOf<decltype(z)>; ++j) {
         dy[k + j] =
             scale * (p.from_logits ? stat - z[j] : -LogOf(c.Clip(z[j] / stat)));
       }
