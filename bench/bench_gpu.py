@@ -228,21 +228,27 @@ def bench(device, h, variants, shapes, out_dir):
             }
             rows.append(row)
             print(_line(row), flush=True)
-    result = {
-        "device": name,
-        "copy_gbs": copy_gbs,
-        "liger_version": liger_version,
-        "torch_version": torch.__version__,
-        "builds": list(builds),
-        "rows": rows,
-    }
+            # Written after every row: a call cut short keeps what it measured.
+            table = _write(out_dir, {
+                "device": name,
+                "copy_gbs": copy_gbs,
+                "liger_version": liger_version,
+                "torch_version": torch.__version__,
+                "builds": list(builds),
+                "rows": rows,
+            })  # fmt: skip
+    print(table)
+
+
+def _write(out_dir, result):
+    """gpu_results.json and gpu_results.md (returned) in `out_dir`."""
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, "gpu_results.json"), "w") as f:
         json.dump(result, f, indent=1)
     table = markdown(result)
     with open(os.path.join(out_dir, "gpu_results.md"), "w") as f:
         f.write(table)
-    print(table)
+    return table
 
 
 def _line(row):
@@ -306,7 +312,10 @@ def main():
         variants = {}
         for spec in args.variant:
             name, path = spec.split("=", 1)
-            variants[name] = gpu_harness.Harness(path, device.memory())
+            try:
+                variants[name] = gpu_harness.Harness(path, device.memory())
+            except OSError as e:  # a variant is a comparison, not the result
+                print(f"variant {name} not loaded ({e}): left out")
         shapes = ((16, 300), (8, 1000)) if args.emulated else BENCH_SHAPES
         bench(device, h, variants, shapes, args.out)
     print(f"done in {time.perf_counter() - start:.1f} s")

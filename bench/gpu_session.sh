@@ -11,11 +11,12 @@
 #   bash bench/gpu_session.sh run
 #       on the device machine, with .gpu carried: the correctness checks,
 #       the benchmark (ours, the variants, PyTorch, Liger-Kernel), then
-#       compute-sanitizer's memcheck over the small checks. Everything it
-#       prints goes to $OUT/gpu_session.log too; the tables to $OUT.
+#       compute-sanitizer's memcheck over the small checks, in about 7
+#       minutes. Everything it prints goes to $OUT/gpu_session.log too; the
+#       tables to $OUT (rewritten after each row).
 #
 # Device tool call: run(command="bash bench/gpu_session.sh run", carry=[".gpu"],
-# timeout_s=600).
+# timeout_s=480).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 GPU_DIR=.gpu
@@ -49,6 +50,7 @@ case "${1:-}" in
     out=${OUT:-bench/results}
     mkdir -p "$out"
     run_all() {
+      echo "kernel $(uname -r) (4.4.0: gVisor, where compute-sanitizer cannot run)"
       nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem --format=csv
       python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site \
         "$GPU_DIR"/wheels/*.whl
@@ -59,8 +61,9 @@ case "${1:-}" in
         --variant "pieces8=$GPU_DIR/pieces8.so" --out "$out" || status=$?
       echo "baseline: $(cat "$GPU_DIR/baseline_revision")"
       # Out-of-bounds accesses on the real GPU: the small checks under memcheck,
-      # with what is left of a 10-minute call.
-      local left=$((570 - SECONDS))
+      # with what is left of 7 minutes (of the session's 15 minutes of device
+      # time, the machine's start takes one or two: this leaves room to rerun).
+      local left=$((420 - SECONDS))
       if [ "$left" -gt 60 ]; then
         timeout "$left" compute-sanitizer --tool memcheck --error-exitcode 3 \
           python3 bench/bench_gpu.py --check --small --library "$GPU_DIR/ours.so" || status=$?
