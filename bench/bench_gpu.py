@@ -8,10 +8,12 @@ names one already built), then:
             label kind against float64 references, on fresh random inputs
             with special rows, outputs poisoned, bitwise reproducibility,
             C from 2 to 256000 and N up to 32768;
-  --bench   sparse logits (the large-vocabulary case), forward and
-            forward+backward, timed with CUDA events in one process next to
+  --bench   logits with sparse labels (the large-vocabulary case) and
+            with one-hot dense labels, forward and forward+backward, timed
+            with CUDA events in one process next to
             torch.nn.functional.cross_entropy and Liger-Kernel's cross
-            entropy (bench/gpu_requirements.txt, carried as a wheel), against
+            entropy (sparse labels only; bench/gpu_requirements.txt,
+            carried as a wheel), against
             the copy bandwidth measured in the same run. Other harness builds
             (--variant NAME=LIBRARY, an earlier version say) are timed beside.
             Writes gpu_results.md and gpu_results.json to --out.
@@ -51,6 +53,9 @@ CHECK_SHAPES = (
     (9, 256000),
 )
 BENCH_SHAPES = ((8192, 32000), (8192, 128256), (4096, 256000))
+# One-hot float32 labels (Keras's CategoricalCrossentropy): the forward reads
+# them, the backward reads none for a one-hot row.
+DENSE_BENCH_SHAPES = ((8192, 128256),)
 TORCH_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
@@ -122,45 +127,59 @@ class Device:
         return ctypes.c_void_p(torch.cuda.current_stream().cuda_stream)
 
 
-class OursSparse:
-    """Forward and forward+backward of one harness build on preallocated
-    buffers (as TensorFlow's allocator hands them out), the C calls' argument
-    lists formed once."""
+class Ours:
+    """Forward and forward+backward of one harness build, with sparse labels
+    (int64 [N]) or dense ones (float32 [N, C]), on preallocated buffers (as
+    TensorFlow's allocator hands them out), the C calls' argument lists formed
+    once."""
 
-    def __init__(self, h, x, y, stream):
+    def __init__(self, h, x, labels, stream):
         n, c = x.shape
+        dense = labels.dim() == 2
         # Every tensor whose pointer is passed is kept alive here.
-        self.lib, self.x, self.y = h.lib, x, y
+        self.x, self.labels = x, labels
         self.loss, self.dx = x.new_empty(n, dtype=torch.float32), torch.empty_like(x)
-        self.lse, self.g = torch.empty_like(self.loss), torch.full_like(self.loss, 1.0 / n)
+        self.g = torch.full_like(self.loss, 1.0 / n)
+        self.stats = x.new_empty((n, h.stats_per_row) if dense else n, dtype=torch.float32)
         dtype = gpu_harness.DTYPE_CODES[str(x.dtype).removeprefix("torch.")]
-        params = h.sparse_params(dtype, 64, n, c, True, 0.0, 1e-7, None)
+        if dense:
+            params = h.params(dtype, n, c, True, 0.0, 1e-7)
+        else:
+            params = h.sparse_params(dtype, 64, n, c, True, 0.0, 1e-7, None)
+        kind = "dense" if dense else "sparse"
+        # The sparse and dense calls take their buffers in the same order.
+        self.forward_fn = getattr(h.lib, f"tfxent_{kind}_forward")
+        self.backward_fn = getattr(h.lib, f"tfxent_{kind}_backward")
 
         def pointers(*tensors):
             return tuple(ctypes.c_void_p(t.data_ptr()) for t in tensors)
 
-        self.forward_args = params + pointers(x, y, self.loss, self.lse) + (stream,)
-        self.backward_args = params + pointers(x, y, self.lse, self.g, self.dx) + (stream,)
+        self.forward_args = params + pointers(x, labels, self.loss, self.stats) + (stream,)
+        self.backward_args = params + pointers(x, labels, self.stats, self.g, self.dx) + (stream,)
 
     def forward(self):
-        if self.lib.tfxent_sparse_forward(*self.forward_args):
-            raise RuntimeError("sparse forward failed to launch")
+        if self.forward_fn(*self.forward_args):
+            raise RuntimeError("forward failed to launch")
 
     def both(self):
         self.forward()
-        if self.lib.tfxent_sparse_backward(*self.backward_args):
-            raise RuntimeError("sparse backward failed to launch")
+        if self.backward_fn(*self.backward_args):
+            raise RuntimeError("backward failed to launch")
 
-    def check_against(self, x, y):
+    def check_against(self, torch_labels):
         """Relative errors of our mean loss and its gradient against PyTorch's
         in float64."""
         self.both()
-        xd = x.double().requires_grad_(True)
-        ref = functional.cross_entropy(xd, y)
+        xd = self.x.double().requires_grad_(True)
+        ref = functional.cross_entropy(xd, _double(torch_labels))
         ref.backward()
         loss_err = abs(self.loss.double().mean().item() - ref.item()) / abs(ref.item())
         grad_err = (self.dx.double() - xd.grad).norm().item() / xd.grad.norm().item()
         return loss_err, grad_err
+
+
+def _double(labels):
+    return labels.double() if labels.is_floating_point() else labels
 
 
 def _liger():
@@ -174,36 +193,47 @@ def _liger():
     return liger_cross_entropy, getattr(liger_kernel, "__version__", "?")
 
 
-def bench(device, h, variants, shapes, out_dir):
+def bench(device, h, variants, cases, out_dir):
+    """Times every build, PyTorch and Liger on each (N, C, labels) of `cases`
+    in each dtype; labels "sparse" or "dense" (one-hot)."""
     liger_cross_entropy, liger_version = _liger()
     copy_gbs = device.copy_bandwidth_gbs()
     name = "CPU (emulated harness)" if device.emulated else torch.cuda.get_device_name()
     print(f"{name}; copy bandwidth {copy_gbs:.0f} GB/s (read + write)", flush=True)
     rows = []
     builds = {"ours": h, **variants}
-    for n, c in shapes:
+    for n, c, kind in cases:
         for dtype_name, dtype in TORCH_DTYPES.items():
             gen = torch.Generator(device=device.name)
             gen.manual_seed(int.from_bytes(os.urandom(4), "little"))
             x = torch.randn(n, c, device=device.name, dtype=dtype, generator=gen) * 4
             y = torch.randint(0, c, (n,), device=device.name, generator=gen)
-            ours = {b: OursSparse(builds[b], x, y, device.stream()) for b in builds}
-            loss_err, grad_err = ours["ours"].check_against(x, y)
+            ours_labels, torch_labels = y, y
+            if kind == "dense":
+                ours_labels = x.new_zeros((n, c), dtype=torch.float32)
+                ours_labels.scatter_(1, y[:, None], 1.0)
+                # PyTorch takes probabilities in the logits' dtype.
+                torch_labels = ours_labels.to(dtype)
+            ours = {b: Ours(builds[b], x, ours_labels, device.stream()) for b in builds}
+            loss_err, grad_err = ours["ours"].check_against(torch_labels)
             times = {}
             for b in builds:
                 times[f"{b} fwd"] = device.time_ms(ours[b].forward)
                 times[f"{b} fwd+bwd"] = device.time_ms(ours[b].both)
             del ours
-            times["torch fwd"] = device.time_ms(lambda x=x, y=y: functional.cross_entropy(x, y))
+            times["torch fwd"] = device.time_ms(
+                lambda x=x, t=torch_labels: functional.cross_entropy(x, t)
+            )
             xt = x.detach().clone().requires_grad_(True)
 
-            def torch_both(xt=xt, y=y):
+            def torch_both(xt=xt, t=torch_labels):
                 xt.grad = None
-                functional.cross_entropy(xt, y).backward()
+                functional.cross_entropy(xt, t).backward()
 
             times["torch fwd+bwd"] = device.time_ms(torch_both)
             del xt, torch_both
-            if liger_cross_entropy is not None and not device.emulated:
+            # Liger-Kernel takes class indices only.
+            if liger_cross_entropy is not None and not device.emulated and kind == "sparse":
                 xl = x.detach().clone().requires_grad_(True)
 
                 def liger_both(xl=xl, y=y):
@@ -212,17 +242,22 @@ def bench(device, h, variants, shapes, out_dir):
 
                 times["liger fwd+bwd"] = device.time_ms(liger_both)
                 del xl, liger_both
+            logits_bytes = n * c * x.element_size()
+            labels_bytes = ours_labels.numel() * 4 if kind == "dense" else 0
+            del x, y, ours_labels, torch_labels
             if not device.emulated:
                 torch.cuda.empty_cache()
-            nbytes = n * c * x.element_size()
             row = {
                 "shape": [n, c],
+                "labels": kind,
                 "dtype": dtype_name,
                 "times_ms": times,
-                # Floors: one read of the logits (forward); one read and one
-                # write (forward+backward), at the measured copy bandwidth.
-                "floor_fwd_ms": nbytes / copy_gbs / 1e6,
-                "floor_fwd_bwd_ms": 2 * nbytes / copy_gbs / 1e6,
+                # Floors at the measured copy bandwidth: one read of the
+                # logits (and dense labels) for the forward; forward+backward
+                # adds one write of the gradient (what a kernel that writes it
+                # during the forward, as Liger's does, moves).
+                "floor_fwd_ms": (logits_bytes + labels_bytes) / copy_gbs / 1e6,
+                "floor_fwd_bwd_ms": (2 * logits_bytes + labels_bytes) / copy_gbs / 1e6,
                 "loss_rel_err": loss_err,
                 "grad_rel_err": grad_err,
             }
@@ -253,7 +288,7 @@ def _write(out_dir, result):
 
 def _line(row):
     t = row["times_ms"]
-    parts = [f"{row['shape'][0]}x{row['shape'][1]} {row['dtype']}:"]
+    parts = [f"{row['shape'][0]}x{row['shape'][1]} {row['labels']} {row['dtype']}:"]
     parts += [f"{k} {v:.3f}" for k, v in t.items()]
     parts += [f"err loss {row['loss_rel_err']:.1e} grad {row['grad_rel_err']:.1e}"]
     return "  ".join(parts)
@@ -266,20 +301,23 @@ def markdown(result):
         f"{result['device']}, copy bandwidth {result['copy_gbs']:.0f} GB/s (read + write), "
         f"torch {result['torch_version']}, Liger-Kernel {result['liger_version']}.",
         "",
-        "| N x C | dtype | op | ours ms | x floor | torch ms | liger ms | vs torch | vs liger |"
-        + "".join(f" {n} ms |" for n in names[1:]),
-        "|---|---|---|---:|---:|---:|---:|---:|---:|" + "---:|" * (len(names) - 1),
+        "| N x C | labels | dtype | op | ours ms | x floor | torch ms | liger ms | vs torch "
+        "| vs liger |" + "".join(f" {n} ms |" for n in names[1:]),
+        "|---|---|---|---|---:|---:|---:|---:|---:|---:|" + "---:|" * (len(names) - 1),
     ]
     for row in result["rows"]:
         t = row["times_ms"]
         for op, floor in (("fwd", row["floor_fwd_ms"]), ("fwd+bwd", row["floor_fwd_bwd_ms"])):
             ours = t[f"ours {op}"]
             torch_ms = t[f"torch {op}"]
-            liger_ms = t.get(f"liger {op}", float("nan"))
+            liger_ms = t.get(f"liger {op}")  # forward+backward, sparse labels only
+            liger = (
+                ("-", "-") if liger_ms is None else (f"{liger_ms:.3f}", f"{liger_ms / ours:.2f}x")
+            )
             line = (
-                f"| {row['shape'][0]} x {row['shape'][1]} | {row['dtype']} | {op} | {ours:.3f} "
-                f"| {ours / floor:.2f} | {torch_ms:.3f} | {liger_ms:.3f} "
-                f"| {torch_ms / ours:.2f}x | {liger_ms / ours:.2f}x |"
+                f"| {row['shape'][0]} x {row['shape'][1]} | {row['labels']} | {row['dtype']} "
+                f"| {op} | {ours:.3f} | {ours / floor:.2f} | {torch_ms:.3f} | {liger[0]} "
+                f"| {torch_ms / ours:.2f}x | {liger[1]} |"
             )
             line += "".join(f" {t[f'{n} {op}']:.3f} |" for n in names[1:])
             lines.append(line)
@@ -316,8 +354,11 @@ def main():
                 variants[name] = gpu_harness.Harness(path, device.memory())
             except OSError as e:  # a variant is a comparison, not the result
                 print(f"variant {name} not loaded ({e}): left out")
-        shapes = ((16, 300), (8, 1000)) if args.emulated else BENCH_SHAPES
-        bench(device, h, variants, shapes, args.out)
+        cases = [(n, c, "sparse") for n, c in BENCH_SHAPES]
+        cases += [(n, c, "dense") for n, c in DENSE_BENCH_SHAPES]
+        if args.emulated:
+            cases = [(16, 300, "sparse"), (8, 1000, "sparse"), (8, 1000, "dense")]
+        bench(device, h, variants, cases, args.out)
     print(f"done in {time.perf_counter() - start:.1f} s")
     sys.exit(1 if failed else 0)
 
