@@ -7,7 +7,9 @@ names one already built), then:
   --check   tests/gpu/kernel_checks.py on the GPU: every functor, dtype and
             label kind against float64 references, on fresh random inputs
             with special rows, outputs poisoned, bitwise reproducibility,
-            C from 2 to 256000 and N up to 32768;
+            C from 2 to 256000 and N up to 32768; then, against PyTorch
+            in float64 on the GPU, shapes past 2^31 elements and past the
+            grid's rows (LARGE_CHECKS);
   --bench   logits with sparse labels (the large-vocabulary case) and
             with one-hot dense labels, forward and forward+backward, timed
             with CUDA events in one process next to
@@ -53,6 +55,18 @@ CHECK_SHAPES = (
     (17, 128256),
     (9, 256000),
 )
+# Past what the host references reach: more than 2^31 elements (int64
+# offsets), more rows than the grid has blocks (2^20 rows of a block each,
+# 2^23 of a warp each: the kernels stride over rows), odd C. Checked against
+# PyTorch in float64 on the device; errors as Ours.errors defines them.
+LARGE_CHECKS = (
+    (8400, 256000, "sparse", "bfloat16"),
+    (1050000, 2051, "sparse", "bfloat16"),
+    (1050000, 2051, "dense", "bfloat16"),
+    (8400000, 5, "sparse", "float32"),
+)
+LARGE_LOSS_TOLERANCE = 1e-5
+LARGE_GRAD_TOLERANCE = {"bfloat16": 1e-2, "float32": 1e-4}
 BENCH_SHAPES = ((8192, 32000), (8192, 128256), (4096, 256000))
 # One-hot float32 labels (Keras's CategoricalCrossentropy): the forward reads
 # them, the backward reads none for a one-hot row.
@@ -167,20 +181,68 @@ class Ours:
         if self.backward_fn(*self.backward_args):
             raise RuntimeError("backward failed to launch")
 
-    def check_against(self, torch_labels):
-        """Relative errors of our mean loss and its gradient against PyTorch's
-        in float64."""
+    def errors(self, torch_labels, chunk_elements=2**27):
+        """The largest error, over rows, of our loss and of our gradient's row
+        against PyTorch's in float64, each relative to the size of its terms:
+        |loss - ref| / max(|ref|, 1) and |dx - ref| / max(|ref|, g) (norms of
+        the row; g, the upstream gradient, scales the terms softmax and 1).
+        In chunks of rows, so that billions of elements fit."""
         self.both()
-        xd = self.x.double().requires_grad_(True)
-        ref = functional.cross_entropy(xd, _double(torch_labels))
-        ref.backward()
-        loss_err = abs(self.loss.double().mean().item() - ref.item()) / abs(ref.item())
-        grad_err = (self.dx.double() - xd.grad).norm().item() / xd.grad.norm().item()
+        n, c = self.x.shape
+        step = max(1, chunk_elements // c)
+        loss_err = grad_err = 0.0
+        for start in range(0, n, step):
+            rows = slice(start, start + step)
+            xd = self.x[rows].double().requires_grad_(True)
+            labels = torch_labels[rows]
+            ref = functional.cross_entropy(
+                xd, labels.double() if labels.is_floating_point() else labels, reduction="none"
+            )
+            g = self.g[rows].double()
+            (ref * g).sum().backward()
+            loss = self.loss[rows].double()
+            loss_err = max(loss_err, ((loss - ref).abs() / ref.abs().clamp(min=1)).max().item())
+            norm = torch.linalg.vector_norm
+            off = norm(self.dx[rows].double() - xd.grad, dim=1)
+            scale = torch.maximum(norm(xd.grad, dim=1), g)
+            grad_err = max(grad_err, (off / scale).max().item())
         return loss_err, grad_err
 
 
-def _double(labels):
-    return labels.double() if labels.is_floating_point() else labels
+def _inputs(device, n, c, dtype, kind):
+    """Fresh logits x (randn * 4) and labels y; the labels as ours and as
+    PyTorch take them: y, or one-hot float32 rows (PyTorch's probabilities in
+    the logits' dtype) if `kind` is "dense"."""
+    gen = torch.Generator(device=device.name)
+    gen.manual_seed(int.from_bytes(os.urandom(4), "little"))
+    x = torch.randn(n, c, device=device.name, dtype=dtype, generator=gen) * 4
+    y = torch.randint(0, c, (n,), device=device.name, generator=gen)
+    if kind == "sparse":
+        return x, y, y, y
+    one_hot = x.new_zeros((n, c), dtype=torch.float32).scatter_(1, y[:, None], 1.0)
+    return x, y, one_hot, one_hot.to(dtype)
+
+
+def check_large(device, h, log=print):
+    """The shapes whose offsets and grids only the GPU's memory holds
+    (LARGE_CHECKS), against PyTorch in float64 on the device; returns the
+    number that failed."""
+    failed = 0
+    for n, c, kind, dtype_name in LARGE_CHECKS:
+        start = time.perf_counter()
+        x, _, ours_labels, torch_labels = _inputs(device, n, c, TORCH_DTYPES[dtype_name], kind)
+        loss_err, grad_err = Ours(h, x, ours_labels, device.stream()).errors(torch_labels)
+        ok = loss_err <= LARGE_LOSS_TOLERANCE and grad_err <= LARGE_GRAD_TOLERANCE[dtype_name]
+        failed += not ok
+        log(
+            f"{'ok  ' if ok else 'FAIL'} large {kind} {dtype_name} {n}x{c} ({n * c / 2**31:.2f} "
+            f"x 2^31 elements): err loss {loss_err:.1e} grad {grad_err:.1e}  "
+            f"({time.perf_counter() - start:.1f} s)"
+        )
+        del x, ours_labels, torch_labels
+        if not device.emulated:
+            torch.cuda.empty_cache()
+    return failed
 
 
 def _liger():
@@ -206,18 +268,9 @@ def bench(device, h, variants, cases, out_dir):
     builds = {"ours": h, **variants}
     for n, c, kind in cases:
         for dtype_name, dtype in TORCH_DTYPES.items():
-            gen = torch.Generator(device=device.name)
-            gen.manual_seed(int.from_bytes(os.urandom(4), "little"))
-            x = torch.randn(n, c, device=device.name, dtype=dtype, generator=gen) * 4
-            y = torch.randint(0, c, (n,), device=device.name, generator=gen)
-            ours_labels, torch_labels = y, y
-            if kind == "dense":
-                ours_labels = x.new_zeros((n, c), dtype=torch.float32)
-                ours_labels.scatter_(1, y[:, None], 1.0)
-                # PyTorch takes probabilities in the logits' dtype.
-                torch_labels = ours_labels.to(dtype)
+            x, y, ours_labels, torch_labels = _inputs(device, n, c, dtype, kind)
             ours = {b: Ours(builds[b], x, ours_labels, device.stream()) for b in builds}
-            loss_err, grad_err = ours["ours"].check_against(torch_labels)
+            loss_err, grad_err = ours["ours"].errors(torch_labels)
             times = {}
             for b in builds:
                 times[f"{b} fwd"] = device.time_ms(ours[b].forward)
@@ -351,6 +404,8 @@ def main():
             shapes = kernel_checks.EMULATED_SHAPES[: 2 if args.emulated else None]
         cases = kernel_checks.grid(shapes)
         failed = kernel_checks.run(h, cases, args.seed, log=lambda s: print(s, flush=True))
+        if not (args.small or args.emulated):
+            failed += check_large(device, h, log=lambda s: print(s, flush=True))
     if args.bench:
         variants = {}
         for spec in args.variant:
