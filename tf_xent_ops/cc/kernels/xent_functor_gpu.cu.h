@@ -33,13 +33,18 @@ CPU op raises instead; TensorFlow's GPU kernel gives NaN too).
 namespace tf_xent_ops {
 namespace gpu {
 
-// Two tuning knobs, defined at build time only to measure other values
+// Tuning knobs, defined at build time only to measure other values
 // (bench/gpu_session.sh builds such variants of the harness).
 #ifndef TFXENT_GPU_MAX_WARP_ROW_CLASSES
 #define TFXENT_GPU_MAX_WARP_ROW_CLASSES 2048
 #endif
 #ifndef TFXENT_GPU_PIECES_IN_FLIGHT
 #define TFXENT_GPU_PIECES_IN_FLIGHT 4
+#endif
+// Blocks of 256 threads each multiprocessor must be able to hold, for the
+// kernels that ask kMinBlocksPerSm; 0: no minimum (ptxas picks).
+#ifndef TFXENT_GPU_MIN_BLOCKS_PER_SM
+#define TFXENT_GPU_MIN_BLOCKS_PER_SM 0
 #endif
 
 constexpr int kBlockThreads = 256;
@@ -51,6 +56,13 @@ constexpr int64_t kMaxWarpRowClasses = TFXENT_GPU_MAX_WARP_ROW_CLASSES;
 // 16-byte pieces a thread loads before it uses the first, so that enough
 // bytes are in flight to cover the memory's latency.
 constexpr int kPiecesInFlight = TFXENT_GPU_PIECES_IN_FLIGHT;
+// The minimum asked by the 2-byte types' sparse forward and dense backward:
+// at 4, ptxas fits them in 64 registers without spills (75-80 unset), so 4
+// blocks per SM instead of 3 and more bytes in flight. The other kernels keep
+// more per thread (or are double) and would spill under that cap.
+template <typename T>
+constexpr int kMinBlocksPerSm =
+    sizeof(T) == 2 ? TFXENT_GPU_MIN_BLOCKS_PER_SM : 0;
 
 template <typename Tacc>
 __device__ __forceinline__ Tacc Infinity() {
@@ -376,7 +388,7 @@ __device__ RowKind ClassifyRow(const XentParams& p, Tidx label) {
 }
 
 template <int kThreads, typename T, typename Tidx, typename Tacc>
-__global__ void __launch_bounds__(kBlockThreads)
+__global__ void __launch_bounds__(kBlockThreads, kMinBlocksPerSm<T>)
     SparseForwardKernel(XentParams p, const T* predictions, const Tidx* labels,
                         Tacc* loss, Tacc* log_sum_exp) {
   using G = Group<kThreads>;
@@ -572,7 +584,7 @@ __global__ void __launch_bounds__(kBlockThreads)
 }
 
 template <int kThreads, typename T, typename Tacc>
-__global__ void __launch_bounds__(kBlockThreads)
+__global__ void __launch_bounds__(kBlockThreads, kMinBlocksPerSm<T>)
     DenseBackwardKernel(XentParams p, const T* predictions, const Tacc* labels,
                         const Tacc* stats, const Tacc* grad_loss,
                         T* grad_predictions) {
