@@ -26,6 +26,7 @@ CPU op raises instead; TensorFlow's GPU kernel gives NaN too).
 
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <type_traits>
 
 #include "tf_xent_ops/cc/kernels/xent_functor.h"
@@ -79,7 +80,17 @@ __device__ __forceinline__ float FastExp(float x) {
   asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x * 1.4426950408889634f));
   return y;
 #else
-  return std::exp(x);  // The CPU emulation of CUDA (tests/gpu/emulation).
+  // The CPU emulation of CUDA (tests/gpu/emulation), as the GPU rounds:
+  // the same product, ex2.approx's error at its bound (2^-22 relative, up or
+  // down by the product's last bit; none at 0, where PTX gives 1 exactly),
+  // and the flush to zero.
+  const float t = x * 1.4426950408889634f;
+  if (t == 0.0f) return 1.0f;
+  uint32_t bits;
+  std::memcpy(&bits, &t, sizeof(bits));
+  const float y =
+      std::exp2(t) * (bits & 1u ? 1.0f + 0x1p-22f : 1.0f - 0x1p-22f);
+  return std::fpclassify(y) == FP_SUBNORMAL ? 0.0f : y;
 #endif
 }
 __device__ __forceinline__ double FastExp(double x) { return exp(x); }
