@@ -1,5 +1,6 @@
 """Smoke test of the CPU benchmark script: it runs, our losses agree with the
-built-ins on its inputs, and it reports what the README table shows."""
+built-ins on its inputs, and it reports what the README table shows. And the
+SASS reader (bench/sass_loads.py) on a small listing."""
 
 import functools
 import importlib.util
@@ -52,3 +53,44 @@ def test_timing_rows(bench, labels, from_logits):
     assert bench.floor_bytes(fwd_bwd) == 2 * bench.floor_bytes(fwd) - (
         64 * 40 * 4 if labels == "dense" else 0
     )
+
+
+def _sass_loads():
+    path = os.path.join(os.path.dirname(__file__), os.pardir, "bench", "sass_loads.py")
+    spec = importlib.util.spec_from_file_location("sass_loads", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+# Two kernels in nvdisasm's format: one loop that issues both of its 16-byte
+# loads before reading the first, one that reads the first (R8) before the
+# second load, with a scalar load and a line of the kernel header.
+_LISTING = """\
+.text._Z7batchedv:
+        /*0000*/                   MOV R1, c[0x0][0x28] ;
+.L_x_1:
+        /*0010*/                   LDG.E.EF.128 R8, desc[UR4][R2.64] ;
+        /*0020*/                   LDG.E.EF.128 R12, desc[UR4][R2.64+0x1000] ;
+        /*0030*/                   FADD R20, R8, R12 ;
+        /*0040*/              @!P0 BRA `(.L_x_1) ;
+        /*0050*/                   EXIT ;
+.text._Z6serialv:
+.L_x_2:
+	//## File "/src/tf_xent_ops/cc/kernels/xent_functor_gpu.cu.h", line 498
+        /*0000*/                   LDG.E.EF.128 R8, desc[UR4][R2.64] ;
+        /*0010*/                   LDG.E R30, desc[UR4][R4.64] ;
+        /*0020*/                   IMAD.U32 R20, R9.reuse, 0x10000, RZ ;
+	//## File "/src/tf_xent_ops/cc/kernels/xent_functor.h", line 80
+        /*0030*/                   LDG.E.EF.128 R12, desc[UR4][R2.64+0x1000] ;
+        /*0040*/                   STG.E.EF.128 desc[UR4][R6.64], R12 ;
+        /*0050*/                   BRA `(.L_x_2) ;
+"""
+
+
+def test_sass_loads_counts_the_loads_issued_before_the_first_is_used():
+    batched, serial = _sass_loads().loops(_LISTING)
+    assert (batched.kernel, batched.wide_loads, batched.issued_before_use) == ("_Z7batchedv", 2, 2)
+    assert (batched.scalar_loads, batched.lines) == (0, [])
+    assert (serial.kernel, serial.wide_loads, serial.issued_before_use) == ("_Z6serialv", 2, 1)
+    assert (serial.scalar_loads, serial.lines) == (1, [498])
