@@ -39,6 +39,7 @@ case "${1:-}" in
     build pieces2 . -DTFXENT_GPU_PIECES_IN_FLIGHT=2 &
     build pieces8 . -DTFXENT_GPU_PIECES_IN_FLIGHT=8 &
     build minblocks4 . -DTFXENT_GPU_MIN_BLOCKS_PER_SM=4 &
+    build sparsebwd3 . -DTFXENT_GPU_SPARSE_BACKWARD_MIN_BLOCKS=3 &
     wait
     baseline=$(mktemp -d)
     git archive "$BASELINE" | tar -x -C "$baseline"
@@ -60,7 +61,7 @@ case "${1:-}" in
       python3 bench/bench_gpu.py --check --bench --library "$GPU_DIR/ours.so" \
         --variant "baseline=$GPU_DIR/baseline.so" --variant "pieces2=$GPU_DIR/pieces2.so" \
         --variant "pieces8=$GPU_DIR/pieces8.so" --variant "minblocks4=$GPU_DIR/minblocks4.so" \
-        --out "$out" || status=$?
+        --variant "sparsebwd3=$GPU_DIR/sparsebwd3.so" --out "$out" || status=$?
       echo "baseline: $(cat "$GPU_DIR/baseline_revision")"
       # Out-of-bounds accesses on the real GPU: the small checks under memcheck,
       # with what is left of 7 minutes (of the session's 15 minutes of device

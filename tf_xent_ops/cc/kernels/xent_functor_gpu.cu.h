@@ -43,9 +43,13 @@ namespace gpu {
 #define TFXENT_GPU_PIECES_IN_FLIGHT 4
 #endif
 // Blocks of 256 threads each multiprocessor must be able to hold, for the
-// kernels that ask kMinBlocksPerSm; 0: no minimum (ptxas picks).
+// kernels that ask kMinBlocksPerSm or kSparseBackwardMinBlocks; 0: no
+// minimum (ptxas picks).
 #ifndef TFXENT_GPU_MIN_BLOCKS_PER_SM
 #define TFXENT_GPU_MIN_BLOCKS_PER_SM 0
+#endif
+#ifndef TFXENT_GPU_SPARSE_BACKWARD_MIN_BLOCKS
+#define TFXENT_GPU_SPARSE_BACKWARD_MIN_BLOCKS 0
 #endif
 
 constexpr int kBlockThreads = 256;
@@ -64,6 +68,13 @@ constexpr int kPiecesInFlight = TFXENT_GPU_PIECES_IN_FLIGHT;
 template <typename T>
 constexpr int kMinBlocksPerSm =
     sizeof(T) == 2 ? TFXENT_GPU_MIN_BLOCKS_PER_SM : 0;
+// The 2-byte types' sparse backward, unbounded, takes 64 registers, and ptxas
+// then issues the third and fourth of a thread's pieces only after the first
+// has arrived (two waits per round); at 3 (80 registers) all four go out
+// before the first is used (bench/sass_loads.py).
+template <typename T>
+constexpr int kSparseBackwardMinBlocks =
+    sizeof(T) == 2 ? TFXENT_GPU_SPARSE_BACKWARD_MIN_BLOCKS : 0;
 
 template <typename Tacc>
 __device__ __forceinline__ Tacc Infinity() {
@@ -464,7 +475,7 @@ __global__ void __launch_bounds__(kBlockThreads, kMinBlocksPerSm<T>)
 }
 
 template <int kThreads, typename T, typename Tidx, typename Tacc>
-__global__ void __launch_bounds__(kBlockThreads)
+__global__ void __launch_bounds__(kBlockThreads, kSparseBackwardMinBlocks<T>)
     SparseBackwardKernel(XentParams p, const T* predictions, const Tidx* labels,
                          const Tacc* log_sum_exp, const Tacc* grad_loss,
                          T* grad_predictions) {
