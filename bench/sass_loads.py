@@ -10,10 +10,11 @@ the round then waits twice or more. Only the machine code says which:
     python bench/sass_loads.py /tmp/harness.cubin --kernel SparseBackward
 
 For every innermost loop holding two or more 16-byte global loads it prints
-how many of them are issued before the first one's registers are read, the
-loop's scalar global loads, and the lines of xent_functor_gpu.cu.h the loop
-holds (which part of a kernel it is). Needs nvdisasm: the device machine has
-it; without a GPU, Triton's wheel carries one (triton/backends/nvidia/bin).
+how many of them, and of its scalar global loads (dense labels), are issued
+before the first one's registers are read, and the lines of
+xent_functor_gpu.cu.h the loop holds (which part of a kernel it is). Needs
+nvdisasm: the device machine has it; without a GPU, Triton's wheel carries one
+(triton/backends/nvidia/bin).
 """
 
 import argparse
@@ -37,6 +38,7 @@ class Loop:
     wide_loads: int
     issued_before_use: int  # of the wide loads, before the first is read
     scalar_loads: int
+    scalar_before_use: int  # of the scalar loads, before that read
     lines: list
 
 
@@ -103,6 +105,7 @@ def _loop(kernel, loop):
         wide_loads=len(wide),
         issued_before_use=sum(1 for i, _ in wide if i < use),
         scalar_loads=sum(1 for text, _ in loop if _is_scalar_load(text)),
+        scalar_before_use=sum(1 for text, _ in loop[:use] if _is_scalar_load(text)),
         lines=sorted({line for _, line in loop if line}),
     )
 
@@ -148,8 +151,8 @@ def main():
         name = re.sub(r"\(.*", "", name.replace("tf_xent_ops::gpu::", ""))
         print(
             f"{name:52s} {lp.instructions:5d} instructions: {lp.issued_before_use}/{lp.wide_loads}"
-            f" 16-byte loads before the first is used, {lp.scalar_loads} scalar loads,"
-            f" lines {lp.lines}"
+            f" 16-byte loads before the first is used ({lp.scalar_before_use}/{lp.scalar_loads}"
+            f" scalar loads), lines {lp.lines}"
         )
 
 

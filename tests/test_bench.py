@@ -93,4 +93,4 @@ def test_sass_loads_counts_the_loads_issued_before_the_first_is_used():
     assert (batched.kernel, batched.wide_loads, batched.issued_before_use) == ("_Z7batchedv", 2, 2)
     assert (batched.scalar_loads, batched.lines) == (0, [])
     assert (serial.kernel, serial.wide_loads, serial.issued_before_use) == ("_Z6serialv", 2, 1)
-    assert (serial.scalar_loads, serial.lines) == (1, [498])
+    assert (serial.scalar_loads, serial.scalar_before_use, serial.lines) == (1, 1, [498])
