@@ -4,8 +4,8 @@
 #
 #   bash bench/gpu_session.sh prepare
 #       here, with nvcc: the harness built for sm_90 from this tree, tuning
-#       variants of it, and the previous kernel version from git
-#       ($TFXENT_GPU_BASELINE, a revision); the wheels of
+#       variants of it, and earlier kernel versions from git
+#       ($TFXENT_GPU_REVISIONS: NAME=REVISION ...); the wheels of
 #       bench/gpu_requirements.txt. All into .gpu/ (git-ignored; the device
 #       call carries it).
 #   bash bench/gpu_session.sh run
@@ -20,7 +20,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 GPU_DIR=.gpu
-BASELINE=${TFXENT_GPU_BASELINE:-35b24b7}
+# v2 (with its NaN fix) and v3 as it was before the dense labels' loads joined
+# the logits' batch.
+REVISIONS=${TFXENT_GPU_REVISIONS:-baseline=35b24b7 v3=a55b175}
 ARCH=${TFXENT_CUDA_ARCH:-sm_90}
 
 build() {  # build NAME SOURCE_ROOT [NVCC FLAGS...]
@@ -41,11 +43,13 @@ case "${1:-}" in
     build minblocks4 . -DTFXENT_GPU_MIN_BLOCKS_PER_SM=4 &
     build sparsebwd3 . -DTFXENT_GPU_SPARSE_BACKWARD_MIN_BLOCKS=3 &
     wait
-    baseline=$(mktemp -d)
-    git archive "$BASELINE" | tar -x -C "$baseline"
-    build baseline "$baseline"
-    rm -rf "$baseline"
-    echo "$BASELINE" >"$GPU_DIR/baseline_revision"
+    for spec in $REVISIONS; do
+      tree=$(mktemp -d)
+      git archive "${spec#*=}" | tar -x -C "$tree"
+      build "${spec%%=*}" "$tree"
+      rm -rf "$tree"
+    done
+    echo "$REVISIONS" >"$GPU_DIR/revisions"
     du -sh "$GPU_DIR"
     ;;
   run)
@@ -57,12 +61,14 @@ case "${1:-}" in
       python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site \
         "$GPU_DIR"/wheels/*.whl
       export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
-      local status=0
-      python3 bench/bench_gpu.py --check --bench --library "$GPU_DIR/ours.so" \
-        --variant "baseline=$GPU_DIR/baseline.so" --variant "pieces2=$GPU_DIR/pieces2.so" \
-        --variant "pieces8=$GPU_DIR/pieces8.so" --variant "minblocks4=$GPU_DIR/minblocks4.so" \
-        --variant "sparsebwd3=$GPU_DIR/sparsebwd3.so" --out "$out" || status=$?
-      echo "baseline: $(cat "$GPU_DIR/baseline_revision")"
+      local status=0 variants=()
+      for name in $(sed 's/=[^ ]*//g' "$GPU_DIR/revisions") pieces2 pieces8 minblocks4 \
+        sparsebwd3; do
+        variants+=(--variant "$name=$GPU_DIR/$name.so")
+      done
+      python3 bench/bench_gpu.py --check --bench --library "$GPU_DIR/ours.so" "${variants[@]}" \
+        --out "$out" || status=$?
+      echo "revisions: $(cat "$GPU_DIR/revisions")"
       # Out-of-bounds accesses on the real GPU: the small checks under memcheck,
       # with what is left of 7 minutes (of the session's 15 minutes of device
       # time, the machine's start takes one or two: this leaves room to rerun).

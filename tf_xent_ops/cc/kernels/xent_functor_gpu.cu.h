@@ -223,15 +223,37 @@ __device__ __forceinline__ uint4 Pack(const Tacc (&v)[kVec]) {
   return piece;
 }
 
+// The values y_k .. y_{k+N-1} of a row beside the one visited (a row of
+// dense labels), loaded with the visited row's piece so that both are in
+// flight together; nothing where there is no such row (Tb void).
+template <typename Tb, int kN>
+struct Beside {
+  Tb v[kN];
+  __device__ static Beside Load(const Tb* y, int64_t k) {
+    Beside b;
+#pragma unroll
+    for (int j = 0; j < kN; ++j) b.v[j] = y[k + j];
+    return b;
+  }
+};
+template <int kN>
+struct Beside<void, kN> {
+  __device__ static Beside Load(const void*, int64_t) { return {}; }
+};
+
 // Visits this thread's share of a row of n elements: element(k) for each
-// single element (the head and the tail), piece(k, raw) for each 16-byte
-// piece, raw holding x_k .. x_{k+kVec-1}. kPiecesInFlight pieces are loaded
-// before the first is visited; loads stream past the caches (each element is
-// read once).
-template <int kThreads, typename T, typename Element, typename Piece>
-__device__ __forceinline__ void VisitRow(const T* row, int64_t n,
-                                         Element element, Piece piece) {
+// single element (the head and the tail), piece(k, raw, b) for each 16-byte
+// piece, raw holding x_k .. x_{k+kVec-1} and b the Beside values of the row
+// `beside` at k. kPiecesInFlight pieces (and their Beside values) are loaded
+// before the first is visited; the pieces stream past the caches (each
+// element is read once).
+template <int kThreads, typename T, typename Tb, typename Element,
+          typename Piece>
+__device__ __forceinline__ void VisitRow(const T* row, const Tb* beside,
+                                         int64_t n, Element element,
+                                         Piece piece) {
   constexpr int kVec = RowPieces<T>::kVec;
+  using B = Beside<Tb, kVec>;
   const RowPieces<T> layout(row, n);
   const int lane = Group<kThreads>::Lane();
   for (int64_t k = lane; k < layout.head; k += kThreads) element(k);
@@ -241,34 +263,50 @@ __device__ __forceinline__ void VisitRow(const T* row, int64_t n,
   for (; i + (kPiecesInFlight - 1) * kThreads < layout.pieces;
        i += kPiecesInFlight * kThreads) {
     uint4 raw[kPiecesInFlight];
+    B b[kPiecesInFlight];
 #pragma unroll
     for (int u = 0; u < kPiecesInFlight; ++u)
       raw[u] = __ldcs(pieces + i + u * kThreads);
 #pragma unroll
+    for (int u = 0; u < kPiecesInFlight; ++u)
+      b[u] = B::Load(beside, first(i + u * kThreads));
+#pragma unroll
     for (int u = 0; u < kPiecesInFlight; ++u) {
-      piece(first(i + u * kThreads), raw[u]);
+      piece(first(i + u * kThreads), raw[u], b[u]);
     }
   }
-  for (; i < layout.pieces; i += kThreads) piece(first(i), __ldcs(pieces + i));
+  for (; i < layout.pieces; i += kThreads) {
+    piece(first(i), __ldcs(pieces + i), B::Load(beside, first(i)));
+  }
   for (int64_t k = layout.tail + lane; k < n; k += kThreads) element(k);
 }
 
-// Calls fn(k, v) over this thread's share of a row of n elements: v an
+// Calls fn(k, v, t) over this thread's share of a row of n elements: v an
 // array of the values x_k .. x_{k+N-1} in Tacc (N is kVec for a piece, 1 for
-// a single element).
-template <int kThreads, typename Tacc, typename T, typename Fn>
-__device__ __forceinline__ void ForEachPiece(const T* row, int64_t n, Fn fn) {
+// a single element), t their Beside values of the row `beside`.
+template <int kThreads, typename Tacc, typename T, typename Tb, typename Fn>
+__device__ __forceinline__ void ForEachPieceBeside(const T* row,
+                                                   const Tb* beside, int64_t n,
+                                                   Fn fn) {
   VisitRow<kThreads>(
-      row, n,
+      row, beside, n,
       [&](int64_t k) {
         const Tacc v[1] = {static_cast<Tacc>(row[k])};
-        fn(k, v);
+        fn(k, v, Beside<Tb, 1>::Load(beside, k));
       },
-      [&](int64_t k, const uint4& raw) {
+      [&](int64_t k, const uint4& raw, const auto& t) {
         Tacc v[RowPieces<T>::kVec];
         Unpack<Tacc, T>(raw, v);
-        fn(k, v);
+        fn(k, v, t);
       });
+}
+
+// fn(k, v) as ForEachPieceBeside's, for a row alone.
+template <int kThreads, typename Tacc, typename T, typename Fn>
+__device__ __forceinline__ void ForEachPiece(const T* row, int64_t n, Fn fn) {
+  ForEachPieceBeside<kThreads, Tacc>(
+      row, static_cast<const void*>(nullptr), n,
+      [&](int64_t k, const auto& v, const auto&) { fn(k, v); });
 }
 
 // dx_k = fn(k, x) for this thread's share of a row, in pieces as
@@ -288,12 +326,14 @@ __device__ __forceinline__ void MapPieces(const T* x, T* dx, int64_t n, Fn fn) {
     for (int64_t k = Group<kThreads>::Lane(); k < n; k += kThreads) element(k);
     return;
   }
-  VisitRow<kThreads>(x, n, element, [&](int64_t k, const uint4& raw) {
-    Tacc in[RowPieces<T>::kVec], out[RowPieces<T>::kVec];
-    Unpack<Tacc, T>(raw, in);
-    fn(k, in, out);
-    __stcs(reinterpret_cast<uint4*>(dx + k), Pack<T>(out));
-  });
+  const void* none = nullptr;
+  VisitRow<kThreads>(x, none, n, element,
+                     [&](int64_t k, const uint4& raw, const auto&) {
+                       Tacc in[RowPieces<T>::kVec], out[RowPieces<T>::kVec];
+                       Unpack<Tacc, T>(raw, in);
+                       fn(k, in, out);
+                       __stcs(reinterpret_cast<uint4*>(dx + k), Pack<T>(out));
+                     });
 }
 
 // What a LogitSums keeps besides sum exp(z - m).
@@ -539,12 +579,12 @@ __global__ void __launch_bounds__(kBlockThreads)
       // value (a one-hot row has one in the whole row).
       int64_t nonzero[2] = {0, -1};
       Tacc nonzero_value[1] = {Tacc(0)};
-      ForEachPiece<kThreads, Tacc>(
-          x, num_classes, [&](int64_t k, const auto& z) {
+      ForEachPieceBeside<kThreads, Tacc>(
+          x, y, num_classes, [&](int64_t k, const auto& z, const auto& labels) {
             Tacc t[SizeOf<decltype(z)>];
 #pragma unroll
             for (int j = 0; j < SizeOf<decltype(z)>; ++j) {
-              const Tacc label = y[k + j];
+              const Tacc label = labels.v[j];
               t[j] = c.DenseTarget(label);
               if (label != Tacc(0)) {
                 ++nonzero[0];
@@ -582,13 +622,13 @@ __global__ void __launch_bounds__(kBlockThreads)
       Tacc s[1] = {row_sum.Total()};
       G::Reduce(s, SumOp());
       CompensatedSum<Tacc> total, in_range_t;
-      ForEachPiece<kThreads, Tacc>(
-          x, num_classes, [&](int64_t k, const auto& v) {
+      ForEachPieceBeside<kThreads, Tacc>(
+          x, y, num_classes, [&](int64_t, const auto& v, const auto& labels) {
             Tacc piece_total = Tacc(0), piece_in_range = Tacc(0);
 #pragma unroll
             for (int j = 0; j < SizeOf<decltype(v)>; ++j) {
               const Tacc q = v[j] / s[0];
-              const Tacc t = c.DenseTarget(y[k + j]);
+              const Tacc t = c.DenseTarget(labels.v[j]);
               piece_total += t * LogOf(c.Clip(q));
               if (c.InClipRange(q)) piece_in_range += t;
             }
