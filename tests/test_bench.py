@@ -8,14 +8,19 @@ import os
 
 import pytest
 
-_BENCH = os.path.join(os.path.dirname(__file__), os.pardir, "bench", "bench_cpu.py")
+
+def _bench_module(name):
+    """bench/NAME.py, imported (bench/ is not a package)."""
+    path = os.path.join(os.path.dirname(__file__), os.pardir, "bench", f"{name}.py")
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("bench_cpu", _BENCH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = _bench_module("bench_cpu")
     # A few quick runs instead of a second per measurement.
     module.time_ms = functools.partial(module.time_ms, min_runs=2, min_seconds=0.0)
     return module
@@ -55,14 +60,6 @@ def test_timing_rows(bench, labels, from_logits):
     )
 
 
-def _sass_loads():
-    path = os.path.join(os.path.dirname(__file__), os.pardir, "bench", "sass_loads.py")
-    spec = importlib.util.spec_from_file_location("sass_loads", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 # Two kernels in nvdisasm's format: one loop that issues both of its 16-byte
 # loads before reading the first, one that reads the first (R8) before the
 # second load, with a scalar load and a line of the kernel header.
@@ -89,7 +86,7 @@ _LISTING = """\
 
 
 def test_sass_loads_counts_the_loads_issued_before_the_first_is_used():
-    batched, serial = _sass_loads().loops(_LISTING)
+    batched, serial = _bench_module("sass_loads").loops(_LISTING)
     assert (batched.kernel, batched.wide_loads, batched.issued_before_use) == ("_Z7batchedv", 2, 2)
     assert (batched.scalar_loads, batched.lines) == (0, [])
     assert (serial.kernel, serial.wide_loads, serial.issued_before_use) == ("_Z6serialv", 2, 1)

@@ -240,6 +240,8 @@ template <int kN>
 struct Beside<void, kN> {
   __device__ static Beside Load(const void*, int64_t) { return {}; }
 };
+// The `beside` row of a row visited alone.
+constexpr const void* kNoRowBeside = nullptr;
 
 // Visits this thread's share of a row of n elements: element(k) for each
 // single element (the head and the tail), piece(k, raw, b) for each 16-byte
@@ -305,7 +307,7 @@ __device__ __forceinline__ void ForEachPieceBeside(const T* row,
 template <int kThreads, typename Tacc, typename T, typename Fn>
 __device__ __forceinline__ void ForEachPiece(const T* row, int64_t n, Fn fn) {
   ForEachPieceBeside<kThreads, Tacc>(
-      row, static_cast<const void*>(nullptr), n,
+      row, kNoRowBeside, n,
       [&](int64_t k, const auto& v, const auto&) { fn(k, v); });
 }
 
@@ -326,8 +328,7 @@ __device__ __forceinline__ void MapPieces(const T* x, T* dx, int64_t n, Fn fn) {
     for (int64_t k = Group<kThreads>::Lane(); k < n; k += kThreads) element(k);
     return;
   }
-  const void* none = nullptr;
-  VisitRow<kThreads>(x, none, n, element,
+  VisitRow<kThreads>(x, kNoRowBeside, n, element,
                      [&](int64_t k, const uint4& raw, const auto&) {
                        Tacc in[RowPieces<T>::kVec], out[RowPieces<T>::kVec];
                        Unpack<Tacc, T>(raw, in);
