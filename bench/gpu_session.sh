@@ -10,7 +10,8 @@
 #       call carries it).
 #   bash bench/gpu_session.sh run
 #       on the device machine, with .gpu carried: the correctness checks,
-#       the benchmark (ours, the variants, PyTorch, Liger-Kernel), then
+#       then (in another process) the benchmark (ours, the variants,
+#       PyTorch, Liger-Kernel), then
 #       compute-sanitizer's memcheck over the small checks, in about 7
 #       minutes. Everything it prints goes to $OUT/gpu_session.log too; the
 #       tables to $OUT (rewritten after each row).
@@ -66,7 +67,10 @@ case "${1:-}" in
         sparsebwd3; do
         variants+=(--variant "$name=$GPU_DIR/$name.so")
       done
-      python3 bench/bench_gpu.py --check --bench --library "$GPU_DIR/ours.so" "${variants[@]}" \
+      python3 bench/bench_gpu.py --check --library "$GPU_DIR/ours.so" || status=$?
+      # The timings in a process of their own: a kernel fault in the checks
+      # kills its CUDA context, not theirs.
+      python3 bench/bench_gpu.py --bench --library "$GPU_DIR/ours.so" "${variants[@]}" \
         --out "$out" || status=$?
       echo "revisions: $(cat "$GPU_DIR/revisions")"
       # Out-of-bounds accesses on the real GPU: the small checks under memcheck,
