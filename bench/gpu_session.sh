@@ -67,7 +67,12 @@ case "${1:-}" in
         sparsebwd3; do
         variants+=(--variant "$name=$GPU_DIR/$name.so")
       done
-      python3 bench/bench_gpu.py --check --library "$GPU_DIR/ours.so" || status=$?
+      # At most 270 s (about 2 minutes expected), so that a kernel that hangs
+      # leaves the timings their time.
+      local checks=0
+      timeout 270 python3 bench/bench_gpu.py --check --library "$GPU_DIR/ours.so" || checks=$?
+      [ "$checks" -eq 124 ] && echo "checks stopped after 270 s: the last case logged is the one after which they hung"
+      [ "$checks" -eq 0 ] || status=$checks
       # The timings in a process of their own: a kernel fault in the checks
       # kills its CUDA context, not theirs.
       python3 bench/bench_gpu.py --bench --library "$GPU_DIR/ours.so" "${variants[@]}" \
