@@ -25,6 +25,10 @@ GPU_DIR=.gpu
 # the logits' batch.
 REVISIONS=${TFXENT_GPU_REVISIONS:-baseline=35b24b7 v3=a55b175}
 ARCH=${TFXENT_CUDA_ARCH:-sm_90}
+# Tuning variants of this tree, NAME=FLAG: each is the build that would ship
+# with that knob's value as the default.
+VARIANTS="pieces2=-DTFXENT_GPU_PIECES_IN_FLIGHT=2 pieces8=-DTFXENT_GPU_PIECES_IN_FLIGHT=8
+  minblocks4=-DTFXENT_GPU_MIN_BLOCKS_PER_SM=4 sparsebwd3=-DTFXENT_GPU_SPARSE_BACKWARD_MIN_BLOCKS=3"
 
 build() {  # build NAME SOURCE_ROOT [NVCC FLAGS...]
   local name=$1 root=$2
@@ -39,11 +43,12 @@ case "${1:-}" in
     python3 -m pip download -q --no-deps --only-binary=:all: \
       -r bench/gpu_requirements.txt -d "$GPU_DIR/wheels"
     build ours . &
-    build pieces2 . -DTFXENT_GPU_PIECES_IN_FLIGHT=2 &
-    build pieces8 . -DTFXENT_GPU_PIECES_IN_FLIGHT=8 &
-    build minblocks4 . -DTFXENT_GPU_MIN_BLOCKS_PER_SM=4 &
-    build sparsebwd3 . -DTFXENT_GPU_SPARSE_BACKWARD_MIN_BLOCKS=3 &
-    wait
+    pids=($!)
+    for spec in $VARIANTS; do
+      build "${spec%%=*}" . "${spec#*=}" &
+      pids+=($!)
+    done
+    for pid in "${pids[@]}"; do wait "$pid"; done  # a failed build stops here
     for spec in $REVISIONS; do
       tree=$(mktemp -d)
       git archive "${spec#*=}" | tar -x -C "$tree"
@@ -51,6 +56,7 @@ case "${1:-}" in
       rm -rf "$tree"
     done
     echo "$REVISIONS" >"$GPU_DIR/revisions"
+    echo $VARIANTS >"$GPU_DIR/variants"
     du -sh "$GPU_DIR"
     ;;
   run)
@@ -63,8 +69,7 @@ case "${1:-}" in
         "$GPU_DIR"/wheels/*.whl
       export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
       local status=0 variants=()
-      for name in $(sed 's/=[^ ]*//g' "$GPU_DIR/revisions") pieces2 pieces8 minblocks4 \
-        sparsebwd3; do
+      for name in $(sed 's/=[^ ]*//g' "$GPU_DIR/revisions" "$GPU_DIR/variants"); do
         variants+=(--variant "$name=$GPU_DIR/$name.so")
       done
       # At most 270 s (about 2 minutes expected), so that a kernel that hangs
@@ -77,7 +82,7 @@ case "${1:-}" in
       # kills its CUDA context, not theirs.
       python3 bench/bench_gpu.py --bench --library "$GPU_DIR/ours.so" "${variants[@]}" \
         --out "$out" || status=$?
-      echo "revisions: $(cat "$GPU_DIR/revisions")"
+      echo "revisions: $(cat "$GPU_DIR/revisions"); variants: $(cat "$GPU_DIR/variants")"
       # Out-of-bounds accesses on the real GPU: the small checks under memcheck,
       # with what is left of 7 minutes (of the session's 15 minutes of device
       # time, the machine's start takes one or two: this leaves room to rerun).
