@@ -1,4 +1,7 @@
-"""int64 indexing, determinism across runs and thread counts, NaN/Inf rows."""
+"""int64 indexing, determinism across runs and thread counts and under op
+determinism, NaN/Inf rows."""
+
+import json
 
 import keras
 import numpy as np
@@ -76,6 +79,49 @@ def test_bitwise_identical_across_thread_counts_and_runs(tmp_path):
     for other in results[1:]:
         for key in results[0].files:
             np.testing.assert_array_equal(other[key], results[0][key])
+
+
+# The op types of a training step's loss and gradient, for Keras's built-in
+# and for ours, under op determinism.
+OPS_UNDER_DETERMINISM = """
+import json
+import keras
+import tensorflow as tf
+tf.config.experimental.enable_op_determinism()
+import tf_xent_ops as txo
+def op_types(loss, labels):
+    @tf.function(autograph=False)
+    def step(y, p):
+        with tf.GradientTape() as tape:
+            tape.watch(p)
+            value = loss(y, p)
+        return value, tape.gradient(value, p)
+    spec = tf.TensorSpec([8, 5], tf.float32)
+    graph = step.get_concrete_function(labels, spec).graph
+    return sorted({op.type for op in graph.get_operations()})
+found = {}
+for name, labels in (("SparseCategoricalCrossentropy", tf.TensorSpec([8], tf.int64)),
+                     ("CategoricalCrossentropy", tf.TensorSpec([8, 5], tf.float32))):
+    found[name] = {"keras": op_types(getattr(keras.losses, name)(from_logits=True), labels),
+                   "ours": op_types(getattr(txo.losses, name)(from_logits=True), labels)}
+print(json.dumps(found))
+"""
+
+
+def test_under_op_determinism_ours_stay_fused_where_keras_unfuses():
+    # TensorFlow's fused kernels refuse op determinism on the GPU, so tf.nn's
+    # wrappers (which Keras calls) switch to log_softmax, and for sparse labels
+    # a gather, on every device: an [N, C] intermediate kept for the backward.
+    found = json.loads(run_python(OPS_UNDER_DETERMINISM).stdout.splitlines()[-1])
+    sparse, dense = found["SparseCategoricalCrossentropy"], found["CategoricalCrossentropy"]
+    assert {"LogSoftmax", "GatherV2"} <= set(sparse["keras"])
+    assert "SparseSoftmaxCrossEntropyWithLogits" not in sparse["keras"]
+    assert "LogSoftmax" in dense["keras"]
+    assert "SoftmaxCrossEntropyWithLogits" not in dense["keras"]
+    assert {"TfXent>SparseXent", "TfXent>SparseXentGrad"} <= set(sparse["ours"])
+    assert {"TfXent>DenseXent", "TfXent>DenseXentGrad"} <= set(dense["ours"])
+    for ours in (sparse["ours"], dense["ours"]):
+        assert not {"LogSoftmax", "Softmax", "Exp", "GatherV2"} & set(ours), ours
 
 
 @pytest.mark.parametrize("special", [np.nan, np.inf])
