@@ -23,6 +23,14 @@ OPS = {
 }
 DTYPES = [tf.float16, tf.bfloat16, tf.float32, tf.float64]
 HAS_GPU = bool(tf.config.list_physical_devices("GPU"))
+HAS_GPU_KERNELS = getattr(_build_info, "CUDA_VERSION", None) is not None
+# Where TensorFlow sees a GPU but the build has no GPU kernels (no nvcc, the
+# Bazel build), eager soft placement would run the CPU kernels under
+# tf.device("/gpu:0"): the comparisons would hold without testing anything.
+requires_gpu_kernels = pytest.mark.skipif(
+    not (HAS_GPU and HAS_GPU_KERNELS),
+    reason="TensorFlow sees no GPU" if not HAS_GPU else "built without GPU kernels",
+)
 
 
 def _nvcc_found():
@@ -42,7 +50,7 @@ def test_setup_py_builds_gpu_kernels_when_nvcc_is_found():
 
 @pytest.mark.parametrize("op", sorted(OPS))
 def test_gpu_kernels_registered_for_every_dtype(op):
-    if getattr(_build_info, "CUDA_VERSION", None) is None:
+    if not HAS_GPU_KERNELS:
         pytest.skip("built without GPU kernels")
     registered = set()
     for kernel in kernels.get_registered_kernels_for_op(op).kernel:
@@ -58,15 +66,20 @@ def test_gpu_kernels_registered_for_every_dtype(op):
 
 
 def _run(device, fn, y, p):
+    """fn's loss and gradient computed on `device` ("/cpu:0" or "/gpu:0")."""
     with tf.device(device):
         p = tf.identity(p)
         with tf.GradientTape() as tape:
             tape.watch(p)
             loss = fn(y, p)
-        return loss.numpy(), tape.gradient(loss, p).numpy()
+        grad = tape.gradient(loss, p)
+    # Soft placement would run an op with no kernel there elsewhere, silently.
+    where = device.strip("/").upper()
+    assert loss.device.endswith(where) and grad.device.endswith(where), (loss.device, grad.device)
+    return loss.numpy(), grad.numpy()
 
 
-@pytest.mark.skipif(not HAS_GPU, reason="TensorFlow sees no GPU")
+@requires_gpu_kernels
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32", "float64"])
 @pytest.mark.parametrize("sparse", [True, False])
 @pytest.mark.parametrize("from_logits", [True, False])
@@ -102,7 +115,7 @@ def test_gpu_kernels_match_cpu_kernels(rng, dtype, sparse, from_logits, num_clas
     np.testing.assert_array_equal(again[0], gpu[0])  # no atomics: bitwise repeatable
 
 
-@pytest.mark.skipif(not HAS_GPU, reason="TensorFlow sees no GPU")
+@requires_gpu_kernels
 def test_gpu_out_of_range_label_gives_nan_row_and_zero_gradient(rng):
     p = tf.constant(ref.logits(rng, (3, 5), "float32"))
     loss, grad = _run(
@@ -124,6 +137,7 @@ for _ in range(2):
             tape.watch(p)
             loss = txo.ops.sparse_crossentropy(y, p, True, 0.1)
         grad = tape.gradient(loss, p)
+    assert loss.device.endswith("GPU:0") and grad.device.endswith("GPU:0")
     results.append((loss.numpy().tobytes(), grad.numpy().tobytes()))
 assert results[0] == results[1]
 # TensorFlow's own kernel (tf.nn's wrapper would switch to log_softmax).
@@ -136,7 +150,7 @@ with tf.device("/gpu:0"):
 """
 
 
-@pytest.mark.skipif(not HAS_GPU, reason="TensorFlow sees no GPU")
+@requires_gpu_kernels
 def test_gpu_kernels_run_under_op_determinism():
     # Fixed-order reductions: the ops run, bitwise repeatably, where
     # TensorFlow's own GPU kernel raises UnimplementedError.
