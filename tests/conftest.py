@@ -24,3 +24,19 @@ def rng(request):
     seed = int(os.environ.get("TFXENT_TEST_SEED", np.random.SeedSequence().entropy % 2**63))
     print(f"\n[{request.node.name}] TFXENT_TEST_SEED={seed}")
     return np.random.default_rng(seed)
+
+
+@pytest.fixture(autouse=True)
+def _ops_on_the_cpu(request):
+    """Runs every test outside tests/test_gpu.py with its ops on the CPU.
+
+    They specify the CPU kernels (bad labels raise there, before any row is
+    read; results bitwise as the CPU computes them), and test_gpu.py compares
+    the GPU kernels with those. TensorFlow would otherwise place them on a GPU
+    wherever it sees one. Child processes get no GPU (subprocess_util).
+    """
+    if request.module.__name__ == "test_gpu":
+        yield
+        return
+    with tf.device("/cpu:0"):
+        yield

@@ -7,11 +7,17 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def python_env(**extra):
+def python_env(gpu=False, **extra):
+    """The environment of a child process that imports the package and the
+    tests' helpers; it sees no GPU unless `gpu` (the CPU kernels' tests run
+    on the CPU wherever a GPU is present, as in conftest)."""
     # TFXENT_PACKAGE_DIR points child processes at another build (make sanitize).
     package_dir = os.environ.get("TFXENT_PACKAGE_DIR", os.path.join(ROOT, "python"))
     path = os.pathsep.join([package_dir, os.path.join(ROOT, "tests")])
-    return {**os.environ, "PYTHONPATH": path, "TF_CPP_MIN_LOG_LEVEL": "3", **extra}
+    env = {**os.environ, "PYTHONPATH": path, "TF_CPP_MIN_LOG_LEVEL": "3"}
+    if not gpu:
+        env["CUDA_VISIBLE_DEVICES"] = ""
+    return {**env, **extra}
 
 
 def run_python(code, *args, timeout=180, check=True, env=None):

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import reference as ref
 import tensorflow as tf
+from subprocess_util import python_env
 from subprocess_util import run_python
 from tensorflow.python.framework import kernels
 
@@ -154,5 +155,5 @@ with tf.device("/gpu:0"):
 def test_gpu_kernels_run_under_op_determinism():
     # Fixed-order reductions: the ops run, bitwise repeatably, where
     # TensorFlow's own GPU kernel raises UnimplementedError.
-    out = run_python(_DETERMINISM).stdout
+    out = run_python(_DETERMINISM, env=python_env(gpu=True)).stdout
     assert "built-in kernel refused" in out, out
