@@ -4,10 +4,12 @@ kernels where TensorFlow sees a GPU (skipped otherwise)."""
 import os
 import shutil
 
+import keras
 import numpy as np
 import pytest
 import reference as ref
 import tensorflow as tf
+import training_util
 from subprocess_util import python_env
 from subprocess_util import run_python
 from tensorflow.python.framework import kernels
@@ -128,6 +130,36 @@ def test_gpu_out_of_range_label_gives_nan_row_and_zero_gradient(rng):
     )
     assert np.isnan(loss[1]) and np.all(np.isfinite(loss[[0, 2]]))
     assert np.all(grad[1] == 0)
+
+
+@pytest.fixture
+def without_tf32():
+    """float32 matmuls in float32: TensorFloat-32's 10-bit products would
+    turn the losses' last-bit differences into larger ones over the steps."""
+    was = tf.config.experimental.tensor_float_32_execution_enabled()
+    tf.config.experimental.enable_tensor_float_32_execution(False)
+    yield
+    tf.config.experimental.enable_tensor_float_32_execution(was)
+
+
+@requires_gpu_kernels
+@pytest.mark.parametrize("sparse", [True, False])
+def test_gpu_fit_follows_the_builtin_trajectory(without_tf32, sparse):
+    name = "SparseCategoricalCrossentropy" if sparse else "CategoricalCrossentropy"
+    runs = {}
+    for module in (txo, keras):
+        runs[module.__name__] = training_util.fit_history(
+            getattr(module.losses, name)(from_logits=True),
+            getattr(module.metrics, name)(from_logits=True, name="xent"),
+            sample_weight=True,
+            strategy=tf.distribute.OneDeviceStrategy("/gpu:0"),
+            one_hot=not sparse,
+        )
+    (ours, model), (theirs, _) = runs["tf_xent_ops"], runs["keras"]
+    device = model.weights[0].value.device  # Keras's variable holds a tf.Variable
+    assert device.endswith("GPU:0"), device
+    for key in ("loss", "xent"):
+        np.testing.assert_allclose(ours[key], theirs[key], rtol=1e-4)
 
 
 _DETERMINISM = """

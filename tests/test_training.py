@@ -20,32 +20,14 @@ import tf_xent_ops as txo
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-def _history(loss, metric, sample_weight=None, epochs=3, strategy=None):
-    x, y, w = training_util.digits(256)
-    strategy = strategy or tf.distribute.get_strategy()
-    with strategy.scope():
-        model = training_util.classifier()
-        model.compile(optimizer=keras.optimizers.Adam(1e-2), loss=loss, metrics=[metric])
-    history = model.fit(
-        x,
-        y,
-        sample_weight=w if sample_weight else None,
-        batch_size=32,
-        epochs=epochs,
-        shuffle=False,
-        verbose=0,
-    )
-    return history.history, model
-
-
 @pytest.mark.parametrize("sample_weight", [False, True])
 def test_fit_follows_the_builtin_trajectory(sample_weight):
-    ours, _ = _history(
+    ours, _ = training_util.fit_history(
         txo.losses.SparseCategoricalCrossentropy(from_logits=True),
         txo.metrics.SparseCategoricalCrossentropy(from_logits=True, name="xent"),
         sample_weight,
     )
-    theirs, _ = _history(
+    theirs, _ = training_util.fit_history(
         keras.losses.SparseCategoricalCrossentropy(from_logits=True),
         keras.metrics.SparseCategoricalCrossentropy(from_logits=True, name="xent"),
         sample_weight,
@@ -117,8 +99,10 @@ def test_mirrored_fit_equals_single_device():
         txo.losses.SparseCategoricalCrossentropy(from_logits=True),
         txo.metrics.SparseCategoricalCrossentropy(from_logits=True, name="xent"),
     )
-    single, single_model = _history(*args, sample_weight=True)
-    mirrored, mirrored_model = _history(*args, sample_weight=True, strategy=_mirrored())
+    single, single_model = training_util.fit_history(*args, sample_weight=True)
+    mirrored, mirrored_model = training_util.fit_history(
+        *args, sample_weight=True, strategy=_mirrored()
+    )
     for key in ("loss", "xent"):
         np.testing.assert_allclose(mirrored[key], single[key], rtol=1e-5)
     for a, b in zip(mirrored_model.get_weights(), single_model.get_weights(), strict=True):

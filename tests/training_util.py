@@ -20,6 +20,28 @@ def classifier(seed=1):
     )
 
 
+def fit_history(loss, metric, sample_weight=None, epochs=3, strategy=None, one_hot=False):
+    """compile + fit of `classifier` on `digits` (labels as class indices, or
+    one-hot); returns the history and the model."""
+    x, y, w = digits(256)
+    if one_hot:
+        y = np.eye(10, dtype="float32")[y]
+    strategy = strategy or tf.distribute.get_strategy()
+    with strategy.scope():
+        model = classifier()
+        model.compile(optimizer=keras.optimizers.Adam(1e-2), loss=loss, metrics=[metric])
+    history = model.fit(
+        x,
+        y,
+        sample_weight=w if sample_weight else None,
+        batch_size=32,
+        epochs=epochs,
+        shuffle=False,
+        verbose=0,
+    )
+    return history.history, model
+
+
 def custom_loop(loss_obj, strategy, steps=4, global_batch=32):
     """Trains with strategy.run + apply_gradients; returns the weights.
 
