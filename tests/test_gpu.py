@@ -152,6 +152,8 @@ def test_gpu_fit_follows_the_builtin_trajectory(without_tf32, sparse):
             getattr(module.losses, name)(from_logits=True),
             getattr(module.metrics, name)(from_logits=True, name="xent"),
             sample_weight=True,
+            # Under a strategy Keras leaves XLA off (alone on a GPU it turns it
+            # on, and the losses would run their composite, not the kernels).
             strategy=tf.distribute.OneDeviceStrategy("/gpu:0"),
             one_hot=not sparse,
         )
