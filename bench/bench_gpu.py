@@ -77,11 +77,15 @@ TORCH_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 class Device:
     """Where the harness runs: "cuda", or "cpu" for the emulated build."""
 
-    def __init__(self, emulated):
+    def __init__(self, emulated, exact_buffers=False):
         self.name = "cpu" if emulated else "cuda"
         self.emulated = emulated
+        self.exact_buffers = exact_buffers
 
     def memory(self):
+        """The checks' buffers, between guard bands unless exact_buffers."""
+        if self.exact_buffers:
+            return gpu_harness.TorchMemory(self.name, guard_bytes=0)
         return gpu_harness.TorchMemory(self.name)
 
     def load_harness(self, library):
@@ -392,9 +396,14 @@ def main():
     parser.add_argument("--variant", action="append", default=[], metavar="NAME=LIBRARY")
     parser.add_argument("--out", default=os.path.join(ROOT, "bench", "results"))
     parser.add_argument("--seed", type=int)
+    parser.add_argument(
+        "--exact-buffers",
+        action="store_true",
+        help="no guard bands: each buffer ends where its allocation does (for compute-sanitizer)",
+    )
     args = parser.parse_args()
     start = time.perf_counter()
-    device = Device(args.emulated)
+    device = Device(args.emulated, args.exact_buffers)
     h = device.load_harness(args.library)
     print(f"harness ready in {time.perf_counter() - start:.1f} s", flush=True)
     failed = 0

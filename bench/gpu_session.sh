@@ -92,7 +92,8 @@ case "${1:-}" in
         # its own, whose end memcheck sees (in a cached block it would not).
         PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout "$left" \
           compute-sanitizer --tool memcheck --error-exitcode 3 \
-          python3 bench/bench_gpu.py --check --small --library "$GPU_DIR/ours.so" || status=$?
+          python3 bench/bench_gpu.py --check --small --exact-buffers --library "$GPU_DIR/ours.so" \
+          || status=$?
       else
         echo "memcheck skipped: ${SECONDS} s used"
       fi

@@ -12,6 +12,7 @@ types need nothing from the framework.
 import ctypes
 import os
 import subprocess
+import weakref
 
 import numpy as np
 
@@ -104,38 +105,80 @@ class HostMemory:
     def pointer(self, buffer):
         return ctypes.c_void_p(buffer.ctypes.data)
 
+    def damaged_guards(self):
+        """None: buffers end where their allocations do (AddressSanitizer's
+        check of bounds)."""
+        return []
+
 
 class TorchMemory:
     """Buffers held by PyTorch on `device` (raw bytes; dtype and shape kept
     beside them): GPU memory for the nvcc build, or host memory, which the
-    emulated build takes too (bench/bench_gpu.py --emulated)."""
+    emulated build takes too (bench/bench_gpu.py --emulated).
 
-    def __init__(self, device="cuda"):
+    Each buffer sits between two guard bands of `guard_bytes` bytes of 0xFF
+    (NaN in every float type, -1 in every integer type): a kernel that reads
+    past a buffer reads NaN or a bad label, one that writes past it changes a
+    guard, which `damaged_guards` reports. Where no memory checker can run
+    (gVisor) that is the check of bounds on the GPU; under compute-sanitizer,
+    guard_bytes=0 lets each buffer end where its allocation does.
+    """
+
+    GUARD_BYTE = 0xFF
+
+    def __init__(self, device="cuda", guard_bytes=256):
         import torch
 
-        self.torch, self.device = torch, device
+        self.torch, self.device, self.guard_bytes = torch, device, guard_bytes
         self.stream = None
         if device == "cuda":
             self.stream = ctypes.c_void_p(torch.cuda.current_stream().cuda_stream)
+        self._live = weakref.WeakSet()
+        self._damaged = []
 
     class Buffer:
-        def __init__(self, data, dtype, shape):
-            self.data, self.dtype, self.shape = data, dtype, shape
+        def __init__(self, data, dtype, shape, guards=()):
+            self.data, self.dtype, self.shape, self.guards = data, dtype, shape, guards
+
+        def __str__(self):
+            return f"{self.dtype}{list(self.shape)}"
 
     def put(self, array, offset_bytes=0):
+        """A copy of `array`, starting `offset_bytes` past a 16-byte boundary
+        (guard_bytes is a multiple of 16; PyTorch's allocations are aligned)."""
         array = np.ascontiguousarray(array)
-        raw = self.torch.empty(
-            array.nbytes + offset_bytes, dtype=self.torch.uint8, device=self.device
+        front = self.guard_bytes + offset_bytes
+        raw = self.torch.full(
+            (front + array.nbytes + self.guard_bytes,),
+            self.GUARD_BYTE,
+            dtype=self.torch.uint8,
+            device=self.device,
         )
-        data = raw[offset_bytes:]
+        data = raw[front : front + array.nbytes]
         data.copy_(self.torch.from_numpy(array.reshape(-1).view(np.uint8)))
-        return self.Buffer(data, array.dtype, array.shape)
+        guards = (raw[:front], raw[front + array.nbytes :]) if self.guard_bytes else ()
+        buffer = self.Buffer(data, array.dtype, array.shape, guards)
+        self._live.add(buffer)
+        return buffer
 
     def full(self, shape, dtype, value):
         return self.put(np.full(shape, value, dtype))
 
     def get(self, buffer):
+        self._check_guards(buffer)
         return buffer.data.cpu().numpy().view(buffer.dtype).reshape(buffer.shape)
+
+    def _check_guards(self, buffer):
+        if any(bool((g != self.GUARD_BYTE).any()) for g in buffer.guards):
+            self._damaged.append(str(buffer))
+
+    def damaged_guards(self):
+        """The buffers written outside of since the last call: those read
+        back (`get`) and those still alive."""
+        for buffer in list(self._live):
+            self._check_guards(buffer)
+        damaged, self._damaged = sorted(set(self._damaged)), []
+        return damaged
 
     def pointer(self, buffer):
         return ctypes.c_void_p(buffer.data.data_ptr())

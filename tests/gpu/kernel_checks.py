@@ -14,7 +14,9 @@ compares with tests/reference.py:
     rows of equal logits, all-but-one -inf; clipped and NaN probabilities;
     ignored rows (0 loss, 0 gradient); sparse labels outside [0, C) (NaN loss,
     0 gradient, nothing read through them); rows that start off a 16-byte
-    boundary; int32 and int64 labels.
+    boundary; int32 and int64 labels;
+  - no write outside the buffers (on a GPU, guard bands around each buffer;
+    on the emulation, AddressSanitizer).
 
     python tests/gpu/kernel_checks.py --emulated          # CPU emulation
     python bench/bench_gpu.py --check                     # on a GPU
@@ -296,6 +298,8 @@ def run_case(h, rng, case):
         acc = "float64" if case.dtype == "float64" else "float32"
         f.within("labels gradient", label_grads[0],
                  ref.Gradient(g * wrt_y.value, g * wrt_y.scale), acc)  # fmt: skip
+    for buffer in m.damaged_guards():
+        f.messages.append(f"written outside its buffer: {buffer}")
     return f.messages
 
 
