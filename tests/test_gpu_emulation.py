@@ -32,6 +32,24 @@ def test_gpu_kernels_emulated_under_sanitizers_match_references():
     assert "0 of " in run.stdout.splitlines()[-1], report
 
 
+# The tuning knobs that change the kernels' code (the others set
+# __launch_bounds__ only, which the emulation ignores): gpu_session.sh times
+# these builds as variants, and a winner becomes the default.
+@pytest.mark.parametrize(
+    "define", ["TFXENT_GPU_PIECES_IN_FLIGHT=2", "TFXENT_GPU_PIECES_IN_FLIGHT=8"]
+)
+def test_gpu_kernel_variants_emulated_match_references(define):
+    run = subprocess.run(
+        [sys.executable, CHECKS, "--emulated", "--define", define],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    report = run.stdout[-20000:] + run.stderr[-20000:]
+    assert run.returncode == 0, report
+    assert "0 of " in run.stdout.splitlines()[-1], report
+
+
 @pytest.fixture(scope="module")
 def kernels(tmp_path_factory):
     source = os.path.join(ROOT, "tests", "gpu", "emulation", "self_test_kernels.cc")

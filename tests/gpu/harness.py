@@ -47,13 +47,15 @@ def build_cuda(out, arch="sm_90"):
     return _build(cmd, out, [SOURCE] + HEADERS)
 
 
-def build_emulated(out, sanitize=False, source=SOURCE):
+def build_emulated(out, sanitize=False, source=SOURCE, defines=()):
     """Host-compiler build of `source` (the harness by default) against the
     CUDA emulation; with AddressSanitizer and UndefinedBehaviorSanitizer if
-    `sanitize` (load it with the runtimes preloaded: `sanitizer_preload`)."""
+    `sanitize` (load it with the runtimes preloaded: `sanitizer_preload`);
+    `defines` (NAME=VALUE) set the kernels' tuning knobs."""
     api = os.path.join(EMULATION, "emulation_api.cc")
     cmd = [os.environ.get("CXX", "g++"), "-std=c++17", "-O1", "-g", "-fPIC", "-shared"]
     cmd += ["-I" + EMULATION, "-I" + ROOT, "-Wall", "-Werror", "-Wno-unknown-pragmas"]
+    cmd += ["-D" + d for d in defines]
     if sanitize:
         cmd += ["-fsanitize=address,undefined", "-fno-sanitize-recover=all"]
         cmd += ["-fno-omit-frame-pointer"]

@@ -362,10 +362,17 @@ def main():
         "--sanitize", action="store_true", help="the emulation under AddressSanitizer and UBSan"
     )
     parser.add_argument("--seed", type=int)
+    parser.add_argument(
+        "--define",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="a tuning knob of the kernels (e.g. TFXENT_GPU_PIECES_IN_FLIGHT=8)",
+    )
     args = parser.parse_args()
     if not args.emulated:
         parser.error("on a GPU, run bench/bench_gpu.py --check")
-    name = "emulated-sanitized" if args.sanitize else "emulated"
+    name = "-".join(["emulated"] + ["sanitized"] * args.sanitize + args.define)
     if args.sanitize and "libasan" not in os.environ.get("LD_PRELOAD", ""):
         # Python is not instrumented: the runtimes must be loaded first.
         preload = gpu_harness.sanitizer_preload()
@@ -376,7 +383,9 @@ def main():
         env["UBSAN_OPTIONS"] = "print_stacktrace=1"
         os.execve(sys.executable, [sys.executable] + sys.argv, env)
     library = gpu_harness.build_emulated(
-        os.path.join(gpu_harness.ROOT, "build", name, "libtfxent_harness.so"), args.sanitize
+        os.path.join(gpu_harness.ROOT, "build", name, "libtfxent_harness.so"),
+        args.sanitize,
+        defines=args.define,
     )
     h = gpu_harness.Harness(library, gpu_harness.HostMemory())
     sys.exit(1 if run(h, grid(EMULATED_SHAPES), args.seed) else 0)
