@@ -18,18 +18,25 @@ ROOT = gpu_harness.ROOT
 CHECKS = os.path.join(ROOT, "tests", "gpu", "kernel_checks.py")
 
 
+def _assert_kernel_checks_pass(*args):
+    """kernel_checks.py --emulated with `args`, in a child process: 0 cases fail."""
+    run = subprocess.run(
+        [sys.executable, CHECKS, "--emulated", *args], capture_output=True, text=True, timeout=900
+    )
+    report = run.stdout[-20000:] + run.stderr[-20000:]
+    assert run.returncode == 0, report
+    assert "0 of " in run.stdout.splitlines()[-1], report
+
+
 @pytest.mark.slow
 def test_gpu_kernels_emulated_under_sanitizers_match_references():
-    args = [sys.executable, CHECKS, "--emulated"]
+    args = []
     if gpu_harness.sanitizer_preload() is not None:
         args.append("--sanitize")
     seed = os.environ.get("TFXENT_TEST_SEED")
     if seed:
         args += ["--seed", seed]
-    run = subprocess.run(args, capture_output=True, text=True, timeout=900)
-    report = run.stdout[-20000:] + run.stderr[-20000:]
-    assert run.returncode == 0, report
-    assert "0 of " in run.stdout.splitlines()[-1], report
+    _assert_kernel_checks_pass(*args)
 
 
 # The tuning knobs that change the kernels' code (the others set
@@ -39,15 +46,7 @@ def test_gpu_kernels_emulated_under_sanitizers_match_references():
     "define", ["TFXENT_GPU_PIECES_IN_FLIGHT=2", "TFXENT_GPU_PIECES_IN_FLIGHT=8"]
 )
 def test_gpu_kernel_variants_emulated_match_references(define):
-    run = subprocess.run(
-        [sys.executable, CHECKS, "--emulated", "--define", define],
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
-    report = run.stdout[-20000:] + run.stderr[-20000:]
-    assert run.returncode == 0, report
-    assert "0 of " in run.stdout.splitlines()[-1], report
+    _assert_kernel_checks_pass("--define", define)
 
 
 @pytest.fixture(scope="module")
