@@ -7,7 +7,7 @@ CC_FILES := $(shell find tf_xent_ops bench tests/gpu -name '*.h' -o -name '*.cc'
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 export PYTHONPATH := $(CURDIR)/python
 
-.PHONY: setup build test lint format demo bench bench-functors sanitize bazel-build bazel-wheel bazel-test clean
+.PHONY: setup cuda-toolkit build test lint format demo bench bench-functors sanitize bazel-build bazel-wheel bazel-test clean
 
 setup: $(VENV)/.requirements-installed
 
@@ -16,6 +16,11 @@ $(VENV)/.requirements-installed: requirements.txt
 	$(PY) -m pip install --upgrade pip
 	$(PY) -m pip install -r requirements.txt
 	touch $@
+
+# A CUDA toolkit from PyPI in .venv, for `make cuda-toolkit build` where no
+# toolkit is installed (setup.py looks there after CUDA_HOME and PATH).
+cuda-toolkit: setup
+	$(PY) -m pip install -r requirements-cuda.txt
 
 # Compiles the op library in place (python/tf_xent_ops/_xent_ops.so).
 build: setup

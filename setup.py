@@ -6,11 +6,13 @@ Build isolation must be off, or pip would compile against a different
 TensorFlow than the one that loads the library.
 """
 
+import glob
 import os
 import re
 import shlex
 import shutil
 import subprocess
+import sys
 from concurrent.futures import ThreadPoolExecutor
 
 from setuptools import Extension
@@ -41,14 +43,27 @@ def _write_build_info(package_dir, tf_version, cuda_version):
         )
 
 
-def find_nvcc():
-    """nvcc from $CUDA_HOME or PATH, unless TFXENT_CUDA=0."""
-    if os.environ.get("TFXENT_CUDA", "1") == "0":
+def _pypi_nvcc(search_path):
+    """The nvcc of a CUDA toolkit installed from PyPI into one of `search_path`'s
+    folders (`make cuda-toolkit`: nvidia/cu13/bin/nvcc), the newest if several."""
+    found = []
+    for folder in search_path:
+        for nvcc in glob.glob(os.path.join(folder, "nvidia", "cu[0-9]*", "bin", "nvcc")):
+            major = os.path.basename(os.path.dirname(os.path.dirname(nvcc)))[2:]
+            if major.isdigit():
+                found.append((int(major), nvcc))
+    return max(found)[1] if found else None
+
+
+def find_nvcc(environ=os.environ, search_path=sys.path):
+    """nvcc from $CUDA_HOME, else PATH, else a toolkit from PyPI in this Python's
+    environment; None where there is none or TFXENT_CUDA=0."""
+    if environ.get("TFXENT_CUDA", "1") == "0":
         return None
-    cuda_home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
+    cuda_home = environ.get("CUDA_HOME") or environ.get("CUDA_PATH")
     if cuda_home and os.path.exists(os.path.join(cuda_home, "bin", "nvcc")):
         return os.path.join(cuda_home, "bin", "nvcc")
-    return shutil.which("nvcc")
+    return shutil.which("nvcc", path=environ.get("PATH", os.defpath)) or _pypi_nvcc(search_path)
 
 
 def _cuda_toolkit(nvcc):
@@ -61,6 +76,24 @@ def _cuda_toolkit(nvcc):
     match = re.search(r"TOP=(\S+)", dry.stdout + dry.stderr)
     top = match.group(1) if match else os.path.join(os.path.dirname(nvcc), "..")
     return os.path.realpath(top)
+
+
+# Where toolkits keep the static runtime: NVIDIA's installers and distributions
+# (lib64, or the target folder it links to) and PyPI's wheels (lib).
+CUDART_STATIC_DIRS = ("lib64", os.path.join("targets", "x86_64-linux", "lib"), "lib")
+
+
+def cudart_static_dir(toolkit):
+    """The folder of `toolkit` that holds libcudart_static.a."""
+    for sub in CUDART_STATIC_DIRS:
+        folder = os.path.join(toolkit, sub)
+        if os.path.exists(os.path.join(folder, "libcudart_static.a")):
+            return folder
+    raise RuntimeError(
+        f"the CUDA toolkit at {toolkit} has no libcudart_static.a in any of "
+        f"{', '.join(CUDART_STATIC_DIRS)}: set CUDA_HOME to a complete toolkit, "
+        "or TFXENT_CUDA=0 to build without GPU kernels"
+    )
 
 
 def _nvcc_version(nvcc):
@@ -131,11 +164,12 @@ class BuildTfOps(build_ext):
         link_flags = tf.sysconfig.get_link_flags() + shlex.split(self.extra_cflags)
         cuda_version = None
         if nvcc:
-            # GPU kernels: registered by xent_op.cc, linked with the static CUDA
-            # runtime of this toolkit (use CUDA 12.x to match TF 2.21's pip build).
+            # GPU kernels: registered by xent_op.cc, linked with this toolkit's
+            # static CUDA runtime, so they need a driver for its CUDA version,
+            # not TensorFlow's CUDA libraries (README, GPU).
             cuda_version = _nvcc_version(nvcc)
             cflags.append("-DTFXENT_WITH_CUDA")
-            cuda_lib = os.path.join(_cuda_toolkit(nvcc), "lib64")
+            cuda_lib = cudart_static_dir(_cuda_toolkit(nvcc))
             link_flags += [f"-L{cuda_lib}", "-lcudart_static", "-ldl", "-lrt", "-lpthread"]
         with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
             objs = list(pool.map(compile_one, ext.sources))
@@ -178,10 +212,13 @@ class BuildTfOps(build_ext):
         subprocess.check_call(cmd)
 
 
-setup(
-    package_dir={"": "python"},
-    packages=["tf_xent_ops"],
-    ext_modules=[Extension(LIBRARY_NAME, sources=CC_SOURCES)],
-    cmdclass={"build_ext": BuildTfOps},
-    zip_safe=False,
-)
+# Guarded so that the tests can import the toolkit lookup above; pip's build
+# backend runs this file as __main__.
+if __name__ == "__main__":
+    setup(
+        package_dir={"": "python"},
+        packages=["tf_xent_ops"],
+        ext_modules=[Extension(LIBRARY_NAME, sources=CC_SOURCES)],
+        cmdclass={"build_ext": BuildTfOps},
+        zip_safe=False,
+    )

@@ -1,13 +1,11 @@
 """The GPU kernels: registered where the build had nvcc, and equal to the CPU
 kernels where TensorFlow sees a GPU (skipped otherwise)."""
 
-import os
-import shutil
-
 import keras
 import numpy as np
 import pytest
 import reference as ref
+import setup_script
 import tensorflow as tf
 import training_util
 from subprocess_util import python_env
@@ -36,17 +34,10 @@ requires_gpu_kernels = pytest.mark.skipif(
 )
 
 
-def _nvcc_found():
-    cuda_home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
-    if cuda_home and os.path.exists(os.path.join(cuda_home, "bin", "nvcc")):
-        return True
-    return shutil.which("nvcc") is not None and os.environ.get("TFXENT_CUDA", "1") != "0"
-
-
 def test_setup_py_builds_gpu_kernels_when_nvcc_is_found():
     if getattr(_build_info, "BUILT_BY", "") != "setup.py":
         pytest.skip("the Bazel build is CPU-only")
-    if not _nvcc_found():
+    if setup_script.load().find_nvcc() is None:
         pytest.skip("no CUDA toolkit on this machine")
     assert _build_info.CUDA_VERSION is not None
 

@@ -6,6 +6,7 @@ import sys
 import zipfile
 
 import pytest
+import setup_script
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -66,3 +67,42 @@ def test_import_error_names_the_tensorflow_mismatch(tmp_path):
     assert out.returncode != 0
     assert "built against TensorFlow 2.0.0" in out.stderr
     assert "--no-build-isolation" in out.stderr
+
+
+def _executable(path):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("#!/bin/sh\n")
+    path.chmod(0o755)
+    return str(path)
+
+
+def test_nvcc_lookup_order_cuda_home_path_then_a_toolkit_from_pypi(tmp_path):
+    find_nvcc = setup_script.load().find_nvcc
+    home = _executable(tmp_path / "home" / "bin" / "nvcc")
+    on_path = _executable(tmp_path / "path" / "nvcc")
+    site = tmp_path / "site"
+    _executable(site / "nvidia" / "cu12" / "bin" / "nvcc")
+    pypi = _executable(site / "nvidia" / "cu13" / "bin" / "nvcc")
+    _executable(site / "nvidia" / "cudnn" / "bin" / "nvcc")  # not a toolkit
+    empty = str(tmp_path / "empty")
+    both = {"CUDA_HOME": str(tmp_path / "home"), "PATH": str(tmp_path / "path")}
+    assert find_nvcc(both, [str(site)]) == home
+    assert find_nvcc({**both, "CUDA_HOME": empty}, [str(site)]) == on_path
+    assert find_nvcc({"CUDA_PATH": str(tmp_path / "home"), "PATH": empty}, []) == home
+    assert find_nvcc({"PATH": empty}, [empty, str(site)]) == pypi
+    assert find_nvcc({"PATH": empty}, [empty]) is None
+    assert find_nvcc({**both, "TFXENT_CUDA": "0"}, [str(site)]) is None
+
+
+@pytest.mark.parametrize("layout", ["lib64", "targets/x86_64-linux/lib", "lib"])
+def test_static_cuda_runtime_found_in_each_toolkit_layout(tmp_path, layout):
+    cudart_static_dir = setup_script.load().cudart_static_dir
+    (tmp_path / layout).mkdir(parents=True)
+    (tmp_path / layout / "libcudart_static.a").write_bytes(b"")
+    assert cudart_static_dir(str(tmp_path)) == str(tmp_path / layout)
+
+
+def test_toolkit_without_static_runtime_is_a_clear_error(tmp_path):
+    (tmp_path / "lib64").mkdir()
+    with pytest.raises(RuntimeError, match=r"no libcudart_static\.a .*TFXENT_CUDA=0"):
+        setup_script.load().cudart_static_dir(str(tmp_path))
