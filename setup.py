@@ -165,12 +165,22 @@ class BuildTfOps(build_ext):
         cuda_version = None
         if nvcc:
             # GPU kernels: registered by xent_op.cc, linked with this toolkit's
-            # static CUDA runtime, so they need a driver for its CUDA version,
-            # not TensorFlow's CUDA libraries (README, GPU).
+            # static CUDA runtime ahead of TensorFlow's library, which exports a
+            # CUDA 12 runtime API of its own (a stub over libcudart.so.12): else
+            # the linker binds the calls of nvcc's host code to that runtime,
+            # whatever toolkit compiled it. Hidden, so it binds to nothing else.
             cuda_version = _nvcc_version(nvcc)
             cflags.append("-DTFXENT_WITH_CUDA")
             cuda_lib = cudart_static_dir(_cuda_toolkit(nvcc))
-            link_flags += [f"-L{cuda_lib}", "-lcudart_static", "-ldl", "-lrt", "-lpthread"]
+            link_flags = [
+                f"-L{cuda_lib}",
+                "-Wl,--exclude-libs,libcudart_static.a",
+                "-lcudart_static",
+                *link_flags,
+                "-ldl",
+                "-lrt",
+                "-lpthread",
+            ]
         with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
             objs = list(pool.map(compile_one, ext.sources))
             if nvcc:

@@ -1,6 +1,11 @@
 """The GPU kernels: registered where the build had nvcc, and equal to the CPU
 kernels where TensorFlow sees a GPU (skipped otherwise)."""
 
+import os
+import re
+import shutil
+import subprocess
+
 import keras
 import numpy as np
 import pytest
@@ -40,6 +45,31 @@ def test_setup_py_builds_gpu_kernels_when_nvcc_is_found():
     if setup_script.load().find_nvcc() is None:
         pytest.skip("no CUDA toolkit on this machine")
     assert _build_info.CUDA_VERSION is not None
+
+
+def _cuda_runtime_symbols(library, which):
+    """The CUDA runtime API symbols (cuda*, __cuda*) that `library` leaves
+    undefined or exports (`which`: "--undefined-only" or "--defined-only")."""
+    nm = shutil.which("nm")
+    if nm is None:
+        pytest.skip("no nm (binutils) on this machine")
+    out = subprocess.run([nm, "-D", which, library], capture_output=True, text=True, check=True)
+    names = (line.split()[-1].split("@")[0] for line in out.stdout.splitlines() if line.strip())
+    return sorted(n for n in names if re.match(r"_*cuda", n))
+
+
+def test_gpu_kernels_call_the_cuda_runtime_of_their_own_toolkit():
+    # TensorFlow's library exports a CUDA 12 runtime API (a stub over
+    # libcudart.so.12). Linked after it, the static runtime would add nothing:
+    # nvcc's host code (fat binary registration, launches) would call that
+    # runtime whatever toolkit compiled it, and cudaGetLastError would report
+    # TensorFlow's launches' errors as ours.
+    if not HAS_GPU_KERNELS:
+        pytest.skip("built without GPU kernels")
+    library = os.path.join(os.path.dirname(txo.__file__), "_xent_ops.so")
+    assert _cuda_runtime_symbols(library, "--undefined-only") == []
+    # Hidden: it binds no one else's calls either.
+    assert _cuda_runtime_symbols(library, "--defined-only") == []
 
 
 @pytest.mark.parametrize("op", sorted(OPS))
