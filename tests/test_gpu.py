@@ -62,7 +62,7 @@ def test_gpu_kernels_call_the_cuda_runtime_of_their_own_toolkit():
     # TensorFlow's library exports a CUDA 12 runtime API (a stub over
     # libcudart.so.12). Linked after it, the static runtime would add nothing:
     # nvcc's host code (fat binary registration, launches) would call that
-    # runtime whatever toolkit compiled it, and cudaGetLastError would report
+    # runtime whatever toolkit compiled it, and cudaGetLastError could report
     # TensorFlow's launches' errors as ours.
     if not HAS_GPU_KERNELS:
         pytest.skip("built without GPU kernels")
