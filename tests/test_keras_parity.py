@@ -112,6 +112,30 @@ def test_categorical_3d_axes(rng, axis, from_logits, weights):
     _close(ours, theirs)
 
 
+@pytest.mark.parametrize("form", ["loss", "function", "metric"])
+def test_negative_axis_with_logits(rng, form):
+    """Keras 3.15 fails on logits with a negative axis other than -1: the
+    tf.nn.softmax_cross_entropy_with_logits it calls (TensorFlow 2.21) moves
+    the axis last with a tf.range that the negative index leaves empty. Ours
+    take it, and give Keras's numbers for the same axis counted from the front."""
+    p = _inputs(rng, (3, 5, 4), from_logits=True)
+    y = ref.soft_labels(rng, (3, 5, 4), axis=1)
+    forms = {
+        "loss": lambda module, axis: module.losses.CategoricalCrossentropy(
+            from_logits=True, axis=axis
+        )(y, p),
+        "function": lambda module, axis: module.losses.categorical_crossentropy(
+            y, p, from_logits=True, axis=axis
+        ),
+        "metric": lambda module, axis: module.metrics.CategoricalCrossentropy(
+            from_logits=True, axis=axis
+        )(y, p),
+    }
+    with pytest.raises(tf.errors.InvalidArgumentError, match="Requires start <= limit"):
+        forms[form](keras, -2)
+    _close(forms[form](txo, -2), forms[form](keras, 1))
+
+
 @pytest.mark.parametrize("from_logits", [True, False])
 @pytest.mark.parametrize("ignore_class", [None, 0])
 def test_sparse_segmentation_shapes(rng, from_logits, ignore_class):
@@ -320,3 +344,96 @@ def test_tensorflow_backend_documentation_examples():
     np.testing.assert_allclose(
         txo.backend.categorical_crossentropy(a, a), [0.0, 0.0, 0.0], atol=1e-6
     )
+
+
+def _random_loss_call(rng):
+    """One loss call drawn at random, as (description, loss classes, kwargs,
+    labels, predictions, sample_weight): the combinations of rank, axis, label
+    form, prediction dtype, reduction and weights that the grids above leave out."""
+    sparse = bool(rng.integers(2))
+    from_logits = bool(rng.integers(2))
+    dtype = str(rng.choice(["float32", "float64", "float16", "bfloat16"]))
+    reduction = REDUCTIONS[rng.integers(len(REDUCTIONS))]
+    batch_shape = tuple(int(d) for d in rng.integers(1, 5, size=rng.integers(0, 4)))
+    num_classes = int(rng.integers(2, 9))
+    # Keras's sparse loss class takes the classes last; its categorical one any axis.
+    position = len(batch_shape) if sparse else int(rng.integers(len(batch_shape) + 1))
+    shape = batch_shape[:position] + (num_classes,) + batch_shape[position:]
+    axis = position - len(shape) if rng.integers(2) else position
+    kwargs = dict(from_logits=from_logits, reduction=reduction)
+    if sparse:
+        labels = rng.integers(0, num_classes, size=shape[:-1])
+        if rng.integers(3) == 0:
+            kwargs["ignore_class"] = int(rng.choice([-1, 0]))
+            labels[rng.uniform(size=labels.shape) < 0.3] = kwargs["ignore_class"]
+        if rng.integers(3) == 0:  # Keras squeezes a trailing 1, and casts floats.
+            labels = labels[..., None]
+        if rng.integers(3) == 0:
+            labels = labels.astype(np.float32)
+        classes = (
+            txo.losses.SparseCategoricalCrossentropy,
+            keras.losses.SparseCategoricalCrossentropy,
+        )
+    else:
+        kwargs.update(axis=axis, label_smoothing=float(rng.choice([0.0, 0.2])))
+        if rng.integers(2):
+            labels = ref.soft_labels(rng, shape, axis=axis)
+        else:
+            labels = ref.one_hot(rng.integers(0, num_classes, size=batch_shape), num_classes, axis)
+        classes = (txo.losses.CategoricalCrossentropy, keras.losses.CategoricalCrossentropy)
+    # Keras's weights are per position or broadcast to it: [N] for losses of
+    # rank 1, [N, 1] for rank 2.
+    per_sample = {1: ["per_sample"], 2: ["per_sample_column"]}.get(len(batch_shape), [])
+    weights = rng.choice([None, "scalar", "per_position"] + per_sample)
+    sample_weight = _sample_weight(rng, weights, batch_shape) if batch_shape else None
+    predictions = _inputs(rng, shape, from_logits, dtype, axis=axis)
+    description = (
+        f"{classes[0].__name__}({kwargs}) labels {labels.dtype}{list(labels.shape)} "
+        f"predictions {dtype}{list(shape)} sample_weight {weights}"
+    )
+    return description, classes, kwargs, labels, predictions, sample_weight
+
+
+def _loss_and_gradient(cls, kwargs, labels, predictions, sample_weight):
+    p = tf.Variable(predictions)
+    with tf.GradientTape() as tape:
+        loss = cls(**kwargs)(labels, p, sample_weight=sample_weight)
+        # Distinct cotangents in (0, 1] per position, for reduction=None.
+        size = tf.cast(tf.size(loss), loss.dtype)
+        cotangent = tf.range(1.0, 1.0 + size) / size
+        total = tf.reduce_sum(loss * tf.reshape(cotangent, tf.shape(loss)))
+    return loss, np.asarray(tf.cast(tape.gradient(total, p), tf.float64))
+
+
+def test_random_configurations_match_keras(rng):
+    for _ in range(40):
+        description, classes, kwargs, labels, predictions, sample_weight = _random_loss_call(rng)
+        ours, our_grad = _loss_and_gradient(classes[0], kwargs, labels, predictions, sample_weight)
+        # Keras gets the classes last: it smooths labels by the last axis's
+        # size (see README, Semantics), and with logits the tf.nn op it calls
+        # fails on a negative axis other than -1.
+        axis = kwargs.get("axis", -1)
+        their_kwargs, their_labels = kwargs, labels
+        if "axis" in kwargs:
+            their_kwargs, their_labels = dict(kwargs, axis=-1), np.moveaxis(labels, axis, -1)
+        theirs, their_grad = _loss_and_gradient(
+            classes[1],
+            their_kwargs,
+            their_labels,
+            np.moveaxis(predictions, axis, -1),
+            sample_weight,
+        )
+        their_grad = np.moveaxis(their_grad, -1, axis)
+        sixteen_bit = predictions.dtype.itemsize == 2
+        assert ours.dtype == theirs.dtype and ours.shape == theirs.shape, description
+        tolerances = (1e-4, 1e-5) if sixteen_bit else (RTOL, ATOL)
+        np.testing.assert_allclose(ours, theirs, *tolerances, err_msg=description)
+        # Keras's gradient goes through its float32 copy, then is rounded
+        # back to the predictions' dtype, as ours is: 16-bit gradients may
+        # differ by an ulp of that type. The absolute part is float32's
+        # cancellation in softmax - t near 1 (its row weight is at most 2:
+        # cotangents of at most 1 times weights of at most 2), with the row
+        # log-sum-exp's rounding (README, Semantics). Infinities (float16
+        # gradients of tiny probabilities) must match exactly.
+        rtol = 1e-2 if sixteen_bit else 2e-5
+        np.testing.assert_allclose(our_grad, their_grad, rtol, 4e-6, err_msg=description)
