@@ -165,17 +165,25 @@ def probabilities(rng, shape, dtype, axis=-1):
     p = np.exp(z - z.max(axis=axis, keepdims=True))
     p /= p.sum(axis=axis, keepdims=True)
     p *= rng.uniform(0.9, 1.1, size=p.shape)
-    # A row whose other entries sum to about eps puts its top entry, after
-    # normalization, within an ulp of the clip bound 1 - eps: which side it
-    # falls on then depends on the order of the float32 row sum, and the
-    # gradient jumps. Such rows get a second entry of 1e-4 of the top one.
+    return off_the_upper_clip_bound(p, axis).astype(NUMPY_DTYPES[dtype])
+
+
+def off_the_upper_clip_bound(p, axis=-1):
+    """`p` (modified in place) with no row's top entry near 1 - eps.
+
+    A row whose other entries sum to about eps puts its top entry, after
+    normalization, within an ulp of the clip bound 1 - eps: which side it
+    falls on then depends on the order of the float32 row sum, and the
+    gradient jumps. Such rows get a second entry of 1e-4 of the top one.
+    Tests that zero entries of probabilities() call this again after.
+    """
     top = np.argmax(p, axis=axis)
     p_max = np.take_along_axis(p, np.expand_dims(top, axis), axis)
     crowded = 1.0 - p_max / p.sum(axis=axis, keepdims=True) < 1e-5
     second = np.expand_dims((top + 1) % p.shape[axis], axis)
     bumped = np.where(crowded, 1e-4 * p_max, np.take_along_axis(p, second, axis))
     np.put_along_axis(p, second, bumped, axis)
-    return p.astype(NUMPY_DTYPES[dtype])
+    return p
 
 
 def soft_labels(rng, shape, axis=-1):

@@ -119,6 +119,7 @@ def test_sparse_gradients_match_keras(rng, from_logits, ignore_class):
 def test_probability_gradients_with_clipped_entries_match_keras(rng):
     p = ref.probabilities(rng, (8, 6), "float32")
     p[0, :3] = 0.0
+    ref.off_the_upper_clip_bound(p[:1])  # the zeros may have crowded the row
     p[1] = [1.0, 0, 0, 0, 0, 0]
     p[2, 4] = 1e-9
     labels = rng.integers(0, 6, size=8)
