@@ -1,5 +1,7 @@
 """Values of the losses, functions and metrics against the Keras built-ins."""
 
+import warnings
+
 import keras
 import numpy as np
 import pytest
@@ -10,6 +12,8 @@ import tf_xent_ops as txo
 
 REDUCTIONS = ["sum_over_batch_size", "sum", "mean", "mean_with_sample_weight", None, "none"]
 RTOL, ATOL = 2e-5, 2e-6
+# Half the spacing of 1.0 in the 16-bit types: their rounding of a float32 result.
+HALF_ULP = {"float16": 2.0**-11, "bfloat16": 2.0**-8}
 
 
 def _inputs(rng, shape, from_logits, dtype="float32", axis=-1):
@@ -232,6 +236,60 @@ def test_function_dtype_follows_predictions(rng):
     assert txo.categorical_crossentropy(ref.one_hot(y, 5), p, True).dtype == tf.bfloat16
 
 
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+@pytest.mark.parametrize("sparse", [True, False])
+@pytest.mark.parametrize("from_logits", [True, False])
+def test_16_bit_functions_round_the_float32_loss_once(rng, dtype, sparse, from_logits):
+    # The functions (and the metrics, which call them) give Keras's float32
+    # numbers rounded to the predictions' dtype; Keras's compute in that dtype.
+    p = _inputs(rng, (64, 7), from_logits, dtype)
+    labels = rng.integers(0, 7, size=64)
+    y = labels if sparse else ref.one_hot(labels, 7)
+    name = "sparse_categorical_crossentropy" if sparse else "categorical_crossentropy"
+    ours = getattr(txo, name)(y, p, from_logits=from_logits)
+    upcast = getattr(txo, name)(y, p.astype(np.float32), from_logits=from_logits)
+    assert ours.dtype == dtype
+    np.testing.assert_array_equal(ours, tf.cast(upcast, dtype))
+    _close(upcast, getattr(keras.losses, name)(y, p.astype(np.float32), from_logits=from_logits))
+
+
+def test_16_bit_metric_agrees_with_the_loss_class():
+    # A clipped float16 probability: Keras's metric clips at epsilon rounded
+    # to float16 (1.19e-7) and reports -log(1.19e-7) = 15.945, its loss class
+    # (float32 inside) -log(1e-7) = 16.118; ours report 16.118 to float16's
+    # rounding (16.125) in both.
+    y, p = np.array([0]), np.array([[0.0, 1.0]], np.float16)
+    loss = float(keras.losses.SparseCategoricalCrossentropy()(y, p))
+    np.testing.assert_allclose(loss, -np.log(np.float32(1e-7)), rtol=1e-6)
+    np.testing.assert_allclose(txo.losses.SparseCategoricalCrossentropy()(y, p), loss, rtol=1e-6)
+    for cls, expected in [
+        (keras.metrics.SparseCategoricalCrossentropy, -np.log(float(np.float16(1e-7)))),
+        (txo.metrics.SparseCategoricalCrossentropy, float(np.float16(loss))),
+    ]:
+        metric = cls()
+        metric.update_state(y, p)
+        np.testing.assert_allclose(metric.result(), expected, rtol=2.0**-11)
+
+
+def test_one_class_warning_looks_at_the_class_axis(rng):
+    # As Keras, for classes last; Keras looks at the last axis for any
+    # `axis`, so it warns on [N, C, 1] with axis=1 and not on [N, 1, 3].
+    y = ref.one_hot(rng.integers(0, 3, size=(4, 1)), 3, axis=1)
+    p = ref.probabilities(rng, (4, 3, 1), "float32", axis=1)
+    with pytest.warns(SyntaxWarning, match="y_pred.shape=\\(4, 3, 1\\)"):
+        keras.losses.categorical_crossentropy(y, p, axis=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        txo.categorical_crossentropy(y, p, axis=1)
+        txo.losses.CategoricalCrossentropy(axis=1)(y, p)
+    ones = np.ones((4, 1, 3), np.float32)
+    for form in (txo.categorical_crossentropy, keras.losses.categorical_crossentropy):
+        with pytest.warns(SyntaxWarning, match="num_classes > 1"):
+            form(np.ones((4, 1), np.float32), np.ones((4, 1), np.float32))
+    with pytest.warns(SyntaxWarning, match="along the class axis 1"):
+        txo.categorical_crossentropy(ones, ones, axis=1)
+
+
 def test_sparse_ignore_class_sets_keras_mask(rng):
     p = ref.logits(rng, (8, 5), "float32")
     y = np.array([0, 1, -1, 2, -1, 4, 3, 0])
@@ -346,52 +404,69 @@ def test_tensorflow_backend_documentation_examples():
     )
 
 
-def _random_loss_call(rng):
-    """One loss call drawn at random, as (description, loss classes, kwargs,
-    labels, predictions, sample_weight): the combinations of rank, axis, label
-    form, prediction dtype, reduction and weights that the grids above leave out."""
+def _random_configuration(rng):
+    """A loss configuration drawn at random, as (description, loss classes,
+    metric classes, kwargs, draw): the combinations of rank, axis, label form,
+    prediction dtype and weights that the grids above leave out. `draw(rng)`
+    returns one batch for it, as (labels, predictions, sample_weight); kwargs
+    hold no reduction (metrics take none)."""
     sparse = bool(rng.integers(2))
     from_logits = bool(rng.integers(2))
     dtype = str(rng.choice(["float32", "float64", "float16", "bfloat16"]))
-    reduction = REDUCTIONS[rng.integers(len(REDUCTIONS))]
     batch_shape = tuple(int(d) for d in rng.integers(1, 5, size=rng.integers(0, 4)))
     num_classes = int(rng.integers(2, 9))
-    # Keras's sparse loss class takes the classes last; its categorical one any axis.
+    # Keras's sparse classes take the classes last; its categorical ones any axis.
     position = len(batch_shape) if sparse else int(rng.integers(len(batch_shape) + 1))
     shape = batch_shape[:position] + (num_classes,) + batch_shape[position:]
     axis = position - len(shape) if rng.integers(2) else position
-    kwargs = dict(from_logits=from_logits, reduction=reduction)
+    kwargs = dict(from_logits=from_logits)
     if sparse:
-        labels = rng.integers(0, num_classes, size=batch_shape)
         if rng.integers(3) == 0:
             kwargs["ignore_class"] = int(rng.choice([-1, 0]))
-            labels[rng.uniform(size=labels.shape) < 0.3] = kwargs["ignore_class"]
-        if rng.integers(3) == 0:  # Keras squeezes a trailing 1, and casts floats.
-            labels = labels[..., None]
-        if rng.integers(3) == 0:
-            labels = labels.astype(np.float32)
-        classes = (
-            txo.losses.SparseCategoricalCrossentropy,
-            keras.losses.SparseCategoricalCrossentropy,
-        )
+        name = "SparseCategoricalCrossentropy"
     else:
         kwargs.update(axis=axis, label_smoothing=float(rng.choice([0.0, 0.2])))
-        if rng.integers(2):
-            labels = ref.soft_labels(rng, shape, axis=axis)
-        else:
-            labels = ref.one_hot(rng.integers(0, num_classes, size=batch_shape), num_classes, axis)
-        classes = (txo.losses.CategoricalCrossentropy, keras.losses.CategoricalCrossentropy)
+        soft = bool(rng.integers(2))
+        name = "CategoricalCrossentropy"
     # Keras's weights are per position or broadcast to it: [N] for losses of
     # rank 1, [N, 1] for rank 2.
     per_sample = {1: ["per_sample"], 2: ["per_sample_column"]}.get(len(batch_shape), [])
     weights = rng.choice([None, "scalar", "per_position"] + per_sample)
-    sample_weight = _sample_weight(rng, weights, batch_shape) if batch_shape else None
-    predictions = _inputs(rng, shape, from_logits, dtype, axis=axis)
-    description = (
-        f"{classes[0].__name__}({kwargs}) labels {labels.dtype}{list(labels.shape)} "
-        f"predictions {dtype}{list(shape)} sample_weight {weights}"
+
+    def draw(rng):
+        if sparse:
+            labels = rng.integers(0, num_classes, size=batch_shape)
+            if "ignore_class" in kwargs:
+                labels[rng.uniform(size=labels.shape) < 0.3] = kwargs["ignore_class"]
+            if rng.integers(3) == 0:  # Keras squeezes a trailing 1, and casts floats.
+                labels = labels[..., None]
+            if rng.integers(3) == 0:
+                labels = labels.astype(np.float32)
+        elif soft:
+            labels = ref.soft_labels(rng, shape, axis=axis)
+        else:
+            labels = ref.one_hot(rng.integers(0, num_classes, size=batch_shape), num_classes, axis)
+        sample_weight = _sample_weight(rng, weights, batch_shape) if batch_shape else None
+        return labels, _inputs(rng, shape, from_logits, dtype, axis=axis), sample_weight
+
+    description = f"{name}({kwargs}) predictions {dtype}{list(shape)} sample_weight {weights}"
+    losses = (getattr(txo.losses, name), getattr(keras.losses, name))
+    metrics = (getattr(txo.metrics, name), getattr(keras.metrics, name))
+    return description, losses, metrics, kwargs, draw
+
+
+def _as_keras_gets_it(kwargs, labels, predictions):
+    """Keras's inputs for ours: the classes last. Keras smooths labels by the
+    last axis's size (see README, Semantics), and with logits the tf.nn op it
+    calls fails on a negative axis other than -1."""
+    if "axis" not in kwargs:
+        return kwargs, labels, predictions
+    axis = kwargs["axis"]
+    return (
+        dict(kwargs, axis=-1),
+        np.moveaxis(labels, axis, -1),
+        np.moveaxis(predictions, axis, -1),
     )
-    return description, classes, kwargs, labels, predictions, sample_weight
 
 
 def _loss_and_gradient(cls, kwargs, labels, predictions, sample_weight):
@@ -407,23 +482,15 @@ def _loss_and_gradient(cls, kwargs, labels, predictions, sample_weight):
 
 def test_random_configurations_match_keras(rng):
     for _ in range(40):
-        description, classes, kwargs, labels, predictions, sample_weight = _random_loss_call(rng)
+        description, classes, _, kwargs, draw = _random_configuration(rng)
+        kwargs = dict(kwargs, reduction=REDUCTIONS[rng.integers(len(REDUCTIONS))])
+        labels, predictions, sample_weight = draw(rng)
+        description += f" labels {labels.dtype}{list(labels.shape)} {kwargs['reduction']}"
         ours, our_grad = _loss_and_gradient(classes[0], kwargs, labels, predictions, sample_weight)
-        # Keras gets the classes last: it smooths labels by the last axis's
-        # size (see README, Semantics), and with logits the tf.nn op it calls
-        # fails on a negative axis other than -1.
-        axis = kwargs.get("axis", -1)
-        their_kwargs, their_labels = kwargs, labels
-        if "axis" in kwargs:
-            their_kwargs, their_labels = dict(kwargs, axis=-1), np.moveaxis(labels, axis, -1)
         theirs, their_grad = _loss_and_gradient(
-            classes[1],
-            their_kwargs,
-            their_labels,
-            np.moveaxis(predictions, axis, -1),
-            sample_weight,
+            classes[1], *_as_keras_gets_it(kwargs, labels, predictions), sample_weight
         )
-        their_grad = np.moveaxis(their_grad, -1, axis)
+        their_grad = np.moveaxis(their_grad, -1, kwargs.get("axis", -1))
         assert ours.dtype == theirs.dtype and ours.shape == theirs.shape, description
         np.testing.assert_allclose(ours, theirs, RTOL, ATOL, err_msg=description)
         # Keras's gradient goes through its float32 copy, then is rounded
@@ -435,3 +502,32 @@ def test_random_configurations_match_keras(rng):
         # gradients of tiny probabilities) must match exactly.
         rtol = 1e-2 if predictions.dtype.itemsize == 2 else 2e-5
         np.testing.assert_allclose(our_grad, their_grad, rtol, 4e-6, err_msg=description)
+
+
+def test_random_metric_configurations_match_keras(rng):
+    """Metrics drawn at random, each over three batches (with a reset
+    between the second and the third), against Keras's, the result dtype
+    drawn too."""
+    for _ in range(20):
+        description, _, classes, kwargs, draw = _random_configuration(rng)
+        result_dtype = rng.choice([None, "float64"])
+        ours = classes[0](dtype=result_dtype, **kwargs)
+        their_kwargs = dict(kwargs, axis=-1) if "axis" in kwargs else kwargs
+        theirs = classes[1](dtype=result_dtype, **their_kwargs)
+        for step in range(3):
+            if step == 2:
+                ours.reset_state()
+                theirs.reset_state()
+            labels, predictions, sample_weight = draw(rng)
+            ours.update_state(labels, predictions, sample_weight=sample_weight)
+            # Keras's metrics compute 16-bit predictions in that type, ours
+            # in float32 rounded once (README, Semantics): Keras gets them
+            # upcast, and the values may differ by half an ulp of the type.
+            rtol = RTOL + HALF_ULP.get(predictions.dtype.name, 0.0)
+            if predictions.dtype.itemsize == 2:
+                predictions = predictions.astype(np.float32)
+            _, labels, predictions = _as_keras_gets_it(kwargs, labels, predictions)
+            theirs.update_state(labels, predictions, sample_weight=sample_weight)
+            message = f"{description} dtype {result_dtype} step {step}"
+            assert ours.result().dtype == theirs.result().dtype, message
+            np.testing.assert_allclose(ours.result(), theirs.result(), rtol, ATOL, err_msg=message)

@@ -23,11 +23,14 @@ def _categorical(y_true, y_pred, from_logits, label_smoothing, axis):
             f"`axis` must be of type `int`. Received: axis={axis} of type {type(axis)}"
         )
     y_pred = tf.convert_to_tensor(y_pred)
-    if y_pred.shape.rank and y_pred.shape[-1] == 1:
+    rank = y_pred.shape.rank
+    # Keras looks at the last axis whatever `axis` is; this looks at the class
+    # axis (a bad `axis` is reported by ops).
+    if rank and isinstance(axis, int) and -rank <= axis < rank and y_pred.shape[axis] == 1:
         warnings.warn(
             "In loss categorical_crossentropy, expected y_pred.shape to be "
-            "(batch_size, num_classes) with num_classes > 1. "
-            f"Received: y_pred.shape={y_pred.shape}. "
+            "(batch_size, num_classes) with num_classes > 1 along the class axis "
+            f"{axis}. Received: y_pred.shape={y_pred.shape}. "
             "Consider using 'binary_crossentropy' if you only have 2 classes.",
             SyntaxWarning,
             stacklevel=3,
