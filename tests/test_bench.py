@@ -6,6 +6,7 @@ import functools
 import importlib.util
 import os
 
+import numpy as np
 import pytest
 
 
@@ -58,6 +59,17 @@ def test_timing_rows(bench, labels, from_logits):
     assert bench.floor_bytes(fwd_bwd) == 2 * bench.floor_bytes(fwd) - (
         64 * 40 * 4 if labels == "dense" else 0
     )
+
+
+@pytest.mark.parametrize("dtype, half_ulp", [("float16", 2.0**-11), ("bfloat16", 2.0**-8)])
+def test_16_bit_accuracy_rows(dtype, half_ulp):
+    accuracy = _bench_module("accuracy_16bit")
+    for sparse, from_logits in accuracy.FORMS:
+        worst = accuracy.worst(dtype, sparse, from_logits, rows=256, classes=32, seeds=1)
+        relative, _, mean = worst["ours"]
+        # One rounding of a float32 result, whose own error is ~1e-6.
+        assert relative <= half_ulp + 2e-6 and mean <= half_ulp + 2e-6
+        assert all(np.isfinite(worst["keras"]))
 
 
 # Two kernels in nvdisasm's format: one loop that issues both of its 16-byte
