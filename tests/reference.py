@@ -25,6 +25,8 @@ NUMPY_DTYPES = {
     "float32": np.float32,
     "float64": np.float64,
 }
+# Half the spacing of 1.0 in the 16-bit types: their rounding of a float32 result.
+HALF_ULP = {"float16": 2.0**-11, "bfloat16": 2.0**-8}
 
 
 def _logsumexp(z):

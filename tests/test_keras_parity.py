@@ -12,8 +12,6 @@ import tf_xent_ops as txo
 
 REDUCTIONS = ["sum_over_batch_size", "sum", "mean", "mean_with_sample_weight", None, "none"]
 RTOL, ATOL = 2e-5, 2e-6
-# Half the spacing of 1.0 in the 16-bit types: their rounding of a float32 result.
-HALF_ULP = {"float16": 2.0**-11, "bfloat16": 2.0**-8}
 
 
 def _inputs(rng, shape, from_logits, dtype="float32", axis=-1):
@@ -268,7 +266,7 @@ def test_16_bit_metric_agrees_with_the_loss_class():
     ]:
         metric = cls()
         metric.update_state(y, p)
-        np.testing.assert_allclose(metric.result(), expected, rtol=2.0**-11)
+        np.testing.assert_allclose(metric.result(), expected, rtol=ref.HALF_ULP["float16"])
 
 
 def test_one_class_warning_looks_at_the_class_axis(rng):
@@ -455,15 +453,20 @@ def _random_configuration(rng):
     return description, losses, metrics, kwargs, draw
 
 
+def _keras_kwargs(kwargs):
+    """Keras's arguments for ours: the classes last. Keras smooths labels by
+    the last axis's size (see README, Semantics), and with logits the tf.nn op
+    it calls fails on a negative axis other than -1."""
+    return dict(kwargs, axis=-1) if "axis" in kwargs else kwargs
+
+
 def _as_keras_gets_it(kwargs, labels, predictions):
-    """Keras's inputs for ours: the classes last. Keras smooths labels by the
-    last axis's size (see README, Semantics), and with logits the tf.nn op it
-    calls fails on a negative axis other than -1."""
+    """(kwargs, labels, predictions) for Keras: see _keras_kwargs."""
     if "axis" not in kwargs:
         return kwargs, labels, predictions
     axis = kwargs["axis"]
     return (
-        dict(kwargs, axis=-1),
+        _keras_kwargs(kwargs),
         np.moveaxis(labels, axis, -1),
         np.moveaxis(predictions, axis, -1),
     )
@@ -512,8 +515,7 @@ def test_random_metric_configurations_match_keras(rng):
         description, _, classes, kwargs, draw = _random_configuration(rng)
         result_dtype = rng.choice([None, "float64"])
         ours = classes[0](dtype=result_dtype, **kwargs)
-        their_kwargs = dict(kwargs, axis=-1) if "axis" in kwargs else kwargs
-        theirs = classes[1](dtype=result_dtype, **their_kwargs)
+        theirs = classes[1](dtype=result_dtype, **_keras_kwargs(kwargs))
         for step in range(3):
             if step == 2:
                 ours.reset_state()
@@ -523,7 +525,7 @@ def test_random_metric_configurations_match_keras(rng):
             # Keras's metrics compute 16-bit predictions in that type, ours
             # in float32 rounded once (README, Semantics): Keras gets them
             # upcast, and the values may differ by half an ulp of the type.
-            rtol = RTOL + HALF_ULP.get(predictions.dtype.name, 0.0)
+            rtol = RTOL + ref.HALF_ULP.get(predictions.dtype.name, 0.0)
             if predictions.dtype.itemsize == 2:
                 predictions = predictions.astype(np.float32)
             _, labels, predictions = _as_keras_gets_it(kwargs, labels, predictions)
