@@ -78,7 +78,8 @@ sanitize: setup
 		--deselect tests/test_install.py
 
 # The second build path: Bazel (Debian's bazel-bootstrap 4.2.3 installs
-# /usr/bin/bazel-4; bazelisk reads .bazelversion), offline, CPU kernels.
+# /usr/bin/bazel-4; bazelisk reads .bazelversion), offline; GPU kernels too
+# where cuda_configure finds a toolkit.
 BAZEL ?= $(shell command -v bazel-4 || command -v bazelisk || command -v bazel)
 WHEEL_VENV := $(CURDIR)/build/wheel-venv
 bazel-build: setup

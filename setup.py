@@ -102,6 +102,42 @@ def _nvcc_version(nvcc):
     return match.group(1) if match else "unknown"
 
 
+def nvcc_flags(include_root, environ=os.environ):
+    """nvcc's flags for the CUDA sources, ahead of `-c SOURCE -o OBJECT`: machine
+    code for each of $TFXENT_CUDA_ARCHS (default 80;90) plus PTX of the last."""
+    archs = environ.get("TFXENT_CUDA_ARCHS", "80;90").split(";")
+    gencode = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs]
+    gencode.append(f"-gencode=arch=compute_{archs[-1]},code=compute_{archs[-1]}")
+    return [
+        *("-x", "cu", "-std=c++17", "-O3", "-I" + include_root, "--expt-relaxed-constexpr"),
+        *("-Xcompiler", "-fPIC", *gencode),
+    ]
+
+
+# Linked with the static CUDA runtime, which must come ahead of TensorFlow's
+# library on the link line: that library exports a CUDA 12 runtime API of its
+# own (a stub over libcudart.so.12), to which the linker would otherwise bind
+# the calls of nvcc's host code, whatever toolkit compiled it. Hidden, so that
+# it binds to nothing else. The runtime's own dependencies go last.
+CUDART_HIDDEN = "-Wl,--exclude-libs,libcudart_static.a"
+CUDART_DEPENDENCIES = ["-ldl", "-lrt", "-lpthread"]
+
+
+def cuda_build_config(environ=os.environ, search_path=sys.path):
+    """What a build with GPU kernels needs from the toolkit, or None where no
+    nvcc is found (find_nvcc). Used here and by Bazel's cuda_configure, so that
+    both build paths find and use a toolkit the same way."""
+    nvcc = find_nvcc(environ, search_path)
+    if nvcc is None:
+        return None
+    return {
+        "nvcc": nvcc,
+        "version": _nvcc_version(nvcc),
+        "cudart_static_dir": cudart_static_dir(_cuda_toolkit(nvcc)),
+        "nvcc_flags": nvcc_flags(".", environ),
+    }
+
+
 class BuildTfOps(build_ext):
     """Compiles the C++ sources with tf.sysconfig's flags, passed verbatim."""
 
@@ -160,38 +196,29 @@ class BuildTfOps(build_ext):
                 self._run([cxx, *cflags, "-c", path, "-o", obj])
             return obj
 
-        nvcc = find_nvcc()
+        cuda = cuda_build_config()
         link_flags = tf.sysconfig.get_link_flags() + shlex.split(self.extra_cflags)
-        cuda_version = None
-        if nvcc:
-            # GPU kernels: registered by xent_op.cc, linked with this toolkit's
-            # static CUDA runtime ahead of TensorFlow's library, which exports a
-            # CUDA 12 runtime API of its own (a stub over libcudart.so.12): else
-            # the linker binds the calls of nvcc's host code to that runtime,
-            # whatever toolkit compiled it. Hidden, so it binds to nothing else.
-            cuda_version = _nvcc_version(nvcc)
+        if cuda:
+            # GPU kernels, registered by xent_op.cc.
             cflags.append("-DTFXENT_WITH_CUDA")
-            cuda_lib = cudart_static_dir(_cuda_toolkit(nvcc))
             link_flags = [
-                f"-L{cuda_lib}",
-                "-Wl,--exclude-libs,libcudart_static.a",
+                f"-L{cuda['cudart_static_dir']}",
+                CUDART_HIDDEN,
                 "-lcudart_static",
                 *link_flags,
-                "-ldl",
-                "-lrt",
-                "-lpthread",
+                *CUDART_DEPENDENCIES,
             ]
         with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
             objs = list(pool.map(compile_one, ext.sources))
-            if nvcc:
+            if cuda:
                 objs += list(
                     pool.map(
-                        lambda src: self._compile_cuda(nvcc, root, objdir, src, headers),
+                        lambda src: self._compile_cuda(cuda["nvcc"], root, objdir, src, headers),
                         CUDA_SOURCES,
                     )
                 )
         self._run([cxx, "-shared", *objs, "-o", out, *link_flags])
-        _write_build_info(os.path.dirname(out), tf.__version__, cuda_version)
+        _write_build_info(os.path.dirname(out), tf.__version__, cuda and cuda["version"])
 
     def _compile_cuda(self, nvcc, root, objdir, src, headers):
         path = os.path.join(root, src)
@@ -199,13 +226,7 @@ class BuildTfOps(build_ext):
         newest_input = max(os.path.getmtime(p) for p in [path, *headers])
         if not self.force and os.path.exists(obj) and os.path.getmtime(obj) >= newest_input:
             return obj
-        archs = os.environ.get("TFXENT_CUDA_ARCHS", "80;90").split(";")
-        gencode = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs]
-        gencode.append(f"-gencode=arch=compute_{archs[-1]},code=compute_{archs[-1]}")
-        self._run(
-            [nvcc, "-x", "cu", "-std=c++17", "-O3", "-I" + root, "--expt-relaxed-constexpr"]
-            + ["-Xcompiler", "-fPIC", *gencode, "-c", path, "-o", obj]
-        )
+        self._run([nvcc, *nvcc_flags(root), "-c", path, "-o", obj])
         return obj
 
     def run(self):

@@ -106,3 +106,26 @@ def test_toolkit_without_static_runtime_is_a_clear_error(tmp_path):
     (tmp_path / "lib64").mkdir()
     with pytest.raises(RuntimeError, match=r"no libcudart_static\.a .*TFXENT_CUDA=0"):
         setup_script.load().cudart_static_dir(str(tmp_path))
+
+
+def test_nvcc_flags_build_each_arch_and_ptx_of_the_last():
+    nvcc_flags = setup_script.load().nvcc_flags
+    flags = nvcc_flags("/src", {"TFXENT_CUDA_ARCHS": "75;86;100"})
+    assert "-I/src" in flags
+    gencode = [f for f in flags if f.startswith("-gencode=")]
+    assert gencode == [
+        "-gencode=arch=compute_75,code=sm_75",
+        "-gencode=arch=compute_86,code=sm_86",
+        "-gencode=arch=compute_100,code=sm_100",
+        "-gencode=arch=compute_100,code=compute_100",
+    ]
+    assert [f for f in nvcc_flags("/src", {}) if f.startswith("-gencode=")][-1].endswith(
+        "code=compute_90"
+    )
+
+
+def test_cuda_build_config_is_none_without_a_toolkit(tmp_path):
+    # What Bazel's cuda_configure reads: None builds the CPU kernels alone.
+    cuda_build_config = setup_script.load().cuda_build_config
+    assert cuda_build_config({"PATH": str(tmp_path)}, [str(tmp_path)]) is None
+    assert cuda_build_config({"TFXENT_CUDA": "0"}, []) is None
