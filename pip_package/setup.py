@@ -33,7 +33,7 @@ setup(
     description="Fused cross-entropy ops for TensorFlow, with drop-in Keras 3 losses and metrics",
     license="Apache-2.0",
     python_requires=">=3.10",
-    install_requires=["tensorflow==2.21.0", "keras==3.15.1"],
+    install_requires=["tensorflow==2.21.0", "keras==3.15.1", "numpy"],
     packages=["tf_xent_ops"],
     package_data={"tf_xent_ops": ["_xent_ops.so"]},
     distclass=BinaryDistribution,

@@ -156,8 +156,106 @@ def sparse_gradient(
     return Gradient(np.where(keep, grad, 0.0), np.where(keep, scale, 0.0))
 
 
+class SecondOrder(NamedTuple):
+    """Float64 second-order products (each a `Gradient`: value and the size of
+    its terms) for [N, C] inputs and an upstream gradient of one per row:
+    with g_z, g_y the gradients with respect to the predictions and to the
+    labels, `hessian_v` = d<v, g_z>/dz (a Hessian-vector product), `labels_v`
+    = d<v, g_z>/dy and `predictions_u` = d<u, g_y>/dz (None where a form has
+    no labels to differentiate)."""
+
+    hessian_v: Gradient
+    labels_v: Gradient = None
+    predictions_u: Gradient = None
+
+
+def _row_sum(x):
+    return np.sum(x, -1, keepdims=True)
+
+
+def dense_second_order(
+    labels, predictions, v, u, from_logits, label_smoothing=0.0, epsilon=EPSILON
+):
+    """Closed forms, t the smoothed labels and T = sum(t): for logits (s the
+    softmax) T s (v - <s, v>), (1 - ls) (<s, v> - v) and (1 - ls) (s sum(u) - u);
+    for probabilities (q = p / S, m the clip mask, A = sum of t over m)
+    m t v / p^2 - A sum(v) / S^2, (1 - ls) m (sum(v) / S - v / p) and
+    (1 - ls) (<m, u> / S - m u / p)."""
+    label_smoothing, epsilon = as_attr(label_smoothing), as_attr(epsilon)
+    y = np.asarray(labels, np.float64)
+    p = np.asarray(predictions).astype(np.float64)
+    v, u = np.asarray(v, np.float64), np.asarray(u, np.float64)
+    on = 1.0 - label_smoothing
+    t = y * on + label_smoothing / max(p.shape[-1], 1)
+    if from_logits:
+        s = np.exp(_log_softmax(p))
+        s_v, s_abs_v = _row_sum(s * v), _row_sum(s * np.abs(v))
+        mass = _row_sum(t)
+        return SecondOrder(
+            Gradient(mass * s * (v - s_v), np.abs(mass) * s * (np.abs(v) + s_abs_v)),
+            Gradient(on * (s_v - v), on * (s_abs_v + np.abs(v))),
+            Gradient(on * (s * _row_sum(u) - u), on * (s * _row_sum(np.abs(u)) + np.abs(u))),
+        )
+    total = _row_sum(p)
+    mask = _clip_mask(p / total, epsilon)
+    mass = _row_sum(np.where(mask, t, 0.0))
+    own_v = np.where(mask, t * v / p**2, 0.0)
+    spread_v = mass * _row_sum(v) / total**2
+    hessian_v = Gradient(
+        own_v - spread_v, np.abs(own_v) + np.abs(mass) * _row_sum(np.abs(v)) / total**2
+    )
+    labels_v = Gradient(
+        on * np.where(mask, _row_sum(v) / total - v / p, 0.0),
+        on * np.where(mask, _row_sum(np.abs(v)) / total + np.abs(v) / p, 0.0),
+    )
+    masked_u = np.where(mask, u, 0.0)
+    predictions_u = Gradient(
+        on * (_row_sum(masked_u) / total - masked_u / p),
+        on * (_row_sum(np.abs(masked_u)) / total + np.abs(masked_u) / p),
+    )
+    return SecondOrder(hessian_v, labels_v, predictions_u)
+
+
+def sparse_second_order(
+    labels, predictions, v, from_logits, label_smoothing=0.0, ignore_class=None, epsilon=EPSILON
+):
+    """Closed forms, zero in ignored rows: for logits s (v - <s, v>) (s the
+    softmax); for probabilities (m the clip mask, S the sum of the clipped
+    row) m (t v / p^2 - <m, v> / S^2)."""
+    label_smoothing, epsilon = as_attr(label_smoothing), as_attr(epsilon)
+    p = np.asarray(predictions).astype(np.float64)
+    v = np.asarray(v, np.float64)
+    labels = np.asarray(labels).astype(np.int64)
+    valid = np.ones(labels.shape, bool) if ignore_class is None else labels != ignore_class
+    if from_logits:
+        s = np.exp(_log_softmax(p))
+        value = s * (v - _row_sum(s * v))
+        scale = s * (np.abs(v) + _row_sum(s * np.abs(v)))
+    else:
+        t = np.full(p.shape, label_smoothing / p.shape[-1])
+        rows = np.flatnonzero(valid)
+        t[rows, labels[rows]] += 1.0 - label_smoothing
+        mask = _clip_mask(p, epsilon)
+        clipped_sum = _row_sum(np.clip(p, epsilon, 1.0 - epsilon))
+        masked_v = np.where(mask, v, 0.0)
+        value = np.where(mask, t * v / p**2 - _row_sum(masked_v) / clipped_sum**2, 0.0)
+        scale = np.where(
+            mask, t * np.abs(v) / p**2 + _row_sum(np.abs(masked_v)) / clipped_sum**2, 0.0
+        )
+    keep = valid[:, None]
+    return SecondOrder(Gradient(np.where(keep, value, 0.0), np.where(keep, scale, 0.0)))
+
+
 def logits(rng, shape, dtype, scale=4.0):
     return (rng.standard_normal(shape) * scale).astype(NUMPY_DTYPES[dtype])
+
+
+def smooth_predictions(rng, shape, from_logits):
+    """Float64 logits, or probabilities far from the clip bounds: inputs where
+    finite differences and closed-form derivatives meet no kink nearby."""
+    if from_logits:
+        return logits(rng, shape, "float64")
+    return rng.uniform(0.05, 1.0, size=shape)
 
 
 def probabilities(rng, shape, dtype, axis=-1):

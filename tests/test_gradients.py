@@ -15,16 +15,11 @@ def _max_error(f, *xs):
     return max(np.max(np.abs(t - n)) for t, n in zip(theoretical, numerical, strict=True))
 
 
-def _unclipped_probabilities(rng, shape):
-    # Far from the clip bounds, where finite differences are meaningful.
-    return rng.uniform(0.05, 1.0, size=shape)
-
-
 @pytest.mark.parametrize("from_logits", [True, False])
 @pytest.mark.parametrize("label_smoothing", [0.0, 0.3])
 def test_dense_numerical_gradient_wrt_predictions_and_labels(rng, from_logits, label_smoothing):
     shape = (4, 6)
-    p = ref.logits(rng, shape, "float64") if from_logits else _unclipped_probabilities(rng, shape)
+    p = ref.smooth_predictions(rng, shape, from_logits)
     # Labels that do not sum to one: the gradient is the true one, softmax *
     # sum(t) - t (TensorFlow's built-in assumes sum(t) == 1).
     y = rng.uniform(0.0, 1.0, size=shape)
@@ -42,7 +37,7 @@ def test_dense_numerical_gradient_wrt_predictions_and_labels(rng, from_logits, l
 @pytest.mark.parametrize("ignore_class", [None, 1])
 def test_sparse_numerical_gradient(rng, from_logits, label_smoothing, ignore_class):
     shape = (6, 5)
-    p = ref.logits(rng, shape, "float64") if from_logits else _unclipped_probabilities(rng, shape)
+    p = ref.smooth_predictions(rng, shape, from_logits)
     y = tf.constant(rng.integers(0, 5, size=6))
 
     def f(predictions):

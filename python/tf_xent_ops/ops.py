@@ -7,6 +7,7 @@ float32 (float64 for float64 predictions), whatever the prediction dtype:
 """
 
 import keras
+import numpy as np
 import tensorflow as tf
 
 # No public API tells whether a trace is being compiled by XLA (jit_compile=True,
@@ -37,11 +38,17 @@ def canonicalize_axis(axis, rank):
     return axis % rank
 
 
+def _float_attr(x):
+    """`x` as an op's `float` attribute holds it (there are no double
+    attributes), so that the composites compute with the kernels' values."""
+    return float(np.float32(x))
+
+
 def _check_label_smoothing(label_smoothing):
     label_smoothing = float(label_smoothing)
     if not 0.0 <= label_smoothing <= 1.0:
         raise ValueError(f"`label_smoothing` must be in [0, 1]. Received: {label_smoothing}")
-    return label_smoothing
+    return _float_attr(label_smoothing)
 
 
 def _check_predictions(predictions):
@@ -124,7 +131,7 @@ def dense_crossentropy(labels, predictions, from_logits=False, label_smoothing=0
     attrs = dict(
         from_logits=bool(from_logits),
         label_smoothing=label_smoothing,
-        epsilon=keras.config.epsilon(),
+        epsilon=_float_attr(keras.config.epsilon()),
     )
     if in_xla_context():
         loss = _composite_dense(pred_rows, label_rows, **attrs)
@@ -186,7 +193,7 @@ def sparse_crossentropy(
     attrs = dict(
         from_logits=bool(from_logits),
         label_smoothing=label_smoothing,
-        epsilon=keras.config.epsilon(),
+        epsilon=_float_attr(keras.config.epsilon()),
         ignore_class=0 if ignore_class is None else int(ignore_class),
         use_ignore_class=ignore_class is not None,
     )
@@ -248,7 +255,12 @@ def _restore_batch_shape(loss, batch_shape, predictions_shape, axis):
 
 
 def _attrs(op, names):
-    return {name: op.get_attr(name) for name in names}
+    # Eager ops hand back the Python values they were given, not the rounded
+    # ones their kernels ran with.
+    attrs = {name: op.get_attr(name) for name in names}
+    for name in ("label_smoothing", "epsilon"):
+        attrs[name] = _float_attr(attrs[name])
+    return attrs
 
 
 def _skipped(op, index):
@@ -282,3 +294,61 @@ def _dense_xent_grad(op, grad_loss, _):
         # A separate op, so graphs that never use it prune it.
         grad_labels = library.tf_xent_dense_xent_labels_grad(predictions, stats, grad_loss, **attrs)
     return [grad_predictions, grad_labels]
+
+
+# The fused ops compute first-order gradients. Higher orders (Hessian-vector
+# products, gradient penalties, MAML) differentiate the composite loss instead,
+# whose first-order gradients are the ops' (tested), so the math lives in one
+# place. The row statistics get no gradient: the composite recomputes them, so
+# the predictions' gradient below already holds what flows through them.
+def _backprop_through_gradient(loss_fn, sources, wrt, grad_loss, grad_gradient):
+    """Backpropagates `grad_gradient`, the gradient with respect to
+    d<grad_loss, loss_fn(*sources)>/d sources[wrt], to `sources` and `grad_loss`."""
+    with tf.GradientTape() as outer:
+        outer.watch(sources + [grad_loss])
+        with tf.GradientTape() as inner:
+            inner.watch(sources[wrt])
+            loss = loss_fn(*sources)
+        gradient = inner.gradient(loss, sources[wrt], output_gradients=grad_loss)
+    return outer.gradient(gradient, sources + [grad_loss], output_gradients=grad_gradient)
+
+
+@tf.RegisterGradient("TfXent>SparseXentGrad")
+def _sparse_xent_grad_grad(op, grad_gradient):
+    predictions, labels, _, grad_loss = op.inputs
+    attrs = _attrs(op, _SPARSE_ATTRS)
+    grad_predictions, grad_grad_loss = _backprop_through_gradient(
+        lambda z: _composite_sparse(z, labels, **attrs), [predictions], 0, grad_loss, grad_gradient
+    )
+    return [grad_predictions, None, None, grad_grad_loss]
+
+
+@tf.RegisterGradient("TfXent>DenseXentGrad")
+def _dense_xent_grad_grad(op, grad_gradient):
+    predictions, labels, _, grad_loss = op.inputs
+    attrs = _attrs(op, _COMMON_ATTRS)
+    grad_predictions, grad_labels, grad_grad_loss = _backprop_through_gradient(
+        lambda z, y: _composite_dense(z, y, **attrs),
+        [predictions, labels],
+        0,
+        grad_loss,
+        grad_gradient,
+    )
+    return [grad_predictions, grad_labels, None, grad_grad_loss]
+
+
+@tf.RegisterGradient("TfXent>DenseXentLabelsGrad")
+def _dense_xent_labels_grad_grad(op, grad_gradient):
+    predictions, _, grad_loss = op.inputs
+    attrs = _attrs(op, _COMMON_ATTRS)
+    # The loss is linear in the labels, so their gradient does not depend on
+    # them and any labels stand in for the ones the op never saw.
+    labels = tf.zeros_like(predictions, dtype=grad_loss.dtype)
+    grad_predictions, _, grad_grad_loss = _backprop_through_gradient(
+        lambda z, y: _composite_dense(z, y, **attrs),
+        [predictions, labels],
+        1,
+        grad_loss,
+        grad_gradient,
+    )
+    return [grad_predictions, None, grad_grad_loss]
