@@ -144,6 +144,33 @@ def test_gpu_kernels_match_cpu_kernels(rng, dtype, sparse, from_logits, num_clas
 
 
 @requires_gpu_kernels
+@pytest.mark.parametrize("sparse", [True, False])
+def test_gpu_hessian_vector_products_match_cpu(rng, sparse):
+    # The GPU kernels' first-order gradients, then TensorFlow's GPU ops for
+    # the composite's second order.
+    p = tf.constant(ref.logits(rng, (33, 3000), "float64"))
+    labels = rng.integers(0, 3000, size=33)
+    y = tf.constant(labels if sparse else ref.soft_labels(rng, (33, 3000)).astype(np.float64))
+    v = tf.constant(rng.standard_normal((33, 3000)))
+    fn = txo.ops.sparse_crossentropy if sparse else txo.ops.dense_crossentropy
+
+    def hessian_v(device):
+        with tf.device(device):
+            z = tf.identity(p)
+            with tf.GradientTape() as outer:
+                outer.watch(z)
+                with tf.GradientTape() as inner:
+                    inner.watch(z)
+                    loss = tf.reduce_sum(fn(y, z, True, 0.1))
+                along_v = tf.reduce_sum(inner.gradient(loss, z) * v)
+            result = outer.gradient(along_v, z)
+        assert result.device.endswith(device.strip("/").upper()), result.device
+        return result.numpy()
+
+    np.testing.assert_allclose(hessian_v("/gpu:0"), hessian_v("/cpu:0"), rtol=1e-9, atol=1e-14)
+
+
+@requires_gpu_kernels
 def test_gpu_out_of_range_label_gives_nan_row_and_zero_gradient(rng):
     p = tf.constant(ref.logits(rng, (3, 5), "float32"))
     loss, grad = _run(
