@@ -1,5 +1,6 @@
 """Bad input gets an exception that names the problem; never a crash."""
 
+import keras
 import numpy as np
 import pytest
 import reference as ref
@@ -176,3 +177,27 @@ def test_nan_propagates_to_its_row_only(rng):
     p[1, 2] = np.nan
     loss = txo.ops.sparse_crossentropy([0, 1, 2], p, from_logits=True)
     assert np.isnan(loss[1]) and np.all(np.isfinite(loss.numpy()[[0, 2]]))
+
+
+@pytest.mark.parametrize(
+    "cls",
+    [
+        txo.losses.CategoricalCrossentropy,
+        txo.losses.SparseCategoricalCrossentropy,
+        txo.metrics.CategoricalCrossentropy,
+        txo.metrics.SparseCategoricalCrossentropy,
+    ],
+)
+def test_keras_objects_need_the_tensorflow_backend(cls, monkeypatch):
+    # On JAX, Keras's `fit` hands a loss JAX tracers that no TensorFlow op can
+    # read; the objects say so when they are made (and deserialized).
+    config = cls().get_config()
+    monkeypatch.setattr(keras.config, "backend", lambda: "jax")
+    message = rf"{cls.__module__}\.{cls.__name__} .*needs Keras's TensorFlow backend.*'jax'"
+    with pytest.raises(NotImplementedError, match=message):
+        cls()
+    with pytest.raises(NotImplementedError, match=message):
+        cls.from_config(config)
+    # The functions and ops take TensorFlow tensors whatever Keras runs on.
+    loss = txo.sparse_categorical_crossentropy([1], [[0.2, 0.8]])
+    np.testing.assert_allclose(loss, [-np.log(0.8)], rtol=1e-6)

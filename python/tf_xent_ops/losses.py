@@ -11,6 +11,23 @@ from tf_xent_ops import ops
 _PACKAGE = "tf_xent_ops"
 
 
+def _require_tensorflow_backend(cls):
+    """Raises unless Keras runs on TensorFlow, as keras.layers.TFSMLayer does.
+
+    The fused ops are TensorFlow ops: on another backend a Keras loss or
+    metric gets that backend's tensors (JAX tracers under `fit`), which they
+    cannot read, so say so when the object is made.
+    """
+    backend_name = keras.config.backend()
+    if backend_name != "tensorflow":
+        raise NotImplementedError(
+            f"{cls.__module__}.{cls.__qualname__} runs TensorFlow ops, so it needs "
+            f"Keras's TensorFlow backend, but Keras is using the {backend_name!r} backend. "
+            "Set the KERAS_BACKEND environment variable to 'tensorflow' before Keras is "
+            "imported, or use the Keras built-in of the same name."
+        )
+
+
 def _set_keras_mask(x, mask):
     # Keras reads masks from this attribute (keras.src's set_keras_mask).
     x._keras_mask = mask
@@ -149,6 +166,7 @@ class _FusedLoss(keras.losses.Loss):
     """A Loss whose call() is one of the fused functions with fixed kwargs."""
 
     def __init__(self, fn, reduction, name, dtype, **fn_kwargs):
+        _require_tensorflow_backend(type(self))
         super().__init__(name=name, reduction=reduction, dtype=dtype)
         self._fn = fn
         self._fn_kwargs = fn_kwargs

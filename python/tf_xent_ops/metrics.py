@@ -53,6 +53,7 @@ class CategoricalCrossentropy(keras.metrics.MeanMetricWrapper):
         label_smoothing=0,
         axis=-1,
     ):
+        losses._require_tensorflow_backend(type(self))
         super().__init__(
             losses.categorical_crossentropy,
             name,
@@ -120,6 +121,7 @@ class SparseCategoricalCrossentropy(keras.metrics.MeanMetricWrapper):
         ignore_class=None,
         axis=-1,
     ):
+        losses._require_tensorflow_backend(type(self))
         super().__init__(
             losses.sparse_categorical_crossentropy,
             name=name,
