@@ -1,4 +1,6 @@
-"""Accuracy of the kernels' vectorized exp and log, element by element.
+"""Accuracy of the kernels' math, element by element: their vectorized exp
+and log, the dense clip masks, and the sparse probability terms that would
+cancel.
 
 The CPU kernels use their own AVX-512 exp and log where the build has AVX-512
 (xent_math_cpu.h), Eigen's elsewhere. Two ops expose them one element at a
@@ -194,3 +196,60 @@ def test_dense_probs_forward_clip_mask_equals_division(rng, c):
     near = np.abs(q - (np.float32(1) - EPS)) <= 4 * np.spacing(np.float32(1))
     assert near.sum() > 10  # the boundary is really exercised
     np.testing.assert_array_equal(stats[:, 1], expected)
+
+
+# Sparse probabilities are not normalized (Keras log-softmaxes log(clip(p))), so
+# a row may sum to Q far below one. Where the label's probability is most of Q,
+# the loss log Q - log p_label and the label's gradient 1 / Q - 1 / p_label are
+# differences of nearly equal large terms: the kernels take one log of the ratio
+# and form the gradient from p_label - Q, which is exact, and keep Q itself (not
+# its log) for the backward.
+# Given the Q the forward summed, both are then within a few ulps of the exact
+# value, whatever Q is.
+@pytest.mark.parametrize("label_smoothing", [0.0, 0.1])
+@pytest.mark.parametrize("num_classes", [6, 40])  # chunked rows, single rows
+def test_sparse_probs_small_losses_keep_their_bits(rng, label_smoothing, num_classes):
+    n = 512
+    p = rng.uniform(0.0, 1.0, (n, num_classes)) ** 4 * 1e-4
+    p[np.arange(n), rng.integers(0, num_classes, n)] = 1.0  # a dominant class
+    p *= 10.0 ** rng.uniform(-6.0, 0.0, (n, 1))
+    p = p.astype(np.float32)
+    # The dominant class in most rows (small losses), any class in the rest.
+    labels = np.where(rng.uniform(size=n) < 0.75, p.argmax(1), rng.integers(0, num_classes, n))
+    g = rng.uniform(0.5, 2.0, n).astype(np.float32)
+    attrs = dict(
+        from_logits=False,
+        label_smoothing=label_smoothing,
+        epsilon=float(EPS),
+        ignore_class=0,
+        use_ignore_class=False,
+    )
+    loss, row_sum = library.tf_xent_sparse_xent(p, labels, Tloss=tf.float32, **attrs)
+    grad = library.tf_xent_sparse_xent_grad(p, labels, row_sum, g, **attrs).numpy()
+
+    x = p.astype(np.float64)
+    clipped = np.clip(x, float(EPS), float(np.float32(1) - EPS))
+    # The statistic is the row sum of the clipped probabilities (to its sum's
+    # rounding), and the exact values below are those for it.
+    np.testing.assert_allclose(row_sum, clipped.sum(1), rtol=2.0**-18)
+    q = row_sum.numpy().astype(np.float64)[:, None]
+    ls = float(np.float32(label_smoothing))
+    t = np.full(x.shape, ls / num_classes)
+    t[np.arange(n), labels] += 1.0 - ls
+    neg_log_softmax = np.log(q) - np.log(clipped)
+    exact_loss = np.sum(t * neg_log_softmax, axis=1)
+    err = np.abs(loss.numpy() - exact_loss) / (1.0 + exact_loss)
+    assert err.max() <= 2.0**-21, f"loss off by {err.max() / 2.0**-24:.1f} ulp"
+    at_label = neg_log_softmax[np.arange(n), labels]
+    assert np.median(at_label[labels == p.argmax(1)]) < 1e-2  # small losses were tried
+
+    in_range = (p >= EPS) & (p <= np.float32(1) - EPS)
+    exact_grad = np.where(in_range, g[:, None] * (1.0 / q - t / x), 0.0)
+    # Within a few ulps of itself, or of g t / p where smoothing makes t / p a
+    # rounded term (t is exactly 1 at the label without smoothing).
+    rounded_term = np.where(t == 1.0, 0.0, g[:, None] * t / x)
+    bound = 2.0**-21 * np.where(in_range, np.abs(exact_grad) + rounded_term, 0.0)
+    worst = np.unravel_index(np.argmax(np.abs(grad - exact_grad) - bound), grad.shape)
+    assert np.abs(grad - exact_grad)[worst] <= bound[worst], (
+        f"gradient [{worst}]: {grad[worst]!r} vs {exact_grad[worst]!r}"
+    )

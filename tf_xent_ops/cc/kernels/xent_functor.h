@@ -207,12 +207,17 @@ TFXENT_HOST_DEVICE auto LogitsGrad(const G& g, const Z& z, const L& lse,
 }
 
 // d loss / d p_k for sparse probabilities, z_k = log(clip(p_k)): zero outside
-// the clip range, else g * (1 / sum_j clip(p_j) - t_k / p_k).
-template <typename Tacc, typename G, typename P, typename S, typename T>
+// the clip range, else g (1 / Q - t_k / p_k), Q = sum_j clip(p_j) the row sum
+// the forward saves, formed as (g / Q) (p_k - t_k Q) / p_k. At the label p_k
+// is most of Q when the loss is small, so the two terms nearly cancel (and are
+// both large where Q is far below one); p_k - Q is exact (t_k is 1 there
+// without smoothing), where 1 / Q - 1 / p_k would keep a few correct bits.
+template <typename Tacc, typename GQ, typename P, typename Q, typename T>
 TFXENT_HOST_DEVICE auto SparseProbsGrad(const XentConstants<Tacc>& c,
-                                        const G& g, const P& p,
-                                        const S& inv_sum, const T& t) {
-  return c.WhereInClipRange(p, g * (inv_sum - t * ReciprocalOf(p)), Tacc(0));
+                                        const GQ& g_over_sum, const P& p,
+                                        const Q& row_sum, const T& t) {
+  return c.WhereInClipRange(
+      p, g_over_sum * ((p - t * row_sum) * ReciprocalOf(p)), Tacc(0));
 }
 
 // The clip-range test of dense probabilities: whether q_k = y_k / s, formed
@@ -254,11 +259,21 @@ TFXENT_HOST_DEVICE Tacc SparseLogitsLoss(const XentConstants<Tacc>& c,
   return log_s - c.on_weight * label_shifted - c.off_weight * sum_shifted;
 }
 
-// Sparse probabilities, z_k = log(clip(p_k)), lse = log(sum_k clip(p_k)).
+// Sparse probabilities, z_k = log(clip(p_k)), Q = sum_k clip(p_k), from Q,
+// clip(p_label) and sum_k z_k (used only with smoothing):
+//   (1 - ls) log(Q / clip(p_label)) + (ls / C) sum_k (log Q - z_k).
+// One log of the ratio, not log Q - log clip(p_label): where the label's
+// probability is most of Q (a small loss) the two logs are nearly equal, and
+// each errs by ulps of itself, large where Q is far below one.
 template <typename Tacc>
-TFXENT_HOST_DEVICE Tacc SparseProbsLoss(const XentConstants<Tacc>& c, Tacc lse,
-                                        Tacc label_log, Tacc sum_log) {
-  return lse - c.on_weight * label_log - c.off_weight * sum_log;
+TFXENT_HOST_DEVICE Tacc SparseProbsLoss(const XentConstants<Tacc>& c,
+                                        Tacc row_sum, Tacc label_clipped,
+                                        Tacc sum_log) {
+  const Tacc label_term = LogOf(row_sum / label_clipped);
+  // Without smoothing sum_log is not formed, nor needed.
+  if (c.off_weight == Tacc(0)) return c.on_weight * label_term;
+  return c.on_weight * label_term +
+         c.off_weight * (c.num_classes * LogOf(row_sum) - sum_log);
 }
 
 // Dense logits: sum_t * log_s - sum_k t_k (z_k - m). Also applies to a
@@ -300,9 +315,11 @@ const char* TakeGpuLaunchError();
 // Functors. `Tidx` is int32_t or int64_t; T is the prediction type; the loss,
 // the row statistics and dense labels are in AccumulatorType<T>.
 
-// Sparse forward: loss[N] and log_sum_exp[N] (for probabilities, the log of
-// the row sum of clipped probabilities). Labels must already be validated on
-// devices that cannot report errors; the CPU op validates first.
+// Sparse forward: loss[N] and log_sum_exp[N] (for probabilities, the row sum
+// of clipped probabilities, sum_k clip(p_k), itself: through its log and back
+// it would lose a few bits, which the labelled class's gradient magnifies).
+// Labels must already be validated on devices that cannot report errors; the
+// CPU op validates first.
 template <typename Device, typename T, typename Tidx>
 struct SparseXentForward {
   using Tacc = typename AccumulatorType<T>::type;

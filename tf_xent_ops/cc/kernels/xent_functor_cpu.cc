@@ -704,17 +704,18 @@ struct SparseXentForward<CpuDevice, T, Tidx> {
           d, p, [&](Chunk<T, Tacc>& chunk, int64_t first, int64_t rows) {
             const auto x =
                 chunk.Predictions(predictions + first * num_classes, rows);
-            ChunkVector<Tacc> lse(rows), sum_z(rows);
+            // The saved statistic: log-sum-exp, or the clipped row sum.
+            ChunkVector<Tacc> stat(rows), sum_z(rows);
             ChunkVector<Tacc> log_s;
-            const Tacc* z = x.data();  // The row's z_k: logits or log(p_k).
+            const Tacc* z = x.data();  // z - max, or the probabilities.
             if (p.from_logits) {
               ChunkVector<Tacc> row_max;
               ShiftedLogits(chunk, x, &row_max, &log_s);
               z = chunk.Work(rows).data();  // z - max
-              lse = row_max + log_s;
+              stat = row_max + log_s;
               if (smoothing) sum_z = chunk.Work(rows).rowwise().sum();
             } else {
-              lse = LogOf(c.Clip(x).rowwise().sum());
+              stat = c.Clip(x).rowwise().sum();
               if (smoothing) sum_z = LogOf(c.Clip(x)).rowwise().sum();
             }
             for (int64_t i = 0; i < rows; ++i) {
@@ -727,11 +728,11 @@ struct SparseXentForward<CpuDevice, T, Tidx> {
               const int64_t label = static_cast<int64_t>(labels[r]);
               const Tacc at_label = z[label * rows + i];
               const Tacc sum = smoothing ? sum_z[i] : Tacc(0);
-              log_sum_exp[r] = lse[i];
-              loss[r] = p.from_logits
-                            ? SparseLogitsLoss(c, log_s[i], at_label, sum)
-                            : SparseProbsLoss(c, lse[i],
-                                              LogOf(c.Clip(at_label)), sum);
+              log_sum_exp[r] = stat[i];
+              loss[r] =
+                  p.from_logits
+                      ? SparseLogitsLoss(c, log_s[i], at_label, sum)
+                      : SparseProbsLoss(c, stat[i], c.Clip(at_label), sum);
             }
           });
       return;
@@ -764,11 +765,10 @@ struct SparseXentForward<CpuDevice, T, Tidx> {
       }
       const auto x = reader.Read(predictions + r * num_classes);
       const int64_t label = static_cast<int64_t>(labels[r]);
-      // z_k = log(clip(p_k)): lse = log(sum_k clip(p_k)).
-      const Tacc lse = LogOf(BlockedSum(c.Clip(x)));
+      const Tacc row_sum = BlockedSum(c.Clip(x));
       const Tacc sum_log = smoothing ? ClippedLogSum(x, c) : Tacc(0);
-      log_sum_exp[r] = lse;
-      loss[r] = SparseProbsLoss(c, lse, LogOf(c.Clip(x[label])), sum_log);
+      log_sum_exp[r] = row_sum;
+      loss[r] = SparseProbsLoss(c, row_sum, c.Clip(x[label]), sum_log);
     });
   }
 };
@@ -787,10 +787,12 @@ struct SparseXentBackward<CpuDevice, T, Tidx> {
             const int64_t n = rows * num_classes;
             const auto x =
                 chunk.FlatPredictions(predictions + first * num_classes, rows);
-            const auto g = chunk.Expand(0, grad_loss + first, 1, rows);
-            const ConstRow<Tacc> lse(log_sum_exp + first, rows);
-            ChunkVector<Tacc> inv_sum;
-            if (!p.from_logits) inv_sum = ExpOf(-lse);
+            // log-sum-exp, or the clipped row sum.
+            const ConstRow<Tacc> stat(log_sum_exp + first, rows);
+            ChunkVector<Tacc> g_over_sum;
+            if (!p.from_logits) {
+              g_over_sum = ConstRow<Tacc>(grad_loss + first, rows) / stat;
+            }
             // The labelled elements, formed before dx (which may alias x) is
             // written.
             Tacc at_label[kChunkRows];
@@ -801,21 +803,23 @@ struct SparseXentBackward<CpuDevice, T, Tidx> {
               const Tacc x_label = x[i * num_classes + label];
               const Tacc label_t = c.SparseTarget(label, label);
               at_label[i] = p.from_logits
-                                ? LogitsGrad(grad_loss[r], x_label, lse[i],
+                                ? LogitsGrad(grad_loss[r], x_label, stat[i],
                                              Tacc(1), label_t)
-                                : SparseProbsGrad(c, grad_loss[r], x_label,
-                                                  inv_sum[i], label_t);
+                                : SparseProbsGrad(c, g_over_sum[i], x_label,
+                                                  stat[i], label_t);
             }
             T* dx = grad_predictions + first * num_classes;
             if (p.from_logits) {
               WriteRow(dx, n,
-                       LogitsGrad(g, x, chunk.Expand(1, lse.data(), 1, rows),
+                       LogitsGrad(chunk.Expand(0, grad_loss + first, 1, rows),
+                                  x, chunk.Expand(1, stat.data(), 1, rows),
                                   Tacc(1), c.off_weight));
             } else {
-              WriteRow(dx, n,
-                       SparseProbsGrad(c, g, x,
-                                       chunk.Expand(1, inv_sum.data(), 1, rows),
-                                       c.off_weight));
+              WriteRow(
+                  dx, n,
+                  SparseProbsGrad(
+                      c, chunk.Expand(0, g_over_sum.data(), 1, rows), x,
+                      chunk.Expand(1, stat.data(), 1, rows), c.off_weight));
             }
             for (int64_t i = 0; i < rows; ++i) {
               const int64_t r = first + i;
@@ -839,18 +843,19 @@ struct SparseXentBackward<CpuDevice, T, Tidx> {
       const auto x = reader.Read(predictions + r * num_classes);
       const int64_t label = static_cast<int64_t>(labels[r]);
       const Tacc g = grad_loss[r];
-      const Tacc lse = log_sum_exp[r];
+      const Tacc stat = log_sum_exp[r];  // log-sum-exp, or the row sum
       if (p.from_logits) {
-        WriteOneTargetLogitsGrad(dx, x, num_classes, g, lse, g * c.off_weight,
+        WriteOneTargetLogitsGrad(dx, x, num_classes, g, stat, g * c.off_weight,
                                  label, g * c.on_weight);
       } else {
         // dx may alias the predictions (the op reuses their buffer), so the
         // labelled element's gradient is formed before the row is written.
         const Tacc label_t = c.SparseTarget(label, label);
-        const Tacc inv_sum = ExpOf(-lse);
-        const Tacc at_label = SparseProbsGrad(c, g, x[label], inv_sum, label_t);
+        const Tacc g_over_sum = g / stat;
+        const Tacc at_label =
+            SparseProbsGrad(c, g_over_sum, x[label], stat, label_t);
         WriteRow(dx, num_classes,
-                 SparseProbsGrad(c, g, x, inv_sum, c.off_weight));
+                 SparseProbsGrad(c, g_over_sum, x, stat, c.off_weight));
         dx[label] = static_cast<T>(at_label);
       }
     });

@@ -506,10 +506,9 @@ __global__ void __launch_bounds__(kBlockThreads, kMinBlocksPerSm<T>)
       Tacc totals[2] = {s.Total(), sum_log.Total()};
       G::Reduce(totals, SumOp());
       if (G::Lane() == 0) {
-        const Tacc lse = LogOf(totals[0]);
-        log_sum_exp[r] = lse;
-        const Tacc label_log = LogOf(c.Clip(static_cast<Tacc>(x[label])));
-        loss[r] = SparseProbsLoss(c, lse, label_log, totals[1]);
+        log_sum_exp[r] = totals[0];  // The row sum, Q.
+        const Tacc label_clipped = c.Clip(static_cast<Tacc>(x[label]));
+        loss[r] = SparseProbsLoss(c, totals[0], label_clipped, totals[1]);
       }
     }
   }
@@ -537,7 +536,8 @@ __global__ void __launch_bounds__(kBlockThreads, kSparseBackwardMinBlocks<T>)
       continue;
     }
     const int64_t label = static_cast<int64_t>(labels[r]);
-    const Tacc g = grad_loss[r], lse = log_sum_exp[r];
+    // log-sum-exp, or the clipped row sum.
+    const Tacc g = grad_loss[r], stat = log_sum_exp[r];
     if (p.from_logits) {
       // g t_k: g ls / C, plus g (1 - ls) at the label (sum_t is 1).
       const Tacc g_off = g * c.off_weight, g_on = g_off + g * c.on_weight;
@@ -546,18 +546,18 @@ __global__ void __launch_bounds__(kBlockThreads, kSparseBackwardMinBlocks<T>)
             const int hit = IndexInPiece(label, k, SizeOf<decltype(in)>);
 #pragma unroll
             for (int j = 0; j < SizeOf<decltype(in)>; ++j) {
-              out[j] =
-                  SoftmaxGrad(g, FastExp(in[j] - lse), j == hit ? g_on : g_off);
+              out[j] = SoftmaxGrad(g, FastExp(in[j] - stat),
+                                   j == hit ? g_on : g_off);
             }
           });
     } else {
-      const Tacc inv_sum = ExpOf(-lse);
+      const Tacc g_over_sum = g / stat;
       MapPieces<kThreads, Tacc>(
           x, dx, num_classes, [&](int64_t k, const auto& in, auto& out) {
 #pragma unroll
             for (int j = 0; j < SizeOf<decltype(in)>; ++j) {
               const Tacc t = c.SparseTarget(k + j, label);
-              out[j] = SparseProbsGrad(c, g, in[j], inv_sum, t);
+              out[j] = SparseProbsGrad(c, g_over_sum, in[j], stat, t);
             }
           });
     }

@@ -133,8 +133,8 @@ Per-row softmax cross-entropy with integer labels, fused.
 predictions: [N, C] logits (from_logits) or probabilities.
 labels: [N] class indices in [0, C), or ignore_class when use_ignore_class.
 loss: [N] per-row loss; 0 for ignored rows.
-log_sum_exp: [N] row statistic for the gradient (log of the row's sum of
-  clipped probabilities when from_logits is false).
+log_sum_exp: [N] row statistic for the gradient: the log-sum-exp of the
+  logits, or the row's sum of clipped probabilities when from_logits is false.
 )doc");
 
 REGISTER_OP("TfXent>SparseXentGrad")
