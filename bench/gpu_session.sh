@@ -21,9 +21,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 GPU_DIR=.gpu
-# v2 (with its NaN fix) and v3 as it was before the dense labels' loads joined
-# the logits' batch.
-REVISIONS=${TFXENT_GPU_REVISIONS:-baseline=35b24b7 v3=a55b175}
+# v2 (with its NaN fix), v3 as it was before the dense labels' loads joined
+# the logits' batch, and v3.1 (before the sparse probabilities kept their row
+# sum, which made the float16 warp sparse forward spill).
+REVISIONS=${TFXENT_GPU_REVISIONS:-baseline=35b24b7 v3=a55b175 v3.1=d42f3d0}
 ARCH=${TFXENT_CUDA_ARCH:-sm_90}
 # Tuning variants of this tree, NAME=FLAG: each is the build that would ship
 # with that knob's value as the default.
