@@ -284,8 +284,7 @@ def bench(device, h, variants, cases, out_dir):
     builds = {"ours": h, **variants}
     for n, c, kind, dtype_names in cases:
         for dtype_name in dtype_names:
-            dtype = TORCH_DTYPES[dtype_name]
-            x, y, ours_labels, torch_labels = _inputs(device, n, c, dtype, kind)
+            x, y, ours_labels, torch_labels = _inputs(device, n, c, TORCH_DTYPES[dtype_name], kind)
             ours = {b: Ours(builds[b], x, ours_labels, device.stream()) for b in builds}
             loss_err, grad_err = ours["ours"].errors(torch_labels)
             times = {}
