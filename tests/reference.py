@@ -45,7 +45,9 @@ def dense(labels, predictions, from_logits, label_smoothing=0.0, axis=-1, epsilo
         # Zero targets carry no mass, even against a -inf logit.
         with np.errstate(invalid="ignore"):
             return np.sum(np.where(t != 0, t * (lse - p), 0.0), axis=-1)
-    q = np.clip(p / np.sum(p, axis=-1, keepdims=True), epsilon, 1.0 - epsilon)
+    # An all-zero row normalizes to NaN, as it does in Keras.
+    with np.errstate(invalid="ignore"):
+        q = np.clip(p / np.sum(p, axis=-1, keepdims=True), epsilon, 1.0 - epsilon)
     return -np.sum(t * np.log(q), axis=-1)
 
 
