@@ -118,7 +118,10 @@ def dense_gradients(labels, predictions, from_logits, label_smoothing=0.0, epsil
         if from_logits:
             lse = _logsumexp(p)[..., None]
             weighted = np.exp(p - lse) * t.sum(-1, keepdims=True)
-            wrt_labels = Gradient(-on * (p - lse), on * (np.abs(lse) + np.abs(p)))
+            # lse = m + log(s), s = sum exp(z - m) >= 1: the relative rounding
+            # of s is absolute in its log, so -log_softmax errs by the ulps of
+            # 1 even where it is near zero (the max of a near-certain row).
+            wrt_labels = Gradient(-on * (p - lse), on * (np.abs(lse) + np.abs(p) + 1.0))
             return Gradient(weighted - t, _softmax_scale(weighted, lse) + np.abs(t)), wrt_labels
         s = p.sum(-1, keepdims=True)
         q = p / s
