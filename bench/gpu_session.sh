@@ -5,7 +5,8 @@
 #   bash bench/gpu_session.sh prepare
 #       here, with nvcc: the harness built for sm_90 from this tree, tuning
 #       variants of it, and earlier kernel versions from git
-#       ($TFXENT_GPU_REVISIONS: NAME=REVISION ...); the wheels of
+#       ($TFXENT_GPU_REVISIONS: NAME=REVISION ...; $TFXENT_GPU_VARIANTS:
+#       NAME=NVCC_FLAG ...); the wheels of
 #       bench/gpu_requirements.txt. All into .gpu/ (git-ignored; the device
 #       call carries it).
 #   bash bench/gpu_session.sh run
@@ -21,15 +22,14 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 GPU_DIR=.gpu
-# v2 (with its NaN fix), v3 as it was before the dense labels' loads joined
-# the logits' batch, and v3.1 (before the sparse probabilities kept their row
-# sum, which made the float16 warp sparse forward spill).
-REVISIONS=${TFXENT_GPU_REVISIONS:-baseline=35b24b7 v3=a55b175 v3.1=d42f3d0}
+# v2 (with its NaN fix), the first version measured on a GPU: the progress
+# since (bench/GPU_NOTES.md has the versions in between).
+REVISIONS=${TFXENT_GPU_REVISIONS-baseline=35b24b7}
 ARCH=${TFXENT_CUDA_ARCH:-sm_90}
 # Tuning variants of this tree, NAME=FLAG: each is the build that would ship
-# with that knob's value as the default.
-VARIANTS="pieces2=-DTFXENT_GPU_PIECES_IN_FLIGHT=2 pieces8=-DTFXENT_GPU_PIECES_IN_FLIGHT=8
-  minblocks4=-DTFXENT_GPU_MIN_BLOCKS_PER_SM=4 sparsebwd3=-DTFXENT_GPU_SPARSE_BACKWARD_MIN_BLOCKS=3"
+# with that knob's value as the default. minblocks0: v3.2's default, before
+# v3.3 asked 4 blocks per SM.
+VARIANTS=${TFXENT_GPU_VARIANTS-minblocks0=-DTFXENT_GPU_MIN_BLOCKS_PER_SM=0}
 
 build() {  # build NAME SOURCE_ROOT [NVCC FLAGS...]
   local name=$1 root=$2

@@ -46,7 +46,7 @@ namespace gpu {
 // kernels that ask kMinBlocksPerSm or kSparseBackwardMinBlocks; 0: no
 // minimum (ptxas picks).
 #ifndef TFXENT_GPU_MIN_BLOCKS_PER_SM
-#define TFXENT_GPU_MIN_BLOCKS_PER_SM 0
+#define TFXENT_GPU_MIN_BLOCKS_PER_SM 4
 #endif
 #ifndef TFXENT_GPU_SPARSE_BACKWARD_MIN_BLOCKS
 #define TFXENT_GPU_SPARSE_BACKWARD_MIN_BLOCKS 0
@@ -62,8 +62,9 @@ constexpr int64_t kMaxWarpRowClasses = TFXENT_GPU_MAX_WARP_ROW_CLASSES;
 // bytes are in flight to cover the memory's latency.
 constexpr int kPiecesInFlight = TFXENT_GPU_PIECES_IN_FLIGHT;
 // The minimum asked by the 2-byte types' sparse forward and dense backward:
-// at 4, ptxas fits them in 64 registers without spills (75-80 unset), so 4
-// blocks per SM instead of 3 and more bytes in flight. The other kernels keep
+// at 4, ptxas fits them in 64 registers without spills (73-80 unset), so 4
+// blocks per SM instead of 3 and more bytes in flight: up to 17% faster
+// forwards on an H200 (bench/GPU_NOTES.md, v3.3). The other kernels keep
 // more per thread (or are double) and would spill under that cap.
 template <typename T>
 constexpr int kMinBlocksPerSm =
@@ -71,7 +72,8 @@ constexpr int kMinBlocksPerSm =
 // The 2-byte types' sparse backward, unbounded, takes 64 registers, and ptxas
 // then issues the third and fourth of a thread's pieces only after the first
 // has arrived (two waits per round); at 3 (80 registers) all four go out
-// before the first is used (bench/sass_loads.py).
+// before the first is used (bench/sass_loads.py), yet on an H200 that was no
+// faster (1%, within noise), so 0 stays the default.
 template <typename T>
 constexpr int kSparseBackwardMinBlocks =
     sizeof(T) == 2 ? TFXENT_GPU_SPARSE_BACKWARD_MIN_BLOCKS : 0;
