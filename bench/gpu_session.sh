@@ -13,9 +13,11 @@
 #       on the device machine, with .gpu carried: the correctness checks,
 #       then (in another process) the benchmark (ours, the variants,
 #       PyTorch, Liger-Kernel), then
-#       compute-sanitizer's memcheck over the small checks, in about 7
-#       minutes. Everything it prints goes to $OUT/gpu_session.log too; the
-#       tables to $OUT (rewritten after each row).
+#       compute-sanitizer's memcheck over the small checks: 107 s on an
+#       H200 with the default builds (each further build timed adds about
+#       4 s), 7 minutes at most. Everything it prints goes to
+#       $OUT/gpu_session.log too; the tables to $OUT (rewritten after each
+#       row).
 #
 # Device tool call: run(command="bash bench/gpu_session.sh run", carry=[".gpu"],
 # timeout_s=480).
@@ -73,7 +75,7 @@ case "${1:-}" in
       for name in $(sed 's/=[^ ]*//g' "$GPU_DIR/revisions" "$GPU_DIR/variants"); do
         variants+=(--variant "$name=$GPU_DIR/$name.so")
       done
-      # At most 270 s (about 2 minutes expected), so that a kernel that hangs
+      # At most 270 s (46-53 s on an H200), so that a kernel that hangs
       # leaves the timings their time.
       local checks=0
       timeout 270 python3 bench/bench_gpu.py --check --library "$GPU_DIR/ours.so" || checks=$?
