@@ -51,7 +51,7 @@ bench-functors: setup
 	mkdir -p build
 	$(CXX) -O3 $(or $(TFXENT_ARCH_FLAGS),-march=native -mno-avx512fp16) -I$(CURDIR) \
 		$$($(PY) -c "import tensorflow as tf; print(' '.join(tf.sysconfig.get_compile_flags()))") \
-		bench/functor_bench.cc tf_xent_ops/cc/kernels/xent_functor_cpu.cc \
+		bench/functor_bench.cc tf_xent_ops/cc/kernels/xent_functor_cpu_*.cc \
 		-o build/functor_bench -lpthread
 	for shape in $(FUNCTOR_SHAPES); do build/functor_bench $$(echo $$shape | tr , ' '); done
 

@@ -22,14 +22,17 @@ from setuptools.command.build_ext import build_ext
 CC_SOURCES = [
     "tf_xent_ops/cc/ops/xent_ops.cc",
     "tf_xent_ops/cc/kernels/xent_op.cc",
-    "tf_xent_ops/cc/kernels/xent_functor_cpu.cc",
+    "tf_xent_ops/cc/kernels/xent_functor_cpu_dense.cc",
+    "tf_xent_ops/cc/kernels/xent_functor_cpu_sparse.cc",
 ]
 CUDA_SOURCES = ["tf_xent_ops/cc/kernels/xent_functor_gpu.cu.cc"]
-HEADERS = [
-    "tf_xent_ops/cc/kernels/xent_functor.h",
-    "tf_xent_ops/cc/kernels/xent_functor_gpu.cu.h",
-    "tf_xent_ops/cc/kernels/xent_math_cpu.h",
-]
+# Every source includes some of these: a change to any rebuilds them all.
+HEADERS = sorted(
+    os.path.relpath(path, os.path.dirname(os.path.abspath(__file__)))
+    for path in glob.glob(
+        os.path.join(os.path.dirname(os.path.abspath(__file__)), "tf_xent_ops/cc/kernels/*.h")
+    )
+)
 LIBRARY_NAME = "tf_xent_ops._xent_ops"
 
 

@@ -1,6 +1,6 @@
 """GPU correctness and speed of the CUDA functors, without TensorFlow.
 
-For the lent GPU machine (PyTorch, Triton and nvcc; no TensorFlow). Loads the
+Needs a CUDA GPU, PyTorch and nvcc; not TensorFlow. Loads the
 standalone harness (tests/gpu/harness.cu: the op library's own
 xent_functor_gpu.cu.h behind a C ABI; built here with nvcc unless --library
 names one already built), then:
@@ -72,11 +72,11 @@ TORCH_DTYPES = {
     "float32": torch.float32,
     "float16": torch.float16,
 }
-# The timed cases, (N, C, labels, dtypes). The issue's: logits with sparse
+# The timed cases, (N, C, labels, dtypes). The target shapes: logits with sparse
 # labels at three vocabulary sizes; one-hot float32 labels (Keras's
 # CategoricalCrossentropy: the forward reads them, the backward reads none for
 # a one-hot row). Then rows of 2048 classes, the most a warp computes alone:
-# float16 too, whose warp sparse forward spills since v3.2 (GPU_NOTES.md).
+# float16 too, whose warp sparse forward spilled in v3.2 (docs/performance.md).
 BENCH_CASES = (
     (8192, 32000, "sparse", ("bfloat16", "float32")),
     (8192, 128256, "sparse", ("bfloat16", "float32")),
@@ -172,11 +172,9 @@ class Ours:
         self.loss, self.dx = x.new_empty(n, dtype=torch.float32), torch.empty_like(x)
         self.g = torch.full_like(self.loss, 1.0 / n)
         self.stats = x.new_empty((n, h.stats_per_row) if dense else n, dtype=torch.float32)
-        dtype = gpu_harness.DTYPE_CODES[str(x.dtype).removeprefix("torch.")]
-        if dense:
-            params = h.params(dtype, n, c, True, 0.0, 1e-7)
-        else:
-            params = h.sparse_params(dtype, 64, n, c, True, 0.0, 1e-7, None)
+        dtype = str(x.dtype).removeprefix("torch.")
+        self.params = gpu_harness.KernelParams.make(n, c, from_logits=True)
+        params = h.leading_args(dtype, self.params, None if dense else 64)
         kind = "dense" if dense else "sparse"
         # The sparse and dense calls take their buffers in the same order.
         self.forward_fn = getattr(h.lib, f"tfxent_{kind}_forward")
@@ -369,7 +367,7 @@ def _line(row):
 
 
 def markdown(result):
-    """The README table: times, multiples of the floor, speed-ups."""
+    """The table of docs/performance.md: times, multiples of the floor, speed-ups."""
     names = result["builds"]
     lines = [
         f"{result['device']}, copy bandwidth {result['copy_gbs']:.0f} GB/s (read + write), "

@@ -70,8 +70,9 @@ int main(int argc, char** argv) {
   std::mt19937 rng(1);
   std::normal_distribution<float> normal(0.0f, 3.0f);
   std::vector<float> logits(n * c), probs(n * c), onehot(n * c, 0.0f);
-  std::vector<float> work(n * c), loss(n), stats(tf_xent_ops::kDenseStats * n),
+  std::vector<float> work(n * c), loss(n), normalizer(n),
       grad_loss(n, 1.0f / n);
+  std::vector<tf_xent_ops::DenseRowStats<float>> row_stats(n);
   std::vector<int64_t> labels(n);
   for (auto& v : logits) v = normal(rng);
   for (int64_t r = 0; r < n; ++r) {
@@ -101,23 +102,23 @@ int main(int argc, char** argv) {
       p.label_smoothing = ls;
       const double sparse_fwd = MinMs(reps, [&] {
         tf_xent_ops::SparseXentForward<CpuDevice, float, int64_t>()(
-            d, p, x.data(), labels.data(), loss.data(), stats.data());
+            d, p, x.data(), labels.data(), loss.data(), normalizer.data());
       });
       std::copy(x.begin(), x.end(), work.begin());
       const double sparse_bwd = MinMs(reps, [&] {
         tf_xent_ops::SparseXentBackward<CpuDevice, float, int64_t>()(
-            d, p, work.data(), labels.data(), stats.data(), grad_loss.data(),
-            work.data());
+            d, p, work.data(), labels.data(), normalizer.data(),
+            grad_loss.data(), work.data());
       });
       const double dense_fwd = MinMs(reps, [&] {
         tf_xent_ops::DenseXentForward<CpuDevice, float>()(
-            d, p, x.data(), onehot.data(), loss.data(), stats.data());
+            d, p, x.data(), onehot.data(), loss.data(), row_stats.data());
       });
       std::copy(x.begin(), x.end(), work.begin());
       const double dense_bwd = MinMs(reps, [&] {
         tf_xent_ops::DenseXentBackward<CpuDevice, float>()(
-            d, p, work.data(), onehot.data(), stats.data(), grad_loss.data(),
-            work.data());
+            d, p, work.data(), onehot.data(), row_stats.data(),
+            grad_loss.data(), work.data());
       });
       std::printf(
           "%-6s ls=%.1f  sparse fwd %7.3f  bwd %7.3f  |  dense fwd %7.3f  bwd "

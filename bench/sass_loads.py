@@ -11,24 +11,31 @@ the round then waits twice or more. Only the machine code says which:
 
 For every innermost loop holding two or more 16-byte global loads it prints
 how many of them, and of its scalar global loads (dense labels), are issued
-before the first one's registers are read, and the lines of
-xent_functor_gpu.cu.h the loop holds (which part of a kernel it is). Needs
-nvdisasm: the device machine has it; without a GPU, Triton's wheel carries one
+before the first one's registers are read, and the lines of the CUDA kernel
+headers (xent_gpu_*.cu.h, xent_functor_gpu.cu.h) the loop holds, as
+FILE:LINE (which part of a kernel it is). Needs
+nvdisasm: a CUDA toolkit has it; without one, Triton's wheel carries one
 (triton/backends/nvidia/bin).
 """
 
 import argparse
 import dataclasses
+import os
 import re
 import shutil
 import subprocess
 import sys
 
-_HEADER = "xent_functor_gpu.cu.h"
+_HEADER = re.compile(r"xent_(functor_)?gpu\w*\.cu\.h$")
 _INSTRUCTION = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(.*?)\s*;")
 _BRANCH = re.compile(r"\bBRA\s+`\((\.L_x_\d+)\)")
 _WIDE_LOAD = re.compile(r"\bLDG\.\S*128\s+R(\d+)")
 _SCALAR_LOAD = re.compile(r"\bLDG(\.E)?(\.U16|\.U8|\.S16)?(\.\w+)*?\s+R\d+,")
+
+
+def _file_line(location):
+    file, line = location.rsplit(":", 1)
+    return file, int(line)
 
 
 @dataclasses.dataclass
@@ -44,7 +51,7 @@ class Loop:
 
 def _functions(listing):
     """(name, instructions, labels) per function of an nvdisasm listing;
-    instructions are (text, line in _HEADER or None), labels map a label to
+    instructions are (text, "FILE:LINE" in a _HEADER or None), labels map a label to
     the index of the instruction after it."""
     name, body, labels, line = None, [], {}, None
     for raw in listing.splitlines():
@@ -61,7 +68,8 @@ def _functions(listing):
             continue
         source = re.search(r'//## File "(.*?)", line (\d+)', raw)
         if source:
-            line = int(source.group(2)) if source.group(1).endswith(_HEADER) else None
+            file = os.path.basename(source.group(1))
+            line = f"{file}:{source.group(2)}" if _HEADER.search(file) else None
             continue
         instruction = _INSTRUCTION.search(raw)
         if instruction:
@@ -106,7 +114,7 @@ def _loop(kernel, loop):
         issued_before_use=sum(1 for i, _ in wide if i < use),
         scalar_loads=sum(1 for text, _ in loop if _is_scalar_load(text)),
         scalar_before_use=sum(1 for text, _ in loop[:use] if _is_scalar_load(text)),
-        lines=sorted({line for _, line in loop if line}),
+        lines=sorted({line for _, line in loop if line}, key=_file_line),
     )
 
 

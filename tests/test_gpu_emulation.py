@@ -39,17 +39,6 @@ def test_gpu_kernels_emulated_under_sanitizers_match_references():
     _assert_kernel_checks_pass(*args)
 
 
-# The tuning knobs that change the kernels' code (the others set
-# __launch_bounds__ only, which the emulation ignores), so that either value
-# can be timed as a variant (TFXENT_GPU_VARIANTS of gpu_session.sh) or made
-# the default without another check of its logic.
-@pytest.mark.parametrize(
-    "define", ["TFXENT_GPU_PIECES_IN_FLIGHT=2", "TFXENT_GPU_PIECES_IN_FLIGHT=8"]
-)
-def test_gpu_kernel_variants_emulated_match_references(define):
-    _assert_kernel_checks_pass("--define", define)
-
-
 @pytest.fixture(scope="module")
 def kernels(tmp_path_factory):
     source = os.path.join(ROOT, "tests", "gpu", "emulation", "self_test_kernels.cc")

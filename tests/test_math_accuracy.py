@@ -3,7 +3,7 @@ and log, the dense clip masks, and the sparse probability terms that would
 cancel.
 
 The CPU kernels use their own AVX-512 exp and log where the build has AVX-512
-(xent_math_cpu.h), Eigen's elsewhere. Two ops expose them one element at a
+(xent_cpu_math.h), Eigen's elsewhere. Two ops expose them one element at a
 time: the sparse logits gradient with log_sum_exp = 0 and no smoothing is
 exp(z_k) for every unlabelled k, and the dense probabilities labels gradient
 with row sum 1 and epsilon = 0 is -log(y_k). Both are checked in ulps against
@@ -241,7 +241,9 @@ def test_sparse_probs_small_losses_keep_their_bits(rng, label_smoothing, num_cla
     err = np.abs(loss.numpy() - exact_loss) / (1.0 + exact_loss)
     assert err.max() <= 2.0**-21, f"loss off by {err.max() / 2.0**-24:.1f} ulp"
     at_label = neg_log_softmax[np.arange(n), labels]
-    assert np.median(at_label[labels == p.argmax(1)]) < 1e-2  # small losses were tried
+    # Small losses were tried: the dominant class, where the row's scale leaves
+    # the clipped classes' mass below 1% of it (most such rows).
+    assert np.mean(at_label[labels == p.argmax(1)] < 1e-2) > 0.25
 
     in_range = (p >= EPS) & (p <= np.float32(1) - EPS)
     exact_grad = np.where(in_range, g[:, None] * (1.0 / q - t / x), 0.0)

@@ -24,17 +24,45 @@ using tf_xent_ops::XentParams;
 
 enum DType { kHalf = 0, kBFloat16 = 1, kFloat = 2, kDouble = 3 };
 
-XentParams Params(int64_t n, int64_t c, int from_logits, float ls, float eps,
-                  int use_ignore, int64_t ignore) {
+// The parameters of a call, laid out as tests/gpu/harness.py's KernelParams.
+struct HarnessParams {
+  int64_t num_rows;
+  int64_t num_classes;
+  int64_t ignore_class;
+  int32_t use_ignore_class;
+  int32_t from_logits;
+  double label_smoothing;
+  double epsilon;
+};
+
+XentParams ToXentParams(const HarnessParams& h) {
   XentParams p;
-  p.num_rows = n;
-  p.num_classes = c;
-  p.from_logits = from_logits != 0;
-  p.label_smoothing = ls;
-  p.epsilon = eps;
-  p.use_ignore_class = use_ignore != 0;
-  p.ignore_class = ignore;
+  p.num_rows = h.num_rows;
+  p.num_classes = h.num_classes;
+  p.from_logits = h.from_logits != 0;
+  p.label_smoothing = static_cast<float>(h.label_smoothing);
+  p.epsilon = static_cast<float>(h.epsilon);
+  p.use_ignore_class = h.use_ignore_class != 0;
+  p.ignore_class = h.ignore_class;
   return p;
+}
+
+// A buffer from Python, untyped: converts to whichever pointer type the
+// functor's parameter has.
+struct Buffer {
+  const void* address;
+  template <typename P>
+  operator P*() const {  // NOLINT(google-explicit-constructor)
+    return static_cast<P*>(const_cast<void*>(address));
+  }
+};
+
+// Runs Functor<GpuDevice, Types...> on `buffers`, in the functor's order.
+template <template <typename...> class Functor, typename... Types,
+          typename... Buffers>
+void Run(const HarnessParams* params, void* stream, Buffers... buffers) {
+  Functor<GpuDevice, Types...>()(GpuDevice{stream}, ToXentParams(*params),
+                                 Buffer{buffers}...);
 }
 
 // Calls fn(T()) for the element type `dtype`, then returns the launch's
@@ -42,21 +70,16 @@ XentParams Params(int64_t n, int64_t c, int from_logits, float ls, float eps,
 template <typename Fn>
 int Dispatch(int dtype, const Fn& fn) {
   cudaGetLastError();  // An earlier call's error is not this one's.
-  switch (dtype) {
-    case kHalf:
-      fn(__half());
-      break;
-    case kBFloat16:
-      fn(__nv_bfloat16());
-      break;
-    case kFloat:
-      fn(float());
-      break;
-    case kDouble:
-      fn(double());
-      break;
-    default:
-      return -1;
+  if (dtype == kHalf) {
+    fn(__half());
+  } else if (dtype == kBFloat16) {
+    fn(__nv_bfloat16());
+  } else if (dtype == kFloat) {
+    fn(float());
+  } else if (dtype == kDouble) {
+    fn(double());
+  } else {
+    return -1;
   }
   return static_cast<int>(cudaGetLastError());
 }
@@ -81,88 +104,58 @@ extern "C" {
 
 // Statistics per row of the dense forward (the stats buffer is [n, this]).
 int tfxent_dense_stats_per_row() {
-  return static_cast<int>(tf_xent_ops::kDenseStats);
+  return static_cast<int>(tf_xent_ops::DenseRowStats<float>::kColumns);
 }
 
-int tfxent_sparse_forward(int dtype, int index_bits, int64_t n, int64_t c,
-                          int from_logits, float ls, float eps, int use_ignore,
-                          int64_t ignore, const void* predictions,
-                          const void* labels, void* loss, void* log_sum_exp,
+int tfxent_sparse_forward(int dtype, int index_bits,
+                          const HarnessParams* params, const void* predictions,
+                          const void* labels, void* loss, void* normalizer,
                           void* stream) {
-  const XentParams p = Params(n, c, from_logits, ls, eps, use_ignore, ignore);
   return DispatchSparse(dtype, index_bits, [&](auto zero, auto index) {
-    using T = decltype(zero);
-    using Tidx = decltype(index);
-    using Tacc = typename tf_xent_ops::AccumulatorType<T>::type;
-    tf_xent_ops::SparseXentForward<GpuDevice, T, Tidx>()(
-        GpuDevice{stream}, p, static_cast<const T*>(predictions),
-        static_cast<const Tidx*>(labels), static_cast<Tacc*>(loss),
-        static_cast<Tacc*>(log_sum_exp));
+    Run<tf_xent_ops::SparseXentForward, decltype(zero), decltype(index)>(
+        params, stream, predictions, labels, loss, normalizer);
   });
 }
 
-int tfxent_sparse_backward(int dtype, int index_bits, int64_t n, int64_t c,
-                           int from_logits, float ls, float eps, int use_ignore,
-                           int64_t ignore, const void* predictions,
-                           const void* labels, const void* log_sum_exp,
+int tfxent_sparse_backward(int dtype, int index_bits,
+                           const HarnessParams* params, const void* predictions,
+                           const void* labels, const void* normalizer,
                            const void* grad_loss, void* grad_predictions,
                            void* stream) {
-  const XentParams p = Params(n, c, from_logits, ls, eps, use_ignore, ignore);
   return DispatchSparse(dtype, index_bits, [&](auto zero, auto index) {
-    using T = decltype(zero);
-    using Tidx = decltype(index);
-    using Tacc = typename tf_xent_ops::AccumulatorType<T>::type;
-    tf_xent_ops::SparseXentBackward<GpuDevice, T, Tidx>()(
-        GpuDevice{stream}, p, static_cast<const T*>(predictions),
-        static_cast<const Tidx*>(labels), static_cast<const Tacc*>(log_sum_exp),
-        static_cast<const Tacc*>(grad_loss), static_cast<T*>(grad_predictions));
+    Run<tf_xent_ops::SparseXentBackward, decltype(zero), decltype(index)>(
+        params, stream, predictions, labels, normalizer, grad_loss,
+        grad_predictions);
   });
 }
 
-int tfxent_dense_forward(int dtype, int64_t n, int64_t c, int from_logits,
-                         float ls, float eps, const void* predictions,
-                         const void* labels, void* loss, void* stats,
-                         void* stream) {
-  const XentParams p = Params(n, c, from_logits, ls, eps, 0, 0);
+int tfxent_dense_forward(int dtype, const HarnessParams* params,
+                         const void* predictions, const void* labels,
+                         void* loss, void* row_stats, void* stream) {
   return Dispatch(dtype, [&](auto zero) {
-    using T = decltype(zero);
-    using Tacc = typename tf_xent_ops::AccumulatorType<T>::type;
-    tf_xent_ops::DenseXentForward<GpuDevice, T>()(
-        GpuDevice{stream}, p, static_cast<const T*>(predictions),
-        static_cast<const Tacc*>(labels), static_cast<Tacc*>(loss),
-        static_cast<Tacc*>(stats));
+    Run<tf_xent_ops::DenseXentForward, decltype(zero)>(
+        params, stream, predictions, labels, loss, row_stats);
   });
 }
 
-int tfxent_dense_backward(int dtype, int64_t n, int64_t c, int from_logits,
-                          float ls, float eps, const void* predictions,
-                          const void* labels, const void* stats,
-                          const void* grad_loss, void* grad_predictions,
-                          void* stream) {
-  const XentParams p = Params(n, c, from_logits, ls, eps, 0, 0);
+int tfxent_dense_backward(int dtype, const HarnessParams* params,
+                          const void* predictions, const void* labels,
+                          const void* row_stats, const void* grad_loss,
+                          void* grad_predictions, void* stream) {
   return Dispatch(dtype, [&](auto zero) {
-    using T = decltype(zero);
-    using Tacc = typename tf_xent_ops::AccumulatorType<T>::type;
-    tf_xent_ops::DenseXentBackward<GpuDevice, T>()(
-        GpuDevice{stream}, p, static_cast<const T*>(predictions),
-        static_cast<const Tacc*>(labels), static_cast<const Tacc*>(stats),
-        static_cast<const Tacc*>(grad_loss), static_cast<T*>(grad_predictions));
+    Run<tf_xent_ops::DenseXentBackward, decltype(zero)>(
+        params, stream, predictions, labels, row_stats, grad_loss,
+        grad_predictions);
   });
 }
 
-int tfxent_dense_labels_backward(int dtype, int64_t n, int64_t c,
-                                 int from_logits, float ls, float eps,
-                                 const void* predictions, const void* stats,
+int tfxent_dense_labels_backward(int dtype, const HarnessParams* params,
+                                 const void* predictions, const void* row_stats,
                                  const void* grad_loss, void* grad_labels,
                                  void* stream) {
-  const XentParams p = Params(n, c, from_logits, ls, eps, 0, 0);
   return Dispatch(dtype, [&](auto zero) {
-    using T = decltype(zero);
-    using Tacc = typename tf_xent_ops::AccumulatorType<T>::type;
-    tf_xent_ops::DenseXentLabelsBackward<GpuDevice, T>()(
-        GpuDevice{stream}, p, static_cast<const T*>(predictions),
-        static_cast<const Tacc*>(stats), static_cast<const Tacc*>(grad_loss),
-        static_cast<Tacc*>(grad_labels));
+    Run<tf_xent_ops::DenseXentLabelsBackward, decltype(zero)>(
+        params, stream, predictions, row_stats, grad_loss, grad_labels);
   });
 }
 

@@ -19,10 +19,13 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SOURCE = os.path.join(ROOT, "tests", "gpu", "harness.cu")
 EMULATION = os.path.join(ROOT, "tests", "gpu", "emulation")
-HEADERS = [
-    os.path.join(ROOT, "tf_xent_ops", "cc", "kernels", "xent_functor.h"),
-    os.path.join(ROOT, "tf_xent_ops", "cc", "kernels", "xent_functor_gpu.cu.h"),
-]
+KERNELS = os.path.join(ROOT, "tf_xent_ops", "cc", "kernels")
+# What the harness includes: the shared headers and the CUDA ones.
+HEADERS = sorted(
+    os.path.join(KERNELS, name)
+    for name in os.listdir(KERNELS)
+    if name in ("xent_functor.h", "xent_row_math.h") or name.endswith(".cu.h")
+)
 
 
 def _newer_than(target, sources):
@@ -47,15 +50,13 @@ def build_cuda(out, arch="sm_90"):
     return _build(cmd, out, [SOURCE] + HEADERS)
 
 
-def build_emulated(out, sanitize=False, source=SOURCE, defines=()):
+def build_emulated(out, sanitize=False, source=SOURCE):
     """Host-compiler build of `source` (the harness by default) against the
     CUDA emulation; with AddressSanitizer and UndefinedBehaviorSanitizer if
-    `sanitize` (load it with the runtimes preloaded: `sanitizer_preload`);
-    `defines` (NAME=VALUE) set the kernels' tuning knobs."""
+    `sanitize` (load it with the runtimes preloaded: `sanitizer_preload`)."""
     api = os.path.join(EMULATION, "emulation_api.cc")
     cmd = [os.environ.get("CXX", "g++"), "-std=c++17", "-O1", "-g", "-fPIC", "-shared"]
     cmd += ["-I" + EMULATION, "-I" + ROOT, "-Wall", "-Werror", "-Wno-unknown-pragmas"]
-    cmd += ["-D" + d for d in defines]
     if sanitize:
         cmd += ["-fsanitize=address,undefined", "-fno-sanitize-recover=all"]
         cmd += ["-fno-omit-frame-pointer"]
@@ -189,6 +190,37 @@ class TorchMemory:
 DTYPE_CODES = {"float16": 0, "bfloat16": 1, "float32": 2, "float64": 3}
 
 
+class KernelParams(ctypes.Structure):
+    """The parameters of a call, as harness.cu's HarnessParams lays them out."""
+
+    _fields_ = [
+        ("num_rows", ctypes.c_int64),
+        ("num_classes", ctypes.c_int64),
+        ("ignore_class", ctypes.c_int64),
+        ("use_ignore_class", ctypes.c_int32),
+        ("from_logits", ctypes.c_int32),
+        ("label_smoothing", ctypes.c_double),
+        ("epsilon", ctypes.c_double),
+    ]
+
+    @classmethod
+    def make(cls, n, c, from_logits, label_smoothing=0.0, epsilon=1e-7, ignore_class=None):
+        return cls(
+            num_rows=n,
+            num_classes=c,
+            ignore_class=ignore_class or 0,
+            use_ignore_class=int(ignore_class is not None),
+            from_logits=int(from_logits),
+            label_smoothing=label_smoothing,
+            epsilon=epsilon,
+        )
+
+
+def _code(dtype):
+    """A DTYPE_CODES key, or already a code."""
+    return DTYPE_CODES.get(dtype, dtype)
+
+
 class Harness:
     """The functors of one build of the harness, over buffers of `memory`.
 
@@ -216,54 +248,39 @@ class Harness:
         if code != 0 or message:
             raise RuntimeError(f"{name}: CUDA error {code} {message}".strip())
 
-    def _call(self, name, params, *buffers):
+    def _call(self, name, leading, *buffers):
         pointers = tuple(self.memory.pointer(b) for b in buffers)
-        self._check(name, getattr(self.lib, name)(*params, *pointers, self.memory.stream))
+        self._check(name, getattr(self.lib, name)(*leading, *pointers, self.memory.stream))
 
     @staticmethod
-    def params(dtype, n, c, from_logits, ls, eps):
-        """The C calls' leading arguments (dtype: a DTYPE_CODES key or code)."""
-        return (
-            DTYPE_CODES.get(dtype, dtype),
-            ctypes.c_int64(n),
-            ctypes.c_int64(c),
-            int(from_logits),
-            ctypes.c_float(ls),
-            ctypes.c_float(eps),
-        )
+    def leading_args(dtype, params, index_bits=None):
+        """The C calls' arguments before the buffers: the dtype, the label
+        width (sparse calls only) and a pointer to `params` (a KernelParams,
+        which the caller keeps alive)."""
+        bits = () if index_bits is None else (index_bits,)
+        return (_code(dtype), *bits, ctypes.byref(params))
 
-    @staticmethod
-    def sparse_params(dtype, index_bits, n, c, from_logits, ls, eps, ignore_class):
-        """The sparse C calls' leading arguments."""
-        common = Harness.params(dtype, n, c, from_logits, ls, eps)
-        ignore = (int(ignore_class is not None), ctypes.c_int64(ignore_class or 0))
-        return (common[0], index_bits) + common[1:] + ignore
+    def sparse_forward(self, dtype, index_bits, params, predictions, labels, loss, normalizer):
+        leading = self.leading_args(dtype, params, index_bits)
+        self._call("tfxent_sparse_forward", leading, predictions, labels, loss, normalizer)
 
-    def sparse_forward(self, dtype, index_bits, n, c, from_logits, ls, eps, ignore_class,
-                       predictions, labels, loss, log_sum_exp):  # fmt: skip
-        params = self.sparse_params(dtype, index_bits, n, c, from_logits, ls, eps, ignore_class)
-        self._call("tfxent_sparse_forward", params, predictions, labels, loss, log_sum_exp)
+    def sparse_backward(self, dtype, index_bits, params, predictions, labels, normalizer,
+                        grad_loss, grad_predictions):  # fmt: skip
+        leading = self.leading_args(dtype, params, index_bits)
+        buffers = (predictions, labels, normalizer, grad_loss, grad_predictions)
+        self._call("tfxent_sparse_backward", leading, *buffers)
 
-    def sparse_backward(self, dtype, index_bits, n, c, from_logits, ls, eps, ignore_class,
-                        predictions, labels, log_sum_exp, grad_loss, grad_predictions):  # fmt: skip
-        params = self.sparse_params(dtype, index_bits, n, c, from_logits, ls, eps, ignore_class)
-        buffers = (predictions, labels, log_sum_exp, grad_loss, grad_predictions)
-        self._call("tfxent_sparse_backward", params, *buffers)
+    def dense_forward(self, dtype, params, predictions, labels, loss, row_stats):
+        leading = self.leading_args(dtype, params)
+        self._call("tfxent_dense_forward", leading, predictions, labels, loss, row_stats)
 
-    def dense_forward(self, dtype, n, c, from_logits, ls, eps, predictions, labels, loss, stats):
-        params = self.params(dtype, n, c, from_logits, ls, eps)
-        self._call("tfxent_dense_forward", params, predictions, labels, loss, stats)
+    def dense_backward(self, dtype, params, predictions, labels, row_stats, grad_loss,
+                       grad_predictions):  # fmt: skip
+        leading = self.leading_args(dtype, params)
+        buffers = (predictions, labels, row_stats, grad_loss, grad_predictions)
+        self._call("tfxent_dense_backward", leading, *buffers)
 
-    def dense_backward(self, dtype, n, c, from_logits, ls, eps, predictions, labels, stats,
-                       grad_loss, grad_predictions):  # fmt: skip
-        params = self.params(dtype, n, c, from_logits, ls, eps)
-        self._call(
-            "tfxent_dense_backward", params, predictions, labels, stats, grad_loss, grad_predictions
-        )
-
-    def dense_labels_backward(self, dtype, n, c, from_logits, ls, eps, predictions, stats,
-                              grad_loss, grad_labels):  # fmt: skip
-        params = self.params(dtype, n, c, from_logits, ls, eps)
-        self._call(
-            "tfxent_dense_labels_backward", params, predictions, stats, grad_loss, grad_labels
-        )
+    def dense_labels_backward(self, dtype, params, predictions, row_stats, grad_loss, grad_labels):
+        leading = self.leading_args(dtype, params)
+        buffers = (predictions, row_stats, grad_loss, grad_labels)
+        self._call("tfxent_dense_labels_backward", leading, *buffers)

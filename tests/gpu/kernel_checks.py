@@ -219,21 +219,22 @@ class _Runner:
         if not case.sparse:
             self.t = self.m.put(self.dense_labels.astype(self.acc))
         self.g = self.m.put(self.grad_loss.astype(self.acc))
-        self.common = (case.dtype, n, c, case.from_logits, case.label_smoothing, ref.EPSILON)
-
-    def _sparse_args(self):
-        case = self.case
-        return (case.dtype, case.index_bits) + self.common[1:] + (IGNORE_CLASS,)
+        ignore_class = IGNORE_CLASS if case.sparse else None
+        self.params = gpu_harness.KernelParams.make(
+            n, c, case.from_logits, case.label_smoothing, ref.EPSILON, ignore_class
+        )
+        self.dense_args = (case.dtype, self.params)
+        self.sparse_args = (case.dtype, case.index_bits, self.params)
 
     def forward(self, poison):
         n = self.case.num_rows
         loss = self.m.full((n,), self.acc, poison)
         if self.case.sparse:
             stats = self.m.full((n,), self.acc, poison)
-            self.h.sparse_forward(*self._sparse_args(), self.x, self.y, loss, stats)
+            self.h.sparse_forward(*self.sparse_args, self.x, self.y, loss, stats)
         else:
             stats = self.m.full((n, self.h.stats_per_row), self.acc, poison)
-            self.h.dense_forward(*self.common, self.x, self.t, loss, stats)
+            self.h.dense_forward(*self.dense_args, self.x, self.t, loss, stats)
         return loss, stats
 
     def backward(self, stats, poison=None, in_place=False):
@@ -241,14 +242,14 @@ class _Runner:
         x = self.m.put(self.predictions, self.case.offset_bytes) if in_place else self.x
         out = x if in_place else self.m.full(self.predictions.shape, self.predictions.dtype, poison)
         if self.case.sparse:
-            self.h.sparse_backward(*self._sparse_args(), x, self.y, stats, self.g, out)
+            self.h.sparse_backward(*self.sparse_args, x, self.y, stats, self.g, out)
         else:
-            self.h.dense_backward(*self.common, x, self.t, stats, self.g, out)
+            self.h.dense_backward(*self.dense_args, x, self.t, stats, self.g, out)
         return out
 
     def labels_backward(self, stats, poison):
         out = self.m.full(self.dense_labels.shape, self.acc, poison)
-        self.h.dense_labels_backward(*self.common, self.x, stats, self.g, out)
+        self.h.dense_labels_backward(*self.dense_args, self.x, stats, self.g, out)
         return out
 
 
@@ -362,17 +363,10 @@ def main():
         "--sanitize", action="store_true", help="the emulation under AddressSanitizer and UBSan"
     )
     parser.add_argument("--seed", type=int)
-    parser.add_argument(
-        "--define",
-        action="append",
-        default=[],
-        metavar="NAME=VALUE",
-        help="a tuning knob of the kernels (e.g. TFXENT_GPU_PIECES_IN_FLIGHT=8)",
-    )
     args = parser.parse_args()
     if not args.emulated:
         parser.error("on a GPU, run bench/bench_gpu.py --check")
-    name = "-".join(["emulated"] + ["sanitized"] * args.sanitize + args.define)
+    name = "-".join(["emulated"] + ["sanitized"] * args.sanitize)
     if args.sanitize and "libasan" not in os.environ.get("LD_PRELOAD", ""):
         # Python is not instrumented: the runtimes must be loaded first.
         preload = gpu_harness.sanitizer_preload()
@@ -385,7 +379,6 @@ def main():
     library = gpu_harness.build_emulated(
         os.path.join(gpu_harness.ROOT, "build", name, "libtfxent_harness.so"),
         args.sanitize,
-        defines=args.define,
     )
     h = gpu_harness.Harness(library, gpu_harness.HostMemory())
     sys.exit(1 if run(h, grid(EMULATED_SHAPES), args.seed) else 0)

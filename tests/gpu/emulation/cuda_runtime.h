@@ -2,7 +2,8 @@
 License 2.0.
 
 CUDA emulated on the CPU, just enough to run the op library's GPU kernels
-(tf_xent_ops/cc/kernels/xent_functor_gpu.cu.h) on a machine without a GPU.
+(tf_xent_ops/cc/kernels/xent_functor_gpu.cu.h and the headers it includes)
+on a machine without a GPU.
 A host compiler given this directory first on its include path compiles
 tests/gpu/harness.cu unchanged into a library with the same C ABI as the
 real harness, so the kernels' logic (indexing, reductions, alias handling,

@@ -1,26 +1,20 @@
 /* Copyright 2026 The tf_xent_ops Authors. Licensed under the Apache
 License 2.0.
 
-Framework-independent core of the fused cross-entropy ops.
+The functor contract of the fused cross-entropy ops: the per-call parameters,
+the row statistics a forward saves for its backward, the devices, and one
+functor declaration per op. The OpKernels (xent_op.cc) call these; the CPU
+(xent_functor_cpu_*.cc) and CUDA (xent_functor_gpu.cu.h) files specialize
+them. No TensorFlow header: the standalone GPU harness (tests/gpu) and the
+CPU functor benchmark build against it too. Both nvcc and the host compiler
+accept this header.
 
-Everything here works on raw pointers to row-major [num_rows, num_classes]
-buffers. It includes no TensorFlow header, so the CUDA harness (which runs on a
-machine without TensorFlow) and the TensorFlow OpKernels share one copy of the
-math. Both nvcc and the host compiler accept this header.
-
-Semantics (per row, t is the smoothed target, ls the label smoothing):
-  t_k = (1 - ls) * y_k + ls / C       dense labels y (soft labels allowed)
-  t_k = (1 - ls) * [k == y] + ls / C  sparse labels y
-  logits:         loss = sum_k t_k * (lse - z_k),   lse = log sum_k exp(z_k)
-  dense probs:    loss = -sum_k t_k * log(clip(y_k / sum_j y_j, eps, 1 - eps))
-  sparse probs:   z_k = log(clip(p_k, eps, 1 - eps)), then as logits
-The two probability paths differ because Keras's do: the dense one normalizes,
-the sparse one feeds log(clip(p)) to a softmax cross-entropy.
+Every buffer is row-major [num_rows, num_classes]; semantics per row are in
+xent_row_math.h.
 */
 #ifndef TF_XENT_OPS_CC_KERNELS_XENT_FUNCTOR_H_
 #define TF_XENT_OPS_CC_KERNELS_XENT_FUNCTOR_H_
 
-#include <cmath>
 #include <cstdint>
 #include <functional>
 
@@ -44,6 +38,7 @@ struct XentParams {
 };
 
 // Accumulation type: float for half, bfloat16 and float; double for double.
+// Losses, row statistics and dense labels are kept in it.
 template <typename T>
 struct AccumulatorType {
   using type = float;
@@ -53,240 +48,39 @@ struct AccumulatorType<double> {
   using type = double;
 };
 
-// Element-wise helpers. They are templates over a scalar or, on the CPU, an
-// Eigen array expression, so every formula below is written once for the
-// scalar, vectorized and CUDA paths. exp and log go through MathImpl and
-// cond ? a : b through WhereImpl: the CPU file specializes both for Eigen
-// arrays (its own vectorized exp and log, Eigen's select()).
-template <typename X, typename Enable = void>
-struct MathImpl {
-  static TFXENT_HOST_DEVICE auto Exp(const X& x) {
-#if !defined(__CUDA_ARCH__)
-    using std::exp;
-#endif
-    return exp(x);
-  }
-  static TFXENT_HOST_DEVICE auto Log(const X& x) {
-#if !defined(__CUDA_ARCH__)
-    using std::log;
-#endif
-    return log(x);
-  }
-  static TFXENT_HOST_DEVICE X Reciprocal(const X& x) { return X(1) / x; }
-};
-template <typename X>
-TFXENT_HOST_DEVICE auto ExpOf(const X& x) {
-  return MathImpl<X>::Exp(x);
-}
-template <typename X>
-TFXENT_HOST_DEVICE auto LogOf(const X& x) {
-  return MathImpl<X>::Log(x);
-}
-// 1 / x, to within an ulp (the CPU's vector version is not a division).
-template <typename X>
-TFXENT_HOST_DEVICE auto ReciprocalOf(const X& x) {
-  return MathImpl<X>::Reciprocal(x);
-}
-
-// cond ? a : b, element-wise.
-template <typename Cond, typename Enable = void>
-struct WhereImpl {
-  template <typename A, typename B>
-  static TFXENT_HOST_DEVICE auto Apply(const Cond& cond, const A& a,
-                                       const B& b) {
-    return cond ? a : b;
-  }
-};
-template <typename Cond, typename A, typename B>
-TFXENT_HOST_DEVICE auto Where(const Cond& cond, const A& a, const B& b) {
-  return WhereImpl<Cond>::Apply(cond, a, b);
-}
-
-// Per-call constants in accumulation precision.
+// One row of the dense forward's statistics: what its backwards read instead
+// of the [N, C] softmax (the op's `row_stats` output, [N, kColumns]).
 template <typename Tacc>
-struct XentConstants {
-  Tacc on_weight;   // 1 - ls: the weight of the labelled class (or of y_k).
-  Tacc off_weight;  // ls / C: the weight every class gets from smoothing.
-  Tacc clip_lo;     // eps
-  Tacc clip_hi;     // 1 - eps, rounded in Tacc as Keras does.
-  Tacc num_classes;
+struct DenseRowStats {
+  static constexpr int64_t kColumns = 4;
+  // Logits: the row's log-sum-exp. Probabilities: the row sum S = sum_k y_k.
+  Tacc normalizer;
+  // Logits: sum_k t_k. Probabilities: the sum of t_k over the classes whose
+  // y_k / S lies inside the clip range.
+  Tacc target_mass;
+  // Logits: the class j of the row's only nonzero label, if it has exactly
+  // one (as a one-hot row has), and y_j; else -1 and 0. The logits backwards
+  // then read no labels for that row. Probabilities: always -1 and 0.
+  Tacc single_label;
+  Tacc single_label_value;
 
-  TFXENT_HOST_DEVICE explicit XentConstants(const XentParams& p)
-      : on_weight(Tacc(1) - Tacc(p.label_smoothing)),
-        off_weight(p.num_classes > 0
-                       ? Tacc(p.label_smoothing) / Tacc(p.num_classes)
-                       : Tacc(0)),
-        clip_lo(Tacc(p.epsilon)),
-        clip_hi(Tacc(1) - Tacc(p.epsilon)),
-        num_classes(Tacc(p.num_classes)) {}
+  TFXENT_HOST_DEVICE static DenseRowStats Of(
+      Tacc normalizer, Tacc target_mass, int64_t single_label = -1,
+      Tacc single_label_value = Tacc(0)) {
+    return {normalizer, target_mass, static_cast<Tacc>(single_label),
+            single_label_value};
+  }
 
-  // Smoothed dense target.
-  template <typename X>
-  TFXENT_HOST_DEVICE auto DenseTarget(const X& y) const {
-    return on_weight * y + off_weight;
-  }
-  // g * DenseTarget(y) for a scalar g, with g folded into the weights: one
-  // FMA per element.
-  template <typename X>
-  TFXENT_HOST_DEVICE auto ScaledDenseTarget(Tacc g, const X& y) const {
-    return (g * on_weight) * y + g * off_weight;
-  }
-  // Smoothed sparse target for class k of a row labelled `label`.
-  TFXENT_HOST_DEVICE Tacc SparseTarget(int64_t k, int64_t label) const {
-    return (k == label ? on_weight : Tacc(0)) + off_weight;
-  }
-  // clip(p, eps, 1 - eps); NaN stays NaN.
-  template <typename X>
-  TFXENT_HOST_DEVICE auto Clip(const X& p) const {
-    return Where(p < clip_lo, clip_lo, Where(p > clip_hi, clip_hi, p));
-  }
-  // Where tf.clip_by_value passes the gradient through (bounds inclusive).
-  template <typename X>
-  TFXENT_HOST_DEVICE auto InClipRange(const X& p) const {
-    return (p >= clip_lo) && (p <= clip_hi);
-  }
-  // Where(InClipRange(p), a, b) (NaN is out of range), written with single
-  // comparisons, which Eigen vectorizes where it does not vectorize &&.
-  template <typename X, typename A, typename B>
-  TFXENT_HOST_DEVICE auto WhereInClipRange(const X& p, const A& a,
-                                           const B& b) const {
-    return Where(p >= clip_lo, Where(p <= clip_hi, a, b), b);
+  // The single label's class, or -1; also for anything that is not a class
+  // of the row: statistics are an input of the backward op, and the backward
+  // must never index out of the row.
+  TFXENT_HOST_DEVICE int64_t SingleLabel(int64_t num_classes) const {
+    const Tacc j = single_label;
+    if (!(j >= Tacc(0) && j < static_cast<Tacc>(num_classes))) return -1;
+    const int64_t k = static_cast<int64_t>(j);
+    return k < num_classes ? k : -1;
   }
 };
-
-// Whether a sparse row takes part in the loss.
-template <typename Tidx>
-TFXENT_HOST_DEVICE bool IsIgnored(const XentParams& p, Tidx label) {
-  return p.use_ignore_class && static_cast<int64_t>(label) == p.ignore_class;
-}
-
-// Compensated (Kahan) sum. A plain float running sum that adds many terms far
-// smaller than itself (clipped probabilities at eps, smoothing mass ls / C,
-// exp of far-below-max logits) rounds the same way every time: a bias that
-// grows with C (about 1e-4 relative at C = 50k). This keeps the error at a
-// few ulps whatever C is, for 3 extra flops per term.
-template <typename Tacc>
-struct CompensatedSum {
-  Tacc sum = Tacc(0);
-  Tacc carry = Tacc(0);
-  TFXENT_HOST_DEVICE void Add(Tacc x) {
-    const Tacc y = x - carry;
-    const Tacc t = sum + y;
-    carry = (t - sum) - y;
-    // Once the sum is infinite the carry is inf - inf: keep the infinity.
-    if (carry != carry) carry = Tacc(0);
-    sum = t;
-  }
-  TFXENT_HOST_DEVICE Tacc Total() const { return sum; }
-};
-
-// ---------------------------------------------------------------------------
-// Element-wise gradients, shared by every device. `g` is the upstream
-// gradient of the row's loss.
-
-// d loss / d z_k for logits: g * (softmax_k * sum_t - t_k), as
-// (g sum_t) softmax_k - g t_k: where g, sum_t and t_k are per-row scalars
-// (sparse labels), that is two operations per element after the exp. The
-// scaled form takes g sum_t and g t_k already formed (for dense targets,
-// XentConstants::ScaledDenseTarget: one FMA per element); SoftmaxGrad takes
-// softmax_k = exp(z_k - lse) formed too (the GPU kernels use their own exp).
-template <typename A, typename E, typename GT>
-TFXENT_HOST_DEVICE auto SoftmaxGrad(const A& g_sum_t, const E& softmax,
-                                    const GT& g_t) {
-  return g_sum_t * softmax - g_t;
-}
-template <typename A, typename Z, typename L, typename GT>
-TFXENT_HOST_DEVICE auto ScaledLogitsGrad(const A& g_sum_t, const Z& z,
-                                         const L& lse, const GT& g_t) {
-  return SoftmaxGrad(g_sum_t, ExpOf(z - lse), g_t);
-}
-template <typename G, typename Z, typename L, typename S, typename T>
-TFXENT_HOST_DEVICE auto LogitsGrad(const G& g, const Z& z, const L& lse,
-                                   const S& sum_t, const T& t) {
-  return ScaledLogitsGrad(g * sum_t, z, lse, g * t);
-}
-
-// d loss / d p_k for sparse probabilities, z_k = log(clip(p_k)): zero outside
-// the clip range, else g (1 / Q - t_k / p_k), Q = sum_j clip(p_j) the row sum
-// the forward saves, formed as (g / Q) (p_k - t_k Q) / p_k. At the label p_k
-// is most of Q when the loss is small, so the two terms nearly cancel (and are
-// both large where Q is far below one); p_k - Q is exact (t_k is 1 there
-// without smoothing), where 1 / Q - 1 / p_k would keep a few correct bits.
-template <typename Tacc, typename GQ, typename P, typename Q, typename T>
-TFXENT_HOST_DEVICE auto SparseProbsGrad(const XentConstants<Tacc>& c,
-                                        const GQ& g_over_sum, const P& p,
-                                        const Q& row_sum, const T& t) {
-  return c.WhereInClipRange(
-      p, g_over_sum * ((p - t * row_sum) * ReciprocalOf(p)), Tacc(0));
-}
-
-// The clip-range test of dense probabilities: whether q_k = y_k / s, formed
-// by division as Keras forms it, lies in [eps, 1 - eps]. Select(y, a, b) is
-// a where q_k is in range, else b. (The CPU has an equivalent for float that
-// compares y_k with per-row bounds instead of dividing.)
-template <typename Tacc, typename S>
-struct ClipRangeByDivision {
-  using Scalar = Tacc;
-  XentConstants<Tacc> c;
-  S s;  // The row sum (or, on the CPU, an expression of per-row sums).
-  template <typename Y, typename A, typename B>
-  TFXENT_HOST_DEVICE auto Select(const Y& y, const A& a, const B& b) const {
-    return c.WhereInClipRange(y / s, a, b);
-  }
-};
-
-// d loss / d y_k for dense probabilities, with q_k = y_k / S, S = sum_j y_j
-// and A = sum of t_j over in-range classes: g * (A / S - [q_k in range] t_k /
-// y_k). Autodiff of normalize -> clip -> log -> weighted sum, in closed form;
-// `range` tests q_k as Keras forms it, so the clip mask matches exactly.
-template <typename G, typename Y, typename Range, typename A, typename T>
-TFXENT_HOST_DEVICE auto DenseProbsGrad(const G& g, const Y& y,
-                                       const Range& range, const A& a_over_s,
-                                       const T& t) {
-  using Tacc = typename Range::Scalar;
-  return g * (a_over_s - range.Select(y, t * ReciprocalOf(y), Tacc(0)));
-}
-
-// ---------------------------------------------------------------------------
-// Row losses from a row's reductions, shared by every device. m is the row
-// max, log_s = log(sum_k exp(z_k - m)).
-
-// Sparse logits: log_s - (1 - ls)(z_label - m) - (ls / C) sum_k (z_k - m).
-template <typename Tacc>
-TFXENT_HOST_DEVICE Tacc SparseLogitsLoss(const XentConstants<Tacc>& c,
-                                         Tacc log_s, Tacc label_shifted,
-                                         Tacc sum_shifted) {
-  return log_s - c.on_weight * label_shifted - c.off_weight * sum_shifted;
-}
-
-// Sparse probabilities, z_k = log(clip(p_k)), Q = sum_k clip(p_k), from Q,
-// clip(p_label) and sum_k z_k (used only with smoothing):
-//   (1 - ls) log(Q / clip(p_label)) + (ls / C) sum_k (log Q - z_k).
-// One log of the ratio, not log Q - log clip(p_label): where the label's
-// probability is most of Q (a small loss) the two logs are nearly equal, and
-// each errs by ulps of itself, large where Q is far below one.
-template <typename Tacc>
-TFXENT_HOST_DEVICE Tacc SparseProbsLoss(const XentConstants<Tacc>& c,
-                                        Tacc row_sum, Tacc label_clipped,
-                                        Tacc sum_log) {
-  const Tacc label_term = LogOf(row_sum / label_clipped);
-  // Without smoothing sum_log is not formed, nor needed.
-  if (c.off_weight == Tacc(0)) return c.on_weight * label_term;
-  return c.on_weight * label_term +
-         c.off_weight * (c.num_classes * LogOf(row_sum) - sum_log);
-}
-
-// Dense logits: sum_t * log_s - sum_k t_k (z_k - m). Also applies to a
-// vector of rows on the CPU.
-template <typename L, typename S, typename U>
-TFXENT_HOST_DEVICE auto DenseLogitsLoss(const L& log_s, const S& sum_t,
-                                        const U& sum_t_shifted) {
-  return sum_t * log_s - sum_t_shifted;
-}
-
-}  // namespace tf_xent_ops
-
-namespace tf_xent_ops {
 
 // ---------------------------------------------------------------------------
 // Devices. The CPU device runs shards of rows on a thread pool the caller
@@ -300,8 +94,8 @@ struct CpuDevice {
 };
 
 // The GPU device is a CUDA stream (a cudaStream_t, kept as void* so that
-// host-only files need no CUDA header). GPU kernels use one block per row and
-// fixed-order block reductions: no atomics, bitwise reproducible.
+// host-only files need no CUDA header). GPU kernels use fixed-order
+// reductions and no atomics: bitwise reproducible.
 struct GpuDevice {
   void* stream = nullptr;
 };
@@ -313,68 +107,38 @@ const char* TakeGpuLaunchError();
 
 // ---------------------------------------------------------------------------
 // Functors. `Tidx` is int32_t or int64_t; T is the prediction type; the loss,
-// the row statistics and dense labels are in AccumulatorType<T>.
+// the row statistics and dense labels are in AccumulatorType<T>. Backward
+// functors allow grad_predictions to alias predictions (the OpKernels reuse
+// the predictions' buffer when nothing else holds it).
 
-// Sparse forward: loss[N] and log_sum_exp[N] (for probabilities, the row sum
-// of clipped probabilities, sum_k clip(p_k), itself: through its log and back
-// it would lose a few bits, which the labelled class's gradient magnifies).
-// Labels must already be validated on devices that cannot report errors; the
-// CPU op validates first.
+// Sparse forward: loss[N] and normalizer[N], the row statistic the backward
+// reads: for logits the log-sum-exp; for probabilities the row sum of clipped
+// probabilities Q = sum_k clip(p_k) itself (through its log and back it would
+// lose bits that the labelled class's gradient magnifies). Labels must already
+// be valid on devices that cannot report errors; the CPU op checks first.
 template <typename Device, typename T, typename Tidx>
 struct SparseXentForward {
   using Tacc = typename AccumulatorType<T>::type;
   void operator()(const Device& d, const XentParams& p, const T* predictions,
-                  const Tidx* labels, Tacc* loss, Tacc* log_sum_exp) const;
+                  const Tidx* labels, Tacc* loss, Tacc* normalizer) const;
 };
 
-// Sparse backward: grad_predictions[N, C] from the saved log_sum_exp. The
-// backward functors allow grad_predictions to alias predictions (the OpKernels
-// reuse the predictions' buffer when nothing else holds it).
+// Sparse backward: grad_predictions[N, C] from the saved normalizer.
 template <typename Device, typename T, typename Tidx>
 struct SparseXentBackward {
   using Tacc = typename AccumulatorType<T>::type;
   void operator()(const Device& d, const XentParams& p, const T* predictions,
-                  const Tidx* labels, const Tacc* log_sum_exp,
+                  const Tidx* labels, const Tacc* normalizer,
                   const Tacc* grad_loss, T* grad_predictions) const;
 };
 
-// Dense forward: loss[N] and stats[N, kDenseStats]:
-//   logits:        (log_sum_exp, sum_k t_k, j, y_j)
-//   probabilities: (sum_k y_k, sum over in-clip-range classes of t_k, -1, 0)
-// where j is the class of the row's only nonzero label y_j, if it has exactly
-// one (as a one-hot row has), else -1: the logits backwards then read no
-// labels for that row, its targets being known.
-constexpr int64_t kDenseStats = 4;
-
-// Writes row r's dense statistics.
-template <typename Tacc>
-TFXENT_HOST_DEVICE void WriteDenseStats(Tacc* stats, int64_t r, Tacc stat0,
-                                        Tacc stat1, int64_t single_label = -1,
-                                        Tacc single_value = Tacc(0)) {
-  Tacc* row = stats + kDenseStats * r;
-  row[0] = stat0;
-  row[1] = stat1;
-  row[2] = static_cast<Tacc>(single_label);
-  row[3] = single_value;
-}
-
-// The class of the row's only nonzero label from its statistics, or -1 (also
-// for anything that is not a class: statistics are an input of the backward,
-// and the backward must never index out of the row).
-template <typename Tacc>
-TFXENT_HOST_DEVICE int64_t SingleLabel(const Tacc* row_stats,
-                                       int64_t num_classes) {
-  const Tacc j = row_stats[2];
-  if (!(j >= Tacc(0) && j < static_cast<Tacc>(num_classes))) return -1;
-  const int64_t k = static_cast<int64_t>(j);
-  return k < num_classes ? k : -1;
-}
-
+// Dense forward: loss[N] and row_stats[N].
 template <typename Device, typename T>
 struct DenseXentForward {
   using Tacc = typename AccumulatorType<T>::type;
   void operator()(const Device& d, const XentParams& p, const T* predictions,
-                  const Tacc* labels, Tacc* loss, Tacc* stats) const;
+                  const Tacc* labels, Tacc* loss,
+                  DenseRowStats<Tacc>* row_stats) const;
 };
 
 // Dense backward with respect to the predictions.
@@ -382,8 +146,8 @@ template <typename Device, typename T>
 struct DenseXentBackward {
   using Tacc = typename AccumulatorType<T>::type;
   void operator()(const Device& d, const XentParams& p, const T* predictions,
-                  const Tacc* labels, const Tacc* stats, const Tacc* grad_loss,
-                  T* grad_predictions) const;
+                  const Tacc* labels, const DenseRowStats<Tacc>* row_stats,
+                  const Tacc* grad_loss, T* grad_predictions) const;
 };
 
 // Dense backward with respect to the (unsmoothed) labels:
@@ -392,12 +156,12 @@ template <typename Device, typename T>
 struct DenseXentLabelsBackward {
   using Tacc = typename AccumulatorType<T>::type;
   void operator()(const Device& d, const XentParams& p, const T* predictions,
-                  const Tacc* stats, const Tacc* grad_loss,
+                  const DenseRowStats<Tacc>* row_stats, const Tacc* grad_loss,
                   Tacc* grad_labels) const;
 };
 
 // Index of the first label outside [0, num_classes) that is not the ignored
-// class, or -1 if all are valid.
+// class, or -1 if all are valid (the CPU op's check, on the host).
 template <typename Tidx>
 int64_t FindInvalidLabel(const XentParams& p, const Tidx* labels);
 

@@ -2,8 +2,11 @@
 License 2.0.
 
 OpKernels of the fused cross-entropy ops: validate, allocate, call the functor.
+Every check lives in XentOpKernel; each op's Compute names its inputs.
 */
 #include <cstdint>
+#include <initializer_list>
+#include <string>
 
 #include "tensorflow/core/framework/op_kernel.h"
 #include "tensorflow/core/framework/tensor.h"
@@ -31,22 +34,6 @@ using ::tensorflow::TensorShape;
 using ::tensorflow::errors::InvalidArgument;
 
 namespace {
-
-// Reads and checks the attributes every op shares.
-void ReadParams(OpKernelConstruction* ctx, XentParams* p) {
-  OP_REQUIRES_OK(ctx, ctx->GetAttr("from_logits", &p->from_logits));
-  OP_REQUIRES_OK(ctx, ctx->GetAttr("label_smoothing", &p->label_smoothing));
-  OP_REQUIRES_OK(ctx, ctx->GetAttr("epsilon", &p->epsilon));
-  OP_REQUIRES(ctx, p->label_smoothing >= 0.0f && p->label_smoothing <= 1.0f,
-              InvalidArgument("label_smoothing must be in [0, 1], got ",
-                              p->label_smoothing));
-  OP_REQUIRES(ctx, p->epsilon >= 0.0f && p->epsilon <= 0.5f,
-              InvalidArgument("epsilon must be in [0, 0.5], got ", p->epsilon));
-  if (ctx->HasAttr("use_ignore_class")) {
-    OP_REQUIRES_OK(ctx, ctx->GetAttr("use_ignore_class", &p->use_ignore_class));
-    OP_REQUIRES_OK(ctx, ctx->GetAttr("ignore_class", &p->ignore_class));
-  }
-}
 
 CpuDevice MakeCpuDevice(OpKernelContext* ctx) {
   auto* pool = ctx->device()->tensorflow_cpu_worker_threads()->workers;
@@ -119,223 +106,255 @@ typename KernelType<Device, T>::type* MutableData(Tensor* t) {
       t->flat<T>().data());
 }
 
-// Checks predictions is [N, C] and sets num_rows / num_classes.
-void CheckPredictions(OpKernelContext* ctx, const Tensor& predictions,
-                      XentParams* p) {
-  OP_REQUIRES(
-      ctx, predictions.dims() == 2,
-      InvalidArgument("predictions must be 2-D [num_rows, num_classes], "
-                      "got shape ",
-                      predictions.shape().DebugString()));
-  p->num_rows = predictions.dim_size(0);
-  p->num_classes = predictions.dim_size(1);
-  OP_REQUIRES(ctx, p->num_rows == 0 || p->num_classes > 0,
-              InvalidArgument("predictions must have at least one class, got "
-                              "shape ",
-                              predictions.shape().DebugString()));
+// The dense statistics of `t` ([N, DenseRowStats::kColumns] of Tacc).
+template <typename Tacc>
+const DenseRowStats<Tacc>* RowStats(const Tensor& t) {
+  return reinterpret_cast<const DenseRowStats<Tacc>*>(t.flat<Tacc>().data());
+}
+template <typename Tacc>
+DenseRowStats<Tacc>* MutableRowStats(Tensor* t) {
+  return reinterpret_cast<DenseRowStats<Tacc>*>(t->flat<Tacc>().data());
 }
 
-// Checks `t` has exactly `shape`.
-void CheckShape(OpKernelContext* ctx, const char* name, const Tensor& t,
-                const TensorShape& shape) {
-  OP_REQUIRES(ctx, t.shape() == shape,
-              InvalidArgument(name, " must have shape ", shape.DebugString(),
-                              ", got ", t.shape().DebugString()));
+// The shape an input must have, given predictions of shape [N, C].
+enum class Extent {
+  kRows,         // [N]
+  kRowsClasses,  // [N, C]
+  kRowStats,     // [N, DenseRowStats::kColumns]
+};
+struct InputSpec {
+  const char* name;
+  Extent extent;
+};
+
+TensorShape ShapeOf(Extent extent, const XentParams& p) {
+  switch (extent) {
+    case Extent::kRows:
+      return TensorShape({p.num_rows});
+    case Extent::kRowsClasses:
+      return TensorShape({p.num_rows, p.num_classes});
+    case Extent::kRowStats:
+      return TensorShape({p.num_rows, DenseRowStats<float>::kColumns});
+  }
+  return TensorShape();
 }
 
-// Every sparse label is a class index or the ignored class: checked before
-// any row is read, so no kernel indexes out of bounds.
-template <typename Tidx>
-void CheckLabels(OpKernelContext* ctx, const XentParams& p,
-                 const Tensor& labels) {
-  const Tidx* data = labels.flat<Tidx>().data();
-  const int64_t bad = FindInvalidLabel(p, data);
-  OP_REQUIRES(
-      ctx, bad < 0,
-      InvalidArgument(
-          "Received a label value of ",
-          bad < 0 ? 0 : static_cast<int64_t>(data[bad]), " at position ", bad,
-          " which is outside the valid range of [0, ", p.num_classes, ")",
-          p.use_ignore_class ? ::tensorflow::strings::StrCat(
-                                   " and is not ignore_class=", p.ignore_class)
-                             : std::string()));
-}
-
-}  // namespace
-
-template <typename Device, typename T, typename Tidx>
-class SparseXentOp : public OpKernel {
- public:
-  using Tacc = typename AccumulatorType<T>::type;
-  explicit SparseXentOp(OpKernelConstruction* ctx) : OpKernel(ctx) {
-    ReadParams(ctx, &params_);
+// The base of every op's kernel: reads and checks the attributes once, and
+// checks each call's inputs before anything is allocated or read.
+class XentOpKernel : public OpKernel {
+ protected:
+  explicit XentOpKernel(OpKernelConstruction* ctx) : OpKernel(ctx) {
+    OP_REQUIRES_OK(ctx, ctx->GetAttr("from_logits", &params_.from_logits));
+    OP_REQUIRES_OK(ctx,
+                   ctx->GetAttr("label_smoothing", &params_.label_smoothing));
+    OP_REQUIRES_OK(ctx, ctx->GetAttr("epsilon", &params_.epsilon));
+    OP_REQUIRES(
+        ctx, params_.label_smoothing >= 0.0f && params_.label_smoothing <= 1.0f,
+        InvalidArgument("label_smoothing must be in [0, 1], got ",
+                        params_.label_smoothing));
+    OP_REQUIRES(
+        ctx, params_.epsilon >= 0.0f && params_.epsilon <= 0.5f,
+        InvalidArgument("epsilon must be in [0, 0.5], got ", params_.epsilon));
+    if (ctx->HasAttr("use_ignore_class")) {
+      OP_REQUIRES_OK(
+          ctx, ctx->GetAttr("use_ignore_class", &params_.use_ignore_class));
+      OP_REQUIRES_OK(ctx, ctx->GetAttr("ignore_class", &params_.ignore_class));
+    }
   }
 
-  void Compute(OpKernelContext* ctx) override {
-    XentParams p = params_;
+  // The parameters of this call: input 0, the predictions, must be
+  // [N, C] (C > 0 where N > 0), and inputs 1, 2, ... must have the shapes
+  // `inputs` lists. Returns false, with the context's status set, if not.
+  bool Validate(OpKernelContext* ctx, std::initializer_list<InputSpec> inputs,
+                XentParams* p) const {
+    *p = params_;
     const Tensor& predictions = ctx->input(0);
-    const Tensor& labels = ctx->input(1);
-    CheckPredictions(ctx, predictions, &p);
-    if (!ctx->status().ok()) return;
-    CheckShape(ctx, "labels", labels, TensorShape({p.num_rows}));
-    if (!ctx->status().ok()) return;
-    if (DeviceTraits<Device>::kChecksLabels) {
-      CheckLabels<Tidx>(ctx, p, labels);
-      if (!ctx->status().ok()) return;
+    if (predictions.dims() != 2) {
+      ctx->CtxFailure(InvalidArgument(
+          "predictions must be 2-D [num_rows, num_classes], got shape ",
+          predictions.shape().DebugString()));
+      return false;
     }
+    p->num_rows = predictions.dim_size(0);
+    p->num_classes = predictions.dim_size(1);
+    if (p->num_rows > 0 && p->num_classes == 0) {
+      ctx->CtxFailure(InvalidArgument(
+          "predictions must have at least one class, got shape ",
+          predictions.shape().DebugString()));
+      return false;
+    }
+    int index = 1;
+    for (const InputSpec& spec : inputs) {
+      const TensorShape expected = ShapeOf(spec.extent, *p);
+      const Tensor& t = ctx->input(index++);
+      if (t.shape() != expected) {
+        ctx->CtxFailure(InvalidArgument(spec.name, " must have shape ",
+                                        expected.DebugString(), ", got ",
+                                        t.shape().DebugString()));
+        return false;
+      }
+    }
+    return true;
+  }
 
-    Tensor *loss = nullptr, *lse = nullptr;
-    OP_REQUIRES_OK(ctx, ctx->allocate_output(0, labels.shape(), &loss));
-    OP_REQUIRES_OK(ctx, ctx->allocate_output(1, labels.shape(), &lse));
-    SparseXentForward<Device, typename KernelType<Device, T>::type, Tidx>()(
-        DeviceTraits<Device>::Make(ctx), p, Data<Device, T>(predictions),
-        labels.flat<Tidx>().data(), loss->flat<Tacc>().data(),
-        lse->flat<Tacc>().data());
-    DeviceTraits<Device>::CheckLaunch(ctx);
+  // Every sparse label is a class index or the ignored class: checked before
+  // any row is read, so no kernel indexes out of bounds. Devices whose labels
+  // the host cannot read check nothing here (their kernels give a bad
+  // label's row a NaN loss instead).
+  template <typename Device, typename Tidx>
+  static bool CheckLabels(OpKernelContext* ctx, const XentParams& p,
+                          const Tensor& labels) {
+    if (!DeviceTraits<Device>::kChecksLabels) return true;
+    const Tidx* data = labels.flat<Tidx>().data();
+    const int64_t bad = FindInvalidLabel(p, data);
+    if (bad < 0) return true;
+    ctx->CtxFailure(InvalidArgument(
+        "Received a label value of ", static_cast<int64_t>(data[bad]),
+        " at position ", bad, " which is outside the valid range of [0, ",
+        p.num_classes, ")",
+        p.use_ignore_class ? ::tensorflow::strings::StrCat(
+                                 " and is not ignore_class=", p.ignore_class)
+                           : std::string()));
+    return false;
   }
 
  private:
   XentParams params_;
 };
 
+}  // namespace
+
 template <typename Device, typename T, typename Tidx>
-class SparseXentGradOp : public OpKernel {
+class SparseXentOp : public XentOpKernel {
  public:
   using Tacc = typename AccumulatorType<T>::type;
-  explicit SparseXentGradOp(OpKernelConstruction* ctx) : OpKernel(ctx) {
-    ReadParams(ctx, &params_);
-  }
+  explicit SparseXentOp(OpKernelConstruction* ctx) : XentOpKernel(ctx) {}
 
   void Compute(OpKernelContext* ctx) override {
-    XentParams p = params_;
+    XentParams p;
+    if (!Validate(ctx, {{"labels", Extent::kRows}}, &p)) return;
     const Tensor& predictions = ctx->input(0);
     const Tensor& labels = ctx->input(1);
-    const Tensor& lse = ctx->input(2);
-    const Tensor& grad_loss = ctx->input(3);
-    CheckPredictions(ctx, predictions, &p);
-    if (!ctx->status().ok()) return;
-    const TensorShape rows({p.num_rows});
-    CheckShape(ctx, "labels", labels, rows);
-    CheckShape(ctx, "log_sum_exp", lse, rows);
-    CheckShape(ctx, "grad_loss", grad_loss, rows);
-    if (!ctx->status().ok()) return;
-    if (DeviceTraits<Device>::kChecksLabels) {
-      CheckLabels<Tidx>(ctx, p, labels);
-      if (!ctx->status().ok()) return;
+    if (!CheckLabels<Device, Tidx>(ctx, p, labels)) return;
+
+    Tensor *loss = nullptr, *normalizer = nullptr;
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(0, labels.shape(), &loss));
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(1, labels.shape(), &normalizer));
+    SparseXentForward<Device, typename KernelType<Device, T>::type, Tidx>()(
+        DeviceTraits<Device>::Make(ctx), p, Data<Device, T>(predictions),
+        labels.flat<Tidx>().data(), loss->flat<Tacc>().data(),
+        normalizer->flat<Tacc>().data());
+    DeviceTraits<Device>::CheckLaunch(ctx);
+  }
+};
+
+template <typename Device, typename T, typename Tidx>
+class SparseXentGradOp : public XentOpKernel {
+ public:
+  using Tacc = typename AccumulatorType<T>::type;
+  explicit SparseXentGradOp(OpKernelConstruction* ctx) : XentOpKernel(ctx) {}
+
+  void Compute(OpKernelContext* ctx) override {
+    XentParams p;
+    if (!Validate(ctx,
+                  {{"labels", Extent::kRows},
+                   {"normalizer", Extent::kRows},
+                   {"grad_loss", Extent::kRows}},
+                  &p)) {
+      return;
     }
+    const Tensor& predictions = ctx->input(0);
+    const Tensor& labels = ctx->input(1);
+    if (!CheckLabels<Device, Tidx>(ctx, p, labels)) return;
 
     Tensor* grad = nullptr;
     OP_REQUIRES_OK(ctx, ctx->forward_input_or_allocate_output(
                             {0}, 0, predictions.shape(), &grad));
     SparseXentBackward<Device, typename KernelType<Device, T>::type, Tidx>()(
         DeviceTraits<Device>::Make(ctx), p, Data<Device, T>(predictions),
-        labels.flat<Tidx>().data(), lse.flat<Tacc>().data(),
-        grad_loss.flat<Tacc>().data(), MutableData<Device, T>(grad));
+        labels.flat<Tidx>().data(), ctx->input(2).flat<Tacc>().data(),
+        ctx->input(3).flat<Tacc>().data(), MutableData<Device, T>(grad));
     DeviceTraits<Device>::CheckLaunch(ctx);
   }
-
- private:
-  XentParams params_;
 };
 
 template <typename Device, typename T>
-class DenseXentOp : public OpKernel {
+class DenseXentOp : public XentOpKernel {
  public:
   using Tacc = typename AccumulatorType<T>::type;
-  explicit DenseXentOp(OpKernelConstruction* ctx) : OpKernel(ctx) {
-    ReadParams(ctx, &params_);
-  }
+  explicit DenseXentOp(OpKernelConstruction* ctx) : XentOpKernel(ctx) {}
 
   void Compute(OpKernelContext* ctx) override {
-    XentParams p = params_;
+    XentParams p;
+    if (!Validate(ctx, {{"labels", Extent::kRowsClasses}}, &p)) return;
     const Tensor& predictions = ctx->input(0);
-    const Tensor& labels = ctx->input(1);
-    CheckPredictions(ctx, predictions, &p);
-    if (!ctx->status().ok()) return;
-    CheckShape(ctx, "labels", labels, predictions.shape());
-    if (!ctx->status().ok()) return;
 
-    Tensor *loss = nullptr, *stats = nullptr;
+    Tensor *loss = nullptr, *row_stats = nullptr;
     OP_REQUIRES_OK(ctx,
-                   ctx->allocate_output(0, TensorShape({p.num_rows}), &loss));
-    OP_REQUIRES_OK(ctx, ctx->allocate_output(
-                            1, TensorShape({p.num_rows, kDenseStats}), &stats));
+                   ctx->allocate_output(0, ShapeOf(Extent::kRows, p), &loss));
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(1, ShapeOf(Extent::kRowStats, p),
+                                             &row_stats));
     DenseXentForward<Device, typename KernelType<Device, T>::type>()(
         DeviceTraits<Device>::Make(ctx), p, Data<Device, T>(predictions),
-        labels.flat<Tacc>().data(), loss->flat<Tacc>().data(),
-        stats->flat<Tacc>().data());
+        ctx->input(1).flat<Tacc>().data(), loss->flat<Tacc>().data(),
+        MutableRowStats<Tacc>(row_stats));
     DeviceTraits<Device>::CheckLaunch(ctx);
   }
-
- private:
-  XentParams params_;
 };
 
 template <typename Device, typename T>
-class DenseXentGradOp : public OpKernel {
+class DenseXentGradOp : public XentOpKernel {
  public:
   using Tacc = typename AccumulatorType<T>::type;
-  explicit DenseXentGradOp(OpKernelConstruction* ctx) : OpKernel(ctx) {
-    ReadParams(ctx, &params_);
-  }
+  explicit DenseXentGradOp(OpKernelConstruction* ctx) : XentOpKernel(ctx) {}
 
   void Compute(OpKernelContext* ctx) override {
-    XentParams p = params_;
+    XentParams p;
+    if (!Validate(ctx,
+                  {{"labels", Extent::kRowsClasses},
+                   {"row_stats", Extent::kRowStats},
+                   {"grad_loss", Extent::kRows}},
+                  &p)) {
+      return;
+    }
     const Tensor& predictions = ctx->input(0);
-    const Tensor& labels = ctx->input(1);
-    const Tensor& stats = ctx->input(2);
-    const Tensor& grad_loss = ctx->input(3);
-    CheckPredictions(ctx, predictions, &p);
-    if (!ctx->status().ok()) return;
-    CheckShape(ctx, "labels", labels, predictions.shape());
-    CheckShape(ctx, "stats", stats, TensorShape({p.num_rows, kDenseStats}));
-    CheckShape(ctx, "grad_loss", grad_loss, TensorShape({p.num_rows}));
-    if (!ctx->status().ok()) return;
 
     Tensor* grad = nullptr;
     OP_REQUIRES_OK(ctx, ctx->forward_input_or_allocate_output(
                             {0}, 0, predictions.shape(), &grad));
     DenseXentBackward<Device, typename KernelType<Device, T>::type>()(
         DeviceTraits<Device>::Make(ctx), p, Data<Device, T>(predictions),
-        labels.flat<Tacc>().data(), stats.flat<Tacc>().data(),
-        grad_loss.flat<Tacc>().data(), MutableData<Device, T>(grad));
+        ctx->input(1).flat<Tacc>().data(), RowStats<Tacc>(ctx->input(2)),
+        ctx->input(3).flat<Tacc>().data(), MutableData<Device, T>(grad));
     DeviceTraits<Device>::CheckLaunch(ctx);
   }
-
- private:
-  XentParams params_;
 };
 
 template <typename Device, typename T>
-class DenseXentLabelsGradOp : public OpKernel {
+class DenseXentLabelsGradOp : public XentOpKernel {
  public:
   using Tacc = typename AccumulatorType<T>::type;
-  explicit DenseXentLabelsGradOp(OpKernelConstruction* ctx) : OpKernel(ctx) {
-    ReadParams(ctx, &params_);
-  }
+  explicit DenseXentLabelsGradOp(OpKernelConstruction* ctx)
+      : XentOpKernel(ctx) {}
 
   void Compute(OpKernelContext* ctx) override {
-    XentParams p = params_;
+    XentParams p;
+    if (!Validate(
+            ctx,
+            {{"row_stats", Extent::kRowStats}, {"grad_loss", Extent::kRows}},
+            &p)) {
+      return;
+    }
     const Tensor& predictions = ctx->input(0);
-    const Tensor& stats = ctx->input(1);
-    const Tensor& grad_loss = ctx->input(2);
-    CheckPredictions(ctx, predictions, &p);
-    if (!ctx->status().ok()) return;
-    CheckShape(ctx, "stats", stats, TensorShape({p.num_rows, kDenseStats}));
-    CheckShape(ctx, "grad_loss", grad_loss, TensorShape({p.num_rows}));
-    if (!ctx->status().ok()) return;
 
     Tensor* grad = nullptr;
     OP_REQUIRES_OK(ctx, ctx->allocate_output(0, predictions.shape(), &grad));
     DenseXentLabelsBackward<Device, typename KernelType<Device, T>::type>()(
         DeviceTraits<Device>::Make(ctx), p, Data<Device, T>(predictions),
-        stats.flat<Tacc>().data(), grad_loss.flat<Tacc>().data(),
+        RowStats<Tacc>(ctx->input(1)), ctx->input(2).flat<Tacc>().data(),
         grad->flat<Tacc>().data());
     DeviceTraits<Device>::CheckLaunch(ctx);
   }
-
- private:
-  XentParams params_;
 };
 
 // Tloss is pinned to the accumulation type so a mismatched call finds no

@@ -1,10 +1,12 @@
 /* Copyright 2026 The tf_xent_ops Authors. Licensed under the Apache
 License 2.0.
 
-Registration of the fused cross-entropy ops. Inputs are row-major
-[num_rows, num_classes]; the Python layer moves the class axis last and
-flattens. `Tloss` is float for half/bfloat16/float predictions and double for
-double: losses, row statistics and dense labels are kept in that type.
+Registration of the fused cross-entropy ops: the op contract. Inputs are
+row-major [num_rows, num_classes]; the Python layer moves the class axis last
+and flattens. `Tloss` is float for half/bfloat16/float predictions and double
+for double: losses, row statistics and dense labels are kept in that type.
+The forwards return the loss and the row statistics their backwards read
+(never an [N, C] tensor); docs/design.md describes each op.
 */
 #include "tensorflow/core/framework/common_shape_fns.h"
 #include "tensorflow/core/framework/op.h"
@@ -82,7 +84,7 @@ Status DenseForwardShape(InferenceContext* c) {
   TF_RETURN_IF_ERROR(c->Merge(predictions, c->input(1), &labels));
   n = c->Dim(labels, 0);
   c->set_output(0, c->Vector(n));
-  c->set_output(1, c->Matrix(n, kDenseStats));
+  c->set_output(1, c->Matrix(n, DenseRowStats<float>::kColumns));
   return ::tensorflow::OkStatus();
 }
 
@@ -97,11 +99,11 @@ Status DenseBackwardShape(InferenceContext* c) {
     TF_RETURN_IF_ERROR(c->Merge(predictions, c->input(next++), &predictions));
     n = c->Dim(predictions, 0);
   }
-  ShapeHandle stats;
-  TF_RETURN_IF_ERROR(MergeRows(c, next++, 2, &n, &stats));
-  DimensionHandle stats_per_row;
-  TF_RETURN_IF_ERROR(
-      c->WithValue(c->Dim(stats, 1), kDenseStats, &stats_per_row));
+  ShapeHandle row_stats;
+  TF_RETURN_IF_ERROR(MergeRows(c, next++, 2, &n, &row_stats));
+  DimensionHandle columns;
+  TF_RETURN_IF_ERROR(c->WithValue(c->Dim(row_stats, 1),
+                                  DenseRowStats<float>::kColumns, &columns));
   TF_RETURN_IF_ERROR(MergeRows(c, next, 1, &n, &other));
   c->set_output(0, c->Matrix(n, c->Dim(predictions, 1)));
   return ::tensorflow::OkStatus();
@@ -125,7 +127,7 @@ REGISTER_OP("TfXent>SparseXent")
     .Input("predictions: T")
     .Input("labels: Tidx")
     .Output("loss: Tloss")
-    .Output("log_sum_exp: Tloss")
+    .Output("normalizer: Tloss")
     .TFXENT_SPARSE_ATTRS.SetShapeFn(SparseForwardShape)
     .Doc(R"doc(
 Per-row softmax cross-entropy with integer labels, fused.
@@ -133,14 +135,15 @@ Per-row softmax cross-entropy with integer labels, fused.
 predictions: [N, C] logits (from_logits) or probabilities.
 labels: [N] class indices in [0, C), or ignore_class when use_ignore_class.
 loss: [N] per-row loss; 0 for ignored rows.
-log_sum_exp: [N] row statistic for the gradient: the log-sum-exp of the
-  logits, or the row's sum of clipped probabilities when from_logits is false.
+normalizer: [N] the row statistic the gradient reads: for logits the
+  log-sum-exp, log sum_k exp(z_k); for probabilities the sum of the clipped
+  probabilities, sum_k clip(p_k, epsilon, 1 - epsilon). 0 for ignored rows.
 )doc");
 
 REGISTER_OP("TfXent>SparseXentGrad")
     .Input("predictions: T")
     .Input("labels: Tidx")
-    .Input("log_sum_exp: Tloss")
+    .Input("normalizer: Tloss")
     .Input("grad_loss: Tloss")
     .Output("grad_predictions: T")
     .TFXENT_SPARSE_ATTRS.SetShapeFn(SparseBackwardShape)
@@ -150,7 +153,7 @@ REGISTER_OP("TfXent>DenseXent")
     .Input("predictions: T")
     .Input("labels: Tloss")
     .Output("loss: Tloss")
-    .Output("stats: Tloss")
+    .Output("row_stats: Tloss")
     .TFXENT_COMMON_ATTRS.SetShapeFn(DenseForwardShape)
     .Doc(R"doc(
 Per-row cross-entropy with dense (soft) labels, fused.
@@ -158,15 +161,18 @@ Per-row cross-entropy with dense (soft) labels, fused.
 predictions: [N, C] logits (from_logits) or probabilities.
 labels: [N, C] targets, smoothed inside the op by label_smoothing.
 loss: [N] per-row loss.
-stats: [N, 4] row statistics for the gradients: (log_sum_exp, sum of
-  targets, class of the row's only nonzero label or -1, that label) for
-  logits, (row sum, sum of in-range targets, -1, 0) for probabilities.
+row_stats: [N, 4] the row statistics the gradients read, per row
+  (normalizer, target_mass, single_label, single_label_value): for logits
+  (log-sum-exp, sum of the smoothed targets, the class of the row's only
+  nonzero label or -1, that label's value or 0); for probabilities (row sum,
+  sum of the smoothed targets whose normalized probability is inside the clip
+  range, -1, 0).
 )doc");
 
 REGISTER_OP("TfXent>DenseXentGrad")
     .Input("predictions: T")
     .Input("labels: Tloss")
-    .Input("stats: Tloss")
+    .Input("row_stats: Tloss")
     .Input("grad_loss: Tloss")
     .Output("grad_predictions: T")
     .TFXENT_COMMON_ATTRS.SetShapeFn(DenseBackwardShape)
@@ -174,7 +180,7 @@ REGISTER_OP("TfXent>DenseXentGrad")
 
 REGISTER_OP("TfXent>DenseXentLabelsGrad")
     .Input("predictions: T")
-    .Input("stats: Tloss")
+    .Input("row_stats: Tloss")
     .Input("grad_loss: Tloss")
     .Output("grad_labels: Tloss")
     .TFXENT_COMMON_ATTRS.SetShapeFn(DenseBackwardShape)

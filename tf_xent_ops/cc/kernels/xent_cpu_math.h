@@ -1,29 +1,28 @@
 /* Copyright 2026 The tf_xent_ops Authors. Licensed under the Apache
 License 2.0.
 
-exp, log and reciprocal for the CPU kernels' Eigen array expressions.
+exp, log and 1 / x for the CPU kernels' Eigen array expressions, and the log
+of a product of many factors (LogOfProduct).
 
 On AVX-512 builds, float packets use the functions below: Cody-Waite range
 reduction, a degree-6 polynomial and vscalefps for exp (without the clamp
 above where the caller keeps the argument below 88); vgetexpps/vgetmantps
 and a degree-9 polynomial for log; vrcp14ps and a Newton step for 1 / x.
-Measured through the ops on 4M arguments, exp is within 0.9 ulp of the exact
-result and log within 0.9 (tests/test_math_accuracy.py bounds them by 2 and
-4, as builds without AVX-512 use Eigen's, whose log reaches 3.1), and they
-handle 0, +-inf and NaN like std::exp / std::log (denormals as the thread's
-flush-to-zero mode has them). They take about half the instructions of
-Eigen's generic pexp and plog, which is what the logits paths spend their
-time on at C ~ 1000. Everything else (scalars, double, builds without
-AVX-512) uses Eigen's own exp, log and division.
+exp and log are within 0.9 ulp of the exact result (tests/test_math_accuracy.py
+bounds them by 2 and 4, as builds without AVX-512 use Eigen's, whose log
+reaches 3.1) in about half the instructions of Eigen's generic pexp and plog,
+and they handle 0, +-inf and NaN like std::exp / std::log (denormals as the
+thread's flush-to-zero mode has them). Everything else (scalars, double,
+builds without AVX-512) uses Eigen's own exp, log and division.
 */
-#ifndef TF_XENT_OPS_CC_KERNELS_XENT_MATH_CPU_H_
-#define TF_XENT_OPS_CC_KERNELS_XENT_MATH_CPU_H_
+#ifndef TF_XENT_OPS_CC_KERNELS_XENT_CPU_MATH_H_
+#define TF_XENT_OPS_CC_KERNELS_XENT_CPU_MATH_H_
 
 #include <cmath>
 #include <type_traits>
 
 #include "Eigen/Core"
-#include "tf_xent_ops/cc/kernels/xent_functor.h"
+#include "tf_xent_ops/cc/kernels/xent_row_math.h"
 
 namespace tf_xent_ops {
 
@@ -287,13 +286,13 @@ namespace internal {
 #if defined(EIGEN_VECTORIZE_AVX512)
 // Eigen (as TensorFlow 2.21 bundles it) assigns the elements before the
 // first and after the last whole packet of an array one at a time, through
-// the functors' scalar path (a libm exp or log call each: about 15% of a
-// logits backward at C = 1000), except for packet types that declare
-// has_packet_segment, which it does for AVX and not yet for AVX-512. Declared
-// here for float: those elements are then one masked packet, read and
-// written with AVX-512 masked loads and stores (lanes outside the segment are
-// neither read nor written). xent_functor_cpu.cc, the only file that
-// includes this header, is where the kernels' float assignments are made.
+// the functors' scalar path (a libm exp or log call each), except for packet
+// types that declare has_packet_segment, which it does for AVX and not yet
+// for AVX-512. Declared here for float: those elements are then one masked
+// packet, read and written with AVX-512 masked loads and stores (lanes
+// outside the segment are neither read nor written). Only the CPU functor
+// files include this header, and they make every float assignment of the
+// kernels.
 template <>
 struct has_packet_segment<Packet16f> : std::true_type {};
 inline __mmask16 SegmentMask16(Index begin, Index count) {
@@ -335,4 +334,4 @@ struct functor_traits<tf_xent_ops::VectorReciprocalOp> {
 }  // namespace internal
 }  // namespace Eigen
 
-#endif  // TF_XENT_OPS_CC_KERNELS_XENT_MATH_CPU_H_
+#endif  // TF_XENT_OPS_CC_KERNELS_XENT_CPU_MATH_H_

@@ -1,0 +1,117 @@
+/* Copyright 2026 The tf_xent_ops Authors. Licensed under the Apache
+License 2.0.
+
+Row access for the CPU functors: rows as Eigen arrays in the accumulation
+type, read in place or widened a row at a time (never [N, C]), written back
+from an expression, and sharded over the device's thread pool with each row
+computed start to finish by one thread, so a row's result does not depend on
+the thread count.
+
+The xent_cpu_*.h headers are the private implementation of the CPU functor
+files (xent_functor_cpu_*.cc) and give what they define internal linkage (an
+unnamed namespace), as when it all was one file: GCC allocates registers in
+the hot loops of file-local functions better than in inline ones.
+*/
+#ifndef TF_XENT_OPS_CC_KERNELS_XENT_CPU_ROWS_H_
+#define TF_XENT_OPS_CC_KERNELS_XENT_CPU_ROWS_H_
+
+#include <algorithm>
+#include <cstdint>
+#include <type_traits>
+#include <vector>
+
+#include "Eigen/Core"  // Eigen::half, Eigen::bfloat16 and the array expressions.
+#include "tf_xent_ops/cc/kernels/xent_row_math.h"
+
+namespace tf_xent_ops {
+
+// Where() on Eigen boolean arrays is Eigen's select().
+template <typename Cond>
+struct WhereImpl<
+    Cond, std::enable_if_t<std::is_base_of_v<Eigen::ArrayBase<Cond>, Cond>>> {
+  template <typename A, typename B>
+  static auto Apply(const Cond& cond, const A& a, const B& b) {
+    return cond.select(a, b);
+  }
+};
+
+namespace {
+
+// Rough cycles per element of one row pass, for the thread pool's sharding.
+constexpr int64_t kCyclesPerElement = 10;
+// Partial sums of this many elements (SIMD lanes, Eigen's tree of packets)
+// are combined with a compensated sum: accurate whatever C is.
+constexpr Eigen::Index kSumBlock = 1024;
+
+template <typename Tacc>
+using ConstRow = Eigen::Map<const Eigen::Array<Tacc, Eigen::Dynamic, 1>>;
+template <typename T>
+using MutableRow = Eigen::Map<Eigen::Array<T, Eigen::Dynamic, 1>>;
+
+template <typename Expr>
+typename Expr::Scalar BlockedSum(const Expr& e) {
+  using Scalar = typename Expr::Scalar;
+  const Eigen::Index n = e.size();
+  CompensatedSum<Scalar> total;
+  for (Eigen::Index b = 0; b < n; b += kSumBlock) {
+    total.Add(e.segment(b, std::min(kSumBlock, n - b)).sum());
+  }
+  return total.Total();
+}
+
+// Rows of T as arrays of Tacc: float and double rows are read in place;
+// 16-bit rows are widened into a buffer of one row per thread (never [N, C]).
+template <typename T, typename Tacc>
+class RowReader {
+ public:
+  explicit RowReader(int64_t num_classes)
+      : num_classes_(num_classes),
+        buffer_(std::is_same_v<T, Tacc> ? 0 : num_classes) {}
+
+  ConstRow<Tacc> Read(const T* row) { return Read(row, num_classes_); }
+
+  // `count` (at most the constructor's size) contiguous elements.
+  ConstRow<Tacc> Read(const T* data, int64_t count) {
+    if constexpr (std::is_same_v<T, Tacc>) {
+      return ConstRow<Tacc>(data, count);
+    } else {
+      MutableRow<Tacc>(buffer_.data(), count) =
+          Eigen::Map<const Eigen::Array<T, Eigen::Dynamic, 1>>(data, count)
+              .template cast<Tacc>();
+      return ConstRow<Tacc>(buffer_.data(), count);
+    }
+  }
+
+ private:
+  int64_t num_classes_;
+  std::vector<Tacc> buffer_;
+};
+
+// Writes an expression in Tacc to a row of T.
+template <typename T, typename Expr>
+void WriteRow(T* row, int64_t num_classes, const Expr& value) {
+  using Tacc = typename Expr::Scalar;
+  if constexpr (std::is_same_v<T, Tacc>) {
+    MutableRow<T>(row, num_classes) = value;
+  } else {
+    MutableRow<T>(row, num_classes) = value.template cast<T>();
+  }
+}
+
+// Runs row_fn(reader, r) for every row on the device's thread pool, with one
+// Reader (a RowReader or a LogitsRowReducer) per shard.
+template <typename T, typename Tacc, typename Reader = RowReader<T, Tacc>,
+          typename RowFn>
+void ForEachRow(const CpuDevice& d, const XentParams& p, const RowFn& row_fn) {
+  if (p.num_rows == 0) return;
+  const int64_t cost = std::max<int64_t>(1, p.num_classes) * kCyclesPerElement;
+  d.parallel_for(p.num_rows, cost, [&](int64_t begin, int64_t end) {
+    Reader reader(p.num_classes);
+    for (int64_t r = begin; r < end; ++r) row_fn(reader, r);
+  });
+}
+
+}  // namespace
+}  // namespace tf_xent_ops
+
+#endif  // TF_XENT_OPS_CC_KERNELS_XENT_CPU_ROWS_H_

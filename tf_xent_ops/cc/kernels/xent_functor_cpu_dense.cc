@@ -1,0 +1,199 @@
+/* Copyright 2026 The tf_xent_ops Authors. Licensed under the Apache
+License 2.0.
+
+CPU specializations of the dense (one-hot or soft label) cross-entropy
+functors.
+*/
+#include <cstdint>
+
+#include "tf_xent_ops/cc/kernels/xent_cpu_logits.h"
+#include "tf_xent_ops/cc/kernels/xent_cpu_math.h"
+#include "tf_xent_ops/cc/kernels/xent_cpu_probs.h"
+#include "tf_xent_ops/cc/kernels/xent_cpu_rows.h"
+#include "tf_xent_ops/cc/kernels/xent_cpu_small_classes.h"
+#include "tf_xent_ops/cc/kernels/xent_functor.h"
+
+namespace tf_xent_ops {
+
+template <typename T>
+struct DenseXentForward<CpuDevice, T> {
+  using Tacc = typename AccumulatorType<T>::type;
+  void operator()(const CpuDevice& d, const XentParams& p, const T* predictions,
+                  const Tacc* labels, Tacc* loss,
+                  DenseRowStats<Tacc>* row_stats) const {
+    const XentConstants<Tacc> c(p);
+    const int64_t num_classes = p.num_classes;
+    if (num_classes < kSmallClasses) {
+      ForEachChunk<T, Tacc>(
+          d, p, [&](Chunk<T, Tacc>& chunk, int64_t first, int64_t rows) {
+            const auto x =
+                chunk.Predictions(predictions + first * num_classes, rows);
+            const auto t =
+                c.DenseTarget(chunk.Labels(labels + first * num_classes, rows));
+            ChunkVector<Tacc> loss_c, normalizer, target_mass;
+            if (p.from_logits) {
+              ChunkVector<Tacc> row_max, log_s;
+              ShiftedLogits(chunk, x, &row_max, &log_s);
+              const auto z = chunk.Work(rows);  // z - max
+              target_mass = t.rowwise().sum();
+              loss_c = DenseLogitsLoss(
+                  log_s, target_mass,
+                  Where(t != Tacc(0), t * z, Tacc(0)).rowwise().sum());
+              normalizer = row_max + log_s;
+            } else {
+              normalizer = x.rowwise().sum();
+              Columns<Tacc> q = chunk.Work(rows);
+              q = x / PerRow(normalizer, num_classes);
+              loss_c = -(t * LogOf(c.Clip(q))).rowwise().sum();
+              target_mass = c.WhereInClipRange(q, t, Tacc(0)).rowwise().sum();
+            }
+            for (int64_t i = 0; i < rows; ++i) {
+              const int64_t r = first + i;
+              loss[r] = loss_c[i];
+              row_stats[r] =
+                  DenseRowStats<Tacc>::Of(normalizer[i], target_mass[i]);
+            }
+          });
+      return;
+    }
+    if (p.from_logits) {
+      // loss = sum_t * log(s) - sum_k t_k (z_k - m).
+      ForEachRow<T, Tacc, LogitsRowReducer<T, Tacc>>(
+          d, p, [&](LogitsRowReducer<T, Tacc>& reducer, int64_t r) {
+            const auto row = reducer.Reduce(
+                predictions + r * num_classes,
+                TargetWeights<Tacc>{c, labels + r * num_classes});
+            loss[r] = DenseLogitsLoss(row.log_s, row.sum_w, row.sum_w_shifted);
+            // The single label's class, where Tacc holds it exactly.
+            const int64_t j = row.single_label;
+            const bool exact =
+                j >= 0 && static_cast<int64_t>(static_cast<Tacc>(j)) == j;
+            row_stats[r] = DenseRowStats<Tacc>::Of(
+                row.max + row.log_s, row.sum_w, exact ? j : -1,
+                exact ? labels[r * num_classes + j] : Tacc(0));
+          });
+      return;
+    }
+    ForEachRow<T, Tacc>(d, p, [&](RowReader<T, Tacc>& reader, int64_t r) {
+      const auto x = reader.Read(predictions + r * num_classes);
+      const Tacc s = BlockedSum(x);
+      Tacc log_sum, in_range_sum;
+      DenseProbsRowSums(x, labels + r * num_classes, c, s,
+                        ClipRangeOfRow<Tacc>(c, s), &log_sum, &in_range_sum);
+      loss[r] = -log_sum;
+      row_stats[r] = DenseRowStats<Tacc>::Of(s, in_range_sum);
+    });
+  }
+};
+
+template <typename T>
+struct DenseXentBackward<CpuDevice, T> {
+  using Tacc = typename AccumulatorType<T>::type;
+  void operator()(const CpuDevice& d, const XentParams& p, const T* predictions,
+                  const Tacc* labels, const DenseRowStats<Tacc>* row_stats,
+                  const Tacc* grad_loss, T* grad_predictions) const {
+    const XentConstants<Tacc> c(p);
+    const int64_t num_classes = p.num_classes;
+    if (num_classes < kSmallClasses) {
+      ForEachChunk<T, Tacc>(
+          d, p, [&](Chunk<T, Tacc>& chunk, int64_t first, int64_t rows) {
+            const int64_t n = rows * num_classes;
+            const auto x =
+                chunk.FlatPredictions(predictions + first * num_classes, rows);
+            const auto t =
+                c.DenseTarget(ConstRow<Tacc>(labels + first * num_classes, n));
+            const auto g = chunk.Expand(0, grad_loss + first, 1, rows);
+            constexpr int64_t kStride = DenseRowStats<Tacc>::kColumns;
+            const auto normalizer =
+                chunk.Expand(1, &row_stats[first].normalizer, kStride, rows);
+            T* dx = grad_predictions + first * num_classes;
+            if (p.from_logits) {
+              const auto target_mass =
+                  chunk.Expand(2, &row_stats[first].target_mass, kStride, rows);
+              WriteRow(dx, n, LogitsGrad(g, x, normalizer, target_mass, t));
+            } else {
+              ChunkVector<Tacc> a_over_s(rows);
+              for (int64_t i = 0; i < rows; ++i) {
+                const DenseRowStats<Tacc>& stats = row_stats[first + i];
+                a_over_s[i] = stats.target_mass / stats.normalizer;
+              }
+              const ClipRangeByDivision<Tacc, ConstRow<Tacc>> range{c,
+                                                                    normalizer};
+              WriteRow(
+                  dx, n,
+                  DenseProbsGrad(g, x, range,
+                                 chunk.Expand(2, a_over_s.data(), 1, rows), t));
+            }
+          });
+      return;
+    }
+    ForEachRow<T, Tacc>(d, p, [&](RowReader<T, Tacc>& reader, int64_t r) {
+      const auto x = reader.Read(predictions + r * num_classes);
+      const ConstRow<Tacc> y(labels + r * num_classes, num_classes);
+      const DenseRowStats<Tacc>& stats = row_stats[r];
+      T* dx = grad_predictions + r * num_classes;
+      const Tacc g = grad_loss[r];
+      if (p.from_logits) {
+        const Tacc g_sum_t = g * stats.target_mass, lse = stats.normalizer;
+        const int64_t j = stats.SingleLabel(num_classes);
+        if (j >= 0) {  // The targets are known: no labels read.
+          WriteOneTargetLogitsGrad(
+              dx, x, num_classes, g_sum_t, lse, g * c.off_weight, j,
+              (g * c.on_weight) * stats.single_label_value);
+        } else {
+          WriteRow(
+              dx, num_classes,
+              ScaledLogitsGrad(g_sum_t, x, lse, c.ScaledDenseTarget(g, y)));
+        }
+        return;
+      }
+      const auto t = c.DenseTarget(y);
+      const Tacc s = stats.normalizer, a_over_s = stats.target_mass / s;
+      const ClipRangeOfRow<Tacc> range(c, s);
+      if (range.bounded()) {
+        WriteRow(dx, num_classes, DenseProbsGrad(g, x, range, a_over_s, t));
+      } else {
+        WriteRow(dx, num_classes,
+                 DenseProbsGrad(g, x, range.by_division(), a_over_s, t));
+      }
+    });
+  }
+};
+
+template <typename T>
+struct DenseXentLabelsBackward<CpuDevice, T> {
+  using Tacc = typename AccumulatorType<T>::type;
+  void operator()(const CpuDevice& d, const XentParams& p, const T* predictions,
+                  const DenseRowStats<Tacc>* row_stats, const Tacc* grad_loss,
+                  Tacc* grad_labels) const {
+    const XentConstants<Tacc> c(p);
+    const int64_t num_classes = p.num_classes;
+    ForEachRow<T, Tacc>(d, p, [&](RowReader<T, Tacc>& reader, int64_t r) {
+      const auto x = reader.Read(predictions + r * num_classes);
+      const Tacc scale = c.on_weight * grad_loss[r];
+      // The log-sum-exp, or the row sum.
+      const Tacc stat = row_stats[r].normalizer;
+      // (1 - ls) * g * -log q, q the softmax or the clipped normalized row.
+      if (p.from_logits) {
+        WriteRow(grad_labels + r * num_classes, num_classes,
+                 scale * (stat - x));
+      } else {
+        WriteRow(grad_labels + r * num_classes, num_classes,
+                 -scale * LogOf(c.Clip(x / stat)));
+      }
+    });
+  }
+};
+
+#define TFXENT_INSTANTIATE_CPU(T)                  \
+  template struct DenseXentForward<CpuDevice, T>;  \
+  template struct DenseXentBackward<CpuDevice, T>; \
+  template struct DenseXentLabelsBackward<CpuDevice, T>;
+
+TFXENT_INSTANTIATE_CPU(Eigen::half)
+TFXENT_INSTANTIATE_CPU(Eigen::bfloat16)
+TFXENT_INSTANTIATE_CPU(float)
+TFXENT_INSTANTIATE_CPU(double)
+#undef TFXENT_INSTANTIATE_CPU
+
+}  // namespace tf_xent_ops
