@@ -156,14 +156,9 @@ def test_gpu_hessian_vector_products_match_cpu(rng, sparse):
 
     def hessian_v(device):
         with tf.device(device):
-            z = tf.identity(p)
-            with tf.GradientTape() as outer:
-                outer.watch(z)
-                with tf.GradientTape() as inner:
-                    inner.watch(z)
-                    loss = tf.reduce_sum(fn(y, z, True, 0.1))
-                along_v = tf.reduce_sum(inner.gradient(loss, z) * v)
-            result = outer.gradient(along_v, z)
+            result = training_util.hessian_vector_product(
+                lambda z: fn(y, z, True, 0.1), tf.identity(p), v
+            )
         assert result.device.endswith(device.strip("/").upper()), result.device
         return result.numpy()
 

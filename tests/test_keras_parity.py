@@ -455,7 +455,7 @@ def _random_configuration(rng):
 
 def _keras_kwargs(kwargs):
     """Keras's arguments for ours: the classes last. Keras smooths labels by
-    the last axis's size (see README, Semantics), and with logits the tf.nn op
+    the last axis's size (see docs/semantics.md), and with logits the tf.nn op
     it calls fails on a negative axis other than -1."""
     return dict(kwargs, axis=-1) if "axis" in kwargs else kwargs
 
@@ -501,7 +501,7 @@ def test_random_configurations_match_keras(rng):
         # differ by an ulp of that type. The absolute part is float32's
         # cancellation in softmax - t near 1 (its row weight is at most 2:
         # cotangents of at most 1 times weights of at most 2), with the row
-        # log-sum-exp's rounding (README, Semantics). Infinities (float16
+        # log-sum-exp's rounding (docs/semantics.md). Infinities (float16
         # gradients of tiny probabilities) must match exactly.
         rtol = 1e-2 if predictions.dtype.itemsize == 2 else 2e-5
         np.testing.assert_allclose(our_grad, their_grad, rtol, 4e-6, err_msg=description)
@@ -523,7 +523,7 @@ def test_random_metric_configurations_match_keras(rng):
             labels, predictions, sample_weight = draw(rng)
             ours.update_state(labels, predictions, sample_weight=sample_weight)
             # Keras's metrics compute 16-bit predictions in that type, ours
-            # in float32 rounded once (README, Semantics): Keras gets them
+            # in float32 rounded once (docs/semantics.md): Keras gets them
             # upcast, and the values may differ by half an ulp of the type.
             rtol = RTOL + ref.HALF_ULP.get(predictions.dtype.name, 0.0)
             if predictions.dtype.itemsize == 2:

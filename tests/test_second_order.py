@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import reference as ref
 import tensorflow as tf
+from training_util import hessian_vector_product
 
 import tf_xent_ops as txo
 
@@ -145,7 +146,7 @@ def _probabilities_with_zeros(rng, shape):
 @pytest.mark.parametrize("reduction", ["sum_over_batch_size", "sum", None])
 def test_hessian_vector_products_match_keras(rng, sparse, from_logits, reduction):
     # The last axis: Keras 3.15's sparse forms take no other, and its
-    # categorical ones smooth over the labels' last dimension (README, Semantics).
+    # categorical ones smooth over the labels' last dimension (docs/semantics.md).
     shape = (3, 8, 4)
     p = ref.logits(rng, shape, "float32") if from_logits else _probabilities_with_zeros(rng, shape)
     labels = rng.integers(0, 4, size=shape[:-1])
@@ -274,13 +275,7 @@ def test_second_order_under_xla_equals_the_op(rng, sparse):
     fn = txo.ops.sparse_crossentropy if sparse else txo.ops.dense_crossentropy
 
     def hessian_v():
-        with tf.GradientTape() as outer:
-            outer.watch(p)
-            with tf.GradientTape() as inner:
-                inner.watch(p)
-                loss = tf.reduce_sum(fn(y, p, True, 0.1))
-            along_v = tf.reduce_sum(inner.gradient(loss, p) * v)
-        return outer.gradient(along_v, p)
+        return hessian_vector_product(lambda z: fn(y, z, True, 0.1), p, v)
 
     compiled = tf.function(hessian_v, jit_compile=True)()
     np.testing.assert_allclose(compiled, tf.function(hessian_v)(), rtol=1e-5, atol=1e-6)

@@ -70,3 +70,16 @@ def custom_loop(loss_obj, strategy, steps=4, global_batch=32):
     for batch in strategy.experimental_distribute_dataset(dataset):
         step(batch)
     return [np.asarray(v) for v in model.get_weights()]
+
+
+def hessian_vector_product(loss_fn, z, v):
+    """d<v, dL/dz>/dz for L = sum(loss_fn(z)): the Hessian of L times v, by
+    differentiating the gradient (what Hessian-free methods and gradient
+    penalties do)."""
+    with tf.GradientTape() as outer:
+        outer.watch(z)
+        with tf.GradientTape() as inner:
+            inner.watch(z)
+            loss = tf.reduce_sum(loss_fn(z))
+        along_v = tf.reduce_sum(inner.gradient(loss, z) * v)
+    return outer.gradient(along_v, z)

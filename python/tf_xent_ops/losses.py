@@ -5,6 +5,10 @@ import warnings
 import keras
 import tensorflow as tf
 
+# reduce_weighted_values is the reduction keras.losses.Loss.__call__ applies;
+# Keras exports no name for it.
+from keras.src.losses import loss as keras_loss
+
 from tf_xent_ops import backend
 from tf_xent_ops import ops
 
@@ -154,12 +158,15 @@ def sparse_categorical_crossentropy(
     return loss
 
 
-class _Reduction(keras.losses.Loss):
-    """Keras's own masking, sample weighting, reduction and tf.distribute
-    scaling, applied to per-sample losses passed as `y_pred`."""
-
-    def call(self, y_true, y_pred):
-        return y_pred
+def _reduce_like_keras_loss(losses, sample_weight, mask, reduction, dtype):
+    """What `keras.losses.Loss.__call__` does with the per-sample losses its
+    `call()` returns: the mask and sample weights merged (a mask makes
+    `"sum_over_batch_size"` average over the valid positions), the reduction,
+    and the `1 / num_replicas` scaling of the averaging reductions under
+    tf.distribute. It is Keras's own function, so the semantics are Keras's."""
+    return keras_loss.reduce_weighted_values(
+        losses, sample_weight=sample_weight, mask=mask, reduction=reduction, dtype=dtype
+    )
 
 
 class _FusedLoss(keras.losses.Loss):
@@ -185,13 +192,11 @@ class _FusedLoss(keras.losses.Loss):
             losses = self.call(y_true, y_pred)
             out_mask = getattr(losses, "_keras_mask", None)
             losses = tf.cast(losses, self.dtype)
-        if in_mask is not None and out_mask is not None:
-            mask = tf.logical_and(tf.cast(in_mask, tf.bool), tf.cast(out_mask, tf.bool))
-        else:
-            mask = in_mask if in_mask is not None else out_mask
-        _set_keras_mask(losses, mask)
-        reduction = _Reduction(name=self.name, reduction=self.reduction, dtype=self.dtype)
-        return reduction(losses, losses, sample_weight=sample_weight)
+            if in_mask is not None and out_mask is not None:
+                mask = tf.logical_and(tf.cast(in_mask, tf.bool), tf.cast(out_mask, tf.bool))
+            else:
+                mask = in_mask if in_mask is not None else out_mask
+            return _reduce_like_keras_loss(losses, sample_weight, mask, self.reduction, self.dtype)
 
     def call(self, y_true, y_pred):
         return self._fn(y_true, y_pred, **self._fn_kwargs)

@@ -9,8 +9,25 @@ _PACKAGE = "tf_xent_ops"
 # metrics register as "tf_xent_ops>...Metric".
 
 
+class _FusedMetric(keras.metrics.MeanMetricWrapper):
+    """The mean of one of the fused loss functions with fixed kwargs, as
+    Keras's own cross-entropy metrics are `MeanMetricWrapper`s of theirs."""
+
+    def __init__(self, fn, name, dtype, **fn_kwargs):
+        losses._require_tensorflow_backend(type(self))
+        super().__init__(fn, name=name, dtype=dtype, **fn_kwargs)
+        self._fn_kwargs = fn_kwargs
+        for key, value in fn_kwargs.items():
+            setattr(self, key, value)
+        # Metric should be minimized during optimization.
+        self._direction = "down"
+
+    def get_config(self):
+        return {"name": self.name, "dtype": self.dtype, **self._fn_kwargs}
+
+
 @keras.saving.register_keras_serializable(package=_PACKAGE, name="CategoricalCrossentropyMetric")
-class CategoricalCrossentropy(keras.metrics.MeanMetricWrapper):
+class CategoricalCrossentropy(_FusedMetric):
     """Computes the crossentropy metric between the labels and predictions.
 
     Drop-in for `keras.metrics.CategoricalCrossentropy`, computed by the fused
@@ -53,35 +70,20 @@ class CategoricalCrossentropy(keras.metrics.MeanMetricWrapper):
         label_smoothing=0,
         axis=-1,
     ):
-        losses._require_tensorflow_backend(type(self))
         super().__init__(
             losses.categorical_crossentropy,
             name,
-            dtype=dtype,
+            dtype,
             from_logits=from_logits,
             label_smoothing=label_smoothing,
             axis=axis,
         )
-        self.from_logits = from_logits
-        self.label_smoothing = label_smoothing
-        self.axis = axis
-        # Metric should be minimized during optimization.
-        self._direction = "down"
-
-    def get_config(self):
-        return {
-            "name": self.name,
-            "dtype": self.dtype,
-            "from_logits": self.from_logits,
-            "label_smoothing": self.label_smoothing,
-            "axis": self.axis,
-        }
 
 
 @keras.saving.register_keras_serializable(
     package=_PACKAGE, name="SparseCategoricalCrossentropyMetric"
 )
-class SparseCategoricalCrossentropy(keras.metrics.MeanMetricWrapper):
+class SparseCategoricalCrossentropy(_FusedMetric):
     """Computes the crossentropy metric between integer labels and predictions.
 
     Drop-in for `keras.metrics.SparseCategoricalCrossentropy`, computed by the
@@ -121,26 +123,11 @@ class SparseCategoricalCrossentropy(keras.metrics.MeanMetricWrapper):
         ignore_class=None,
         axis=-1,
     ):
-        losses._require_tensorflow_backend(type(self))
         super().__init__(
             losses.sparse_categorical_crossentropy,
-            name=name,
-            dtype=dtype,
+            name,
+            dtype,
             from_logits=from_logits,
             ignore_class=ignore_class,
             axis=axis,
         )
-        self.from_logits = from_logits
-        self.ignore_class = ignore_class
-        self.axis = axis
-        # Metric should be minimized during optimization.
-        self._direction = "down"
-
-    def get_config(self):
-        return {
-            "name": self.name,
-            "dtype": self.dtype,
-            "from_logits": self.from_logits,
-            "ignore_class": self.ignore_class,
-            "axis": self.axis,
-        }
