@@ -3,7 +3,7 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-CC_FILES := $(shell find tf_xent_ops bench tests/gpu -name '*.h' -o -name '*.cc' -o -name '*.cu')
+CC_FILES := $(shell find tf_xent_ops bench tests/gpu tests/cpu -name '*.h' -o -name '*.cc' -o -name '*.cu')
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 export PYTHONPATH := $(CURDIR)/python
 

@@ -26,6 +26,7 @@ peak resident set (VmHWM, reset after setup) over the resident set before it.
 import argparse
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -36,7 +37,24 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 import numpy as np  # noqa: E402
 
 SHAPES = [(65536, 10), (4096, 1000), (1024, 32768), (256, 131072)]
+# The z-loss and soft cap of the rows that have them (PaLM's z-loss weight,
+# Gemma 2's final-logit cap), and the shapes they are timed at.
+OPTIONS = dict(z_loss=1e-4, logit_soft_cap=30.0)
+OPTION_SHAPES = [(4096, 1000), (1024, 32768)]
 OUT_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+
+
+def _case(n, c, dtype, labels, from_logits, ls, direction, **options):
+    return dict(
+        n=n,
+        c=c,
+        dtype=dtype,
+        labels=labels,
+        from_logits=from_logits,
+        ls=ls,
+        direction=direction,
+        **options,
+    )
 
 
 def case_grid(quick):
@@ -49,17 +67,14 @@ def case_grid(quick):
                         if labels == "sparse" and not from_logits and ls:
                             continue  # Keras has no sparse smoothing to compare with
                         for direction in ("fwd", "fwd+bwd"):
-                            cases.append(
-                                dict(
-                                    n=n,
-                                    c=c,
-                                    dtype=dtype,
-                                    labels=labels,
-                                    from_logits=from_logits,
-                                    ls=ls,
-                                    direction=direction,
-                                )
-                            )
+                            cases.append(_case(n, c, dtype, labels, from_logits, ls, direction))
+    # Logits with a z-loss and a soft cap, against the same loss plain (the
+    # rows above) and against Keras's loss on capped logits plus the z-loss.
+    for n, c in OPTION_SHAPES:
+        for dtype in ("float32", "bfloat16"):
+            for labels in ("sparse", "dense"):
+                for direction in ("fwd", "fwd+bwd"):
+                    cases.append(_case(n, c, dtype, labels, True, 0.0, direction, options=OPTIONS))
     if quick:
         cases = [
             k
@@ -72,7 +87,8 @@ def case_grid(quick):
 def case_name(k):
     kind = "logits" if k["from_logits"] else "probs"
     ls = f" ls={k['ls']}" if k["ls"] else ""
-    return f"{k['labels']} {kind}{ls} {k['dtype']} {k['direction']}"
+    options = " z-loss+cap" if k.get("options") else ""
+    return f"{k['labels']} {kind}{ls}{options} {k['dtype']} {k['direction']}"
 
 
 def make_inputs(k, rng):
@@ -98,6 +114,8 @@ def loss_fns(k):
     import tf_xent_ops as txo
 
     kwargs = dict(from_logits=k["from_logits"])
+    if k.get("options"):
+        return _loss_fns_with_options(k, kwargs)
     if k["labels"] == "sparse":
         ours = txo.losses.SparseCategoricalCrossentropy(**kwargs, label_smoothing=k["ls"])
         if k["ls"]:
@@ -112,6 +130,27 @@ def loss_fns(k):
     else:
         ours = txo.losses.CategoricalCrossentropy(**kwargs, label_smoothing=k["ls"])
         theirs = keras.losses.CategoricalCrossentropy(**kwargs, label_smoothing=k["ls"])
+    return ours, theirs
+
+
+def _loss_fns_with_options(k, kwargs):
+    """Ours with a z-loss and a soft cap, and what a Keras user writes for
+    them: Keras's loss on the capped logits, plus the mean z-loss term."""
+    import keras
+
+    import tf_xent_ops as txo
+
+    z_loss, cap = k["options"]["z_loss"], k["options"]["logit_soft_cap"]
+    sparse = k["labels"] == "sparse"
+    cls = "SparseCategoricalCrossentropy" if sparse else "CategoricalCrossentropy"
+    ours = getattr(txo.losses, cls)(**kwargs, **k["options"])
+    keras_loss = getattr(keras.losses, cls)(**kwargs)
+
+    def theirs(y, logits):
+        capped = cap * keras.ops.tanh(logits / cap)
+        lse = keras.ops.logsumexp(keras.ops.cast(capped, "float32"), axis=-1)
+        return keras_loss(y, capped) + z_loss * keras.ops.mean(lse**2)
+
     return ours, theirs
 
 
@@ -313,7 +352,11 @@ def peak_memory(k, impl):
 
 
 def memory_cases(cases):
-    keep = {(k["n"], k["c"], k["dtype"], k["labels"], k["from_logits"], k["ls"]) for k in cases}
+    keep = {
+        (k["n"], k["c"], k["dtype"], k["labels"], k["from_logits"], k["ls"])
+        for k in cases
+        if not k.get("options")
+    }
     return [
         dict(n=n, c=c, dtype=d, labels=lab, from_logits=fl, ls=ls, direction="fwd+bwd")
         for (n, c, d, lab, fl, ls) in sorted(keep)
@@ -393,11 +436,19 @@ def main():
     parser.add_argument("--no-memory", action="store_true")
     parser.add_argument("--memory-child")
     parser.add_argument("--passes", type=int, default=3, help="passes over the grid")
+    parser.add_argument(
+        "--only",
+        help="time only the cases whose 'NxC name' this regular expression finds (no files)",
+    )
     args = parser.parse_args()
     if args.memory_child:
         peak_memory_child(args.memory_child)
         return
     cases = case_grid(args.quick)
+    if args.only:
+        cases = [k for k in cases if re.search(args.only, f"{k['n']}x{k['c']} {case_name(k)}")]
+        run_timing(cases, args.passes)
+        return
     if args.memory_only:  # keep the timing rows of the last full run
         with open(os.path.join(OUT_DIR, "cpu_results.json")) as f:
             previous = json.load(f)

@@ -19,27 +19,14 @@ figure on a shared machine. `make bench-functors` builds and runs it.
 #include <thread>
 #include <vector>
 
+#include "tests/cpu/threads_device.h"
 #include "tf_xent_ops/cc/kernels/xent_functor.h"
 
 namespace {
 
 using tf_xent_ops::CpuDevice;
+using tf_xent_ops::ThreadsDevice;
 using tf_xent_ops::XentParams;
-
-// Shards rows over one std::thread per core, as TensorFlow's pool would.
-CpuDevice ThreadsDevice(int threads) {
-  CpuDevice d;
-  d.parallel_for = [threads](int64_t total, int64_t,
-                             const CpuDevice::ShardFn& fn) {
-    std::vector<std::thread> pool;
-    const int64_t per = (total + threads - 1) / threads;
-    for (int64_t begin = 0; begin < total; begin += per) {
-      pool.emplace_back([=, &fn] { fn(begin, std::min(total, begin + per)); });
-    }
-    for (auto& t : pool) t.join();
-  };
-  return d;
-}
 
 template <typename Fn>
 double MinMs(int repetitions, const Fn& fn) {
@@ -92,14 +79,28 @@ int main(int argc, char** argv) {
   std::printf("copy (read + write): %.3f ms, %.1f GB/s\n", copy_ms,
               2.0 * n * c * sizeof(float) / copy_ms / 1e6);
 
-  for (const bool from_logits : {true, false}) {
+  // Logits and probabilities, with and without smoothing; logits with a
+  // z-loss, alone and with a soft cap (Gemma 2's 30).
+  struct Config {
+    bool from_logits;
+    float ls;
+    double z_loss, cap;
+  };
+  for (const Config& config :
+       {Config{true, 0.0f, 0, 0}, Config{true, 0.1f, 0, 0},
+        Config{true, 0.0f, 1e-4, 0.0}, Config{true, 0.0f, 1e-4, 30.0},
+        Config{false, 0.0f, 0, 0}, Config{false, 0.1f, 0, 0}}) {
+    const bool from_logits = config.from_logits;
+    const float ls = config.ls;
     const std::vector<float>& x = from_logits ? logits : probs;
-    for (const float ls : {0.0f, 0.1f}) {
+    {
       XentParams p;
       p.num_rows = n;
       p.num_classes = c;
       p.from_logits = from_logits;
       p.label_smoothing = ls;
+      p.z_loss = config.z_loss;
+      p.logit_soft_cap = config.cap;
       const double sparse_fwd = MinMs(reps, [&] {
         tf_xent_ops::SparseXentForward<CpuDevice, float, int64_t>()(
             d, p, x.data(), labels.data(), loss.data(), normalizer.data());
@@ -122,9 +123,11 @@ int main(int argc, char** argv) {
       });
       std::printf(
           "%-6s ls=%.1f  sparse fwd %7.3f  bwd %7.3f  |  dense fwd %7.3f  bwd "
-          "%7.3f\n",
+          "%7.3f%s\n",
           from_logits ? "logits" : "probs", ls, sparse_fwd, sparse_bwd,
-          dense_fwd, dense_bwd);
+          dense_fwd, dense_bwd,
+          config.cap > 0 ? "  z_loss=1e-4 cap=30"
+                         : (config.z_loss > 0 ? "  z_loss=1e-4" : ""));
     }
   }
   return 0;

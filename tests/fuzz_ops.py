@@ -27,6 +27,7 @@ from hypothesis import HealthCheck  # noqa: E402
 from hypothesis import given  # noqa: E402
 from hypothesis import settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
+from raw_ops import coefficients  # noqa: E402
 from tf_xent_ops._load import library  # noqa: E402
 
 import tf_xent_ops as txo  # noqa: E402
@@ -82,7 +83,30 @@ def _common(draw):
         dtype=draw(st.sampled_from(DTYPES), label="dtype"),
         from_logits=draw(st.booleans(), label="from_logits"),
         label_smoothing=draw(st.sampled_from([0.0, 0.1, 1.0, -0.5, 1.5]), label="ls"),
+        z_loss=draw(st.sampled_from([0.0, 0.0, 1e-3, -1.0, float("nan")]), label="z_loss"),
+        logit_soft_cap=draw(
+            st.sampled_from([None, None, 5.0, 0.0, -2.0, float("inf")]), label="cap"
+        ),
     )
+
+
+def _coefficient_error(c):
+    """The words one of which the error for bad float arguments must name, or
+    None if they are valid."""
+    if not 0.0 <= c["label_smoothing"] <= 1.0:
+        return ["label_smoothing"]
+    if not (np.isfinite(c["z_loss"]) and c["z_loss"] >= 0.0):
+        return ["z_loss"]
+    cap = c["logit_soft_cap"]
+    if cap is not None and not (np.isfinite(cap) and cap > 0.0):
+        return ["logit_soft_cap"]
+    if not c["from_logits"] and (c["z_loss"] != 0.0 or cap is not None):
+        return ["z_loss", "logit_soft_cap"]
+    return None
+
+
+def _options(c):
+    return dict(z_loss=c["z_loss"], logit_soft_cap=c["logit_soft_cap"])
 
 
 def _axis(data, rank):
@@ -116,10 +140,10 @@ def fuzz_sparse(data):
         error = ["rank"]
     elif _bad_axis(axis, rank):
         error = ["axis"]
+    elif _coefficient_error(c):
+        error = _coefficient_error(c)
     elif label_shape != tuple(d for i, d in enumerate(shape) if i != axis % rank):
         error = ["shape"]
-    elif not 0.0 <= ls <= 1.0:
-        error = ["label_smoothing"]
     elif num_classes == 0 and labels.size:
         error = ["class"]
     else:
@@ -129,12 +153,14 @@ def fuzz_sparse(data):
         error = None if valid.all() else ["label value"]
 
     def call():
-        return txo.ops.sparse_crossentropy(labels, p, from_logits, ls, ignore_class, axis)
+        return txo.ops.sparse_crossentropy(
+            labels, p, from_logits, ls, ignore_class, axis, **_options(c)
+        )
 
     def reference():
-        return ref.sparse(labels, p, from_logits, ls, ignore_class, axis)
+        return ref.sparse(labels, p, from_logits, ls, ignore_class, axis, **_options(c))
 
-    _check(error, call, reference, f"sparse {dtype} {shape} axis={axis} ls={ls}")
+    _check(error, call, reference, f"sparse {dtype} {shape} axis={axis} {c}")
 
 
 def fuzz_dense(data):
@@ -153,22 +179,22 @@ def fuzz_dense(data):
         error = ["rank"]
     elif _bad_axis(axis, rank):
         error = ["axis"]
+    elif _coefficient_error(c):
+        error = _coefficient_error(c)
     elif label_shape != shape:
         error = ["shape"]
-    elif not 0.0 <= ls <= 1.0:
-        error = ["label_smoothing"]
     elif shape[axis] == 0 and np.prod([d for i, d in enumerate(shape) if i != axis % rank]) > 0:
         error = ["class"]
     else:
         error = None
 
     def call():
-        return txo.ops.dense_crossentropy(labels, p, from_logits, ls, axis)
+        return txo.ops.dense_crossentropy(labels, p, from_logits, ls, axis, **_options(c))
 
     def reference():
-        return ref.dense(labels, p, from_logits, ls, axis)
+        return ref.dense(labels, p, from_logits, ls, axis, **_options(c))
 
-    _check(error, call, reference, f"dense {dtype} {shape} axis={axis} ls={ls}")
+    _check(error, call, reference, f"dense {dtype} {shape} axis={axis} {c}")
 
 
 def fuzz_raw_grad_ops(data):
@@ -184,7 +210,9 @@ def fuzz_raw_grad_ops(data):
     lse, grad = tf.zeros(dims["lse"]), tf.ones(dims["grad"])
     consistent = dims["labels"] == dims["lse"] == dims["grad"] == (n,) and (c > 0 or n == 0)
     try:
-        out = library.tf_xent_sparse_xent_grad(predictions, labels, lse, grad, from_logits=True)
+        out = library.tf_xent_sparse_xent_grad(
+            predictions, labels, lse, grad, from_logits=True, **coefficients()
+        )
     except ERRORS as e:
         assert not consistent, f"consistent shapes raised {e!r}"
         assert any(w in str(e).lower() for w in ("shape", "rank", "class", "dimension")), str(e)

@@ -10,13 +10,14 @@ from typing import NamedTuple
 import ml_dtypes
 import numpy as np
 
-# The ops take label_smoothing and epsilon as TensorFlow `float` attributes
-# (there are no double attributes), so the references round them the same way.
 EPSILON = 1e-7
 
 
-def as_attr(x):
-    return float(np.float32(x))
+def as_coefficient(x, dtype):
+    """A float argument as the ops carry it: in the loss dtype, so exact with
+    float64 predictions and rounded to float32 with the others."""
+    exact = dtype == "float64" if isinstance(dtype, str) else np.dtype(dtype) == np.float64
+    return float(x) if exact else float(np.float32(x))
 
 
 NUMPY_DTYPES = {
@@ -31,20 +32,56 @@ HALF_ULP = {"float16": 2.0**-11, "bfloat16": 2.0**-8}
 
 def _logsumexp(z):
     m = np.max(z, axis=-1, keepdims=True, initial=-np.inf)
-    return (m + np.log(np.sum(np.exp(z - m), axis=-1, keepdims=True)))[..., 0]
+    with np.errstate(invalid="ignore"):
+        return (m + np.log(np.sum(np.exp(z - m), axis=-1, keepdims=True)))[..., 0]
 
 
-def dense(labels, predictions, from_logits, label_smoothing=0.0, axis=-1, epsilon=EPSILON):
+def soft_cap(z, logit_soft_cap):
+    """z' = cap * tanh(z / cap) (-cap for -inf), or z without a cap."""
+    if not logit_soft_cap:
+        return z
+    return logit_soft_cap * np.tanh(z / logit_soft_cap)
+
+
+def _z_loss(lse, z_loss):
+    return z_loss * lse**2 if z_loss else np.zeros_like(lse)
+
+
+def _coefficients(predictions, label_smoothing, epsilon, z_loss=0.0, logit_soft_cap=None):
+    dtype = np.asarray(predictions).dtype
+    return (
+        as_coefficient(label_smoothing, dtype),
+        as_coefficient(epsilon, dtype),
+        as_coefficient(z_loss, dtype),
+        as_coefficient(logit_soft_cap, dtype) if logit_soft_cap else 0.0,
+    )
+
+
+def dense(
+    labels,
+    predictions,
+    from_logits,
+    label_smoothing=0.0,
+    axis=-1,
+    epsilon=EPSILON,
+    z_loss=0.0,
+    logit_soft_cap=None,
+):
     """Per-position loss with dense labels; smoothing over the classes on `axis`."""
-    label_smoothing, epsilon = as_attr(label_smoothing), as_attr(epsilon)
+    ls, epsilon, z_loss, cap = _coefficients(
+        predictions, label_smoothing, epsilon, z_loss, logit_soft_cap
+    )
     y = np.moveaxis(np.asarray(labels, np.float64), axis, -1)
     p = np.moveaxis(np.asarray(predictions).astype(np.float64), axis, -1)
-    t = y * (1.0 - label_smoothing) + label_smoothing / max(p.shape[-1], 1)
+    t = y * (1.0 - ls) + ls / max(p.shape[-1], 1)
     if from_logits:
-        lse = _logsumexp(p)[..., None]
+        z = soft_cap(p, cap)
+        lse = _logsumexp(z)
         # Zero targets carry no mass, even against a -inf logit.
         with np.errstate(invalid="ignore"):
-            return np.sum(np.where(t != 0, t * (lse - p), 0.0), axis=-1)
+            return np.sum(np.where(t != 0, t * (lse[..., None] - z), 0.0), axis=-1) + _z_loss(
+                lse, z_loss
+            )
     # An all-zero row normalizes to NaN, as it does in Keras.
     with np.errstate(invalid="ignore"):
         q = np.clip(p / np.sum(p, axis=-1, keepdims=True), epsilon, 1.0 - epsilon)
@@ -59,21 +96,35 @@ def sparse(
     ignore_class=None,
     axis=-1,
     epsilon=EPSILON,
+    z_loss=0.0,
+    logit_soft_cap=None,
 ):
     """Per-position loss with integer labels."""
-    label_smoothing, epsilon = as_attr(label_smoothing), as_attr(epsilon)
+    ls, epsilon, z_loss, cap = _coefficients(
+        predictions, label_smoothing, epsilon, z_loss, logit_soft_cap
+    )
     p = np.moveaxis(np.asarray(predictions).astype(np.float64), axis, -1)
     labels = np.asarray(labels).astype(np.int64).reshape(p.shape[:-1])
-    z = p if from_logits else np.log(np.clip(p, epsilon, 1.0 - epsilon))
+    z = soft_cap(p, cap) if from_logits else np.log(np.clip(p, epsilon, 1.0 - epsilon))
     num_classes = p.shape[-1]
     valid = np.ones(labels.shape, bool) if ignore_class is None else labels != ignore_class
     safe = np.where(valid, labels, 0)
-    neg_log_softmax = _logsumexp(z)[..., None] - z
+    lse = _logsumexp(z)
+    neg_log_softmax = lse[..., None] - z
     at_label = np.take_along_axis(neg_log_softmax, safe[..., None], axis=-1)[..., 0]
-    loss = (1.0 - label_smoothing) * at_label
-    if label_smoothing and num_classes:  # only then do other classes carry target mass
-        loss = loss + label_smoothing / num_classes * np.sum(neg_log_softmax, axis=-1)
+    loss = (1.0 - ls) * at_label
+    if ls and num_classes:  # only then do other classes carry target mass
+        loss = loss + ls / num_classes * np.sum(neg_log_softmax, axis=-1)
+    if from_logits:
+        loss = loss + _z_loss(lse, z_loss)
     return np.where(valid, loss, 0.0)
+
+
+def log_sum_exp(predictions, axis=-1, logit_soft_cap=None):
+    """Per-position log-sum-exp of the (capped) logits along `axis`."""
+    cap = as_coefficient(logit_soft_cap, np.asarray(predictions).dtype) if logit_soft_cap else 0
+    z = np.moveaxis(np.asarray(predictions).astype(np.float64), axis, -1)
+    return _logsumexp(soft_cap(z, cap))
 
 
 def _log_softmax(z):
@@ -103,26 +154,56 @@ class Gradient(NamedTuple):
     scale: np.ndarray
 
 
-def dense_gradients(labels, predictions, from_logits, label_smoothing=0.0, epsilon=EPSILON):
+def _through_cap(gradient, p, cap):
+    """The gradient with respect to the logits z from the one with respect to
+    z' = cap * tanh(z / cap): times 1 - tanh^2, whose terms (1 and tanh^2)
+    have size up to 2, so its rounding is absolute."""
+    if not cap:
+        return gradient
+    tanh = np.tanh(p / cap)
+    return Gradient(gradient.value * (1.0 - tanh**2), gradient.scale * (1.0 + tanh**2))
+
+
+def _logits_gradient(z, t, lse, z_loss):
+    """softmax(z) (sum(t) + 2 z_loss lse) - t: the gradient of
+    sum(t (lse - z)) + z_loss lse^2 with respect to z, and its scale."""
+    with np.errstate(invalid="ignore"):
+        weight = t.sum(-1, keepdims=True) + 2.0 * z_loss * lse
+        weighted = np.exp(z - lse) * weight
+    return Gradient(weighted - t, _softmax_scale(weighted, lse) + np.abs(t))
+
+
+def dense_gradients(
+    labels,
+    predictions,
+    from_logits,
+    label_smoothing=0.0,
+    epsilon=EPSILON,
+    z_loss=0.0,
+    logit_soft_cap=None,
+):
     """Gradients of `dense` for [N, C] inputs and an upstream gradient of one
     per row, with respect to the predictions and to the labels, in closed
-    form: for logits softmax(z) sum(t) - t and -(1 - ls) log_softmax(z); for
+    form: for logits (z' the capped logits) softmax(z') (sum(t) + 2 z_loss
+    lse) - t through the cap, and -(1 - ls) log_softmax(z'); for
     probabilities (q = p / s, m the clip mask, A = sum of t over m)
     A / s - m t / p and -(1 - ls) log(clip(q))."""
-    label_smoothing, epsilon = as_attr(label_smoothing), as_attr(epsilon)
+    ls, epsilon, z_loss, cap = _coefficients(
+        predictions, label_smoothing, epsilon, z_loss, logit_soft_cap
+    )
     y = np.asarray(labels, np.float64)
     p = np.asarray(predictions).astype(np.float64)
-    on = 1.0 - label_smoothing
-    t = y * on + label_smoothing / max(p.shape[-1], 1)
+    on = 1.0 - ls
+    t = y * on + ls / max(p.shape[-1], 1)
     with np.errstate(invalid="ignore", divide="ignore"):
         if from_logits:
-            lse = _logsumexp(p)[..., None]
-            weighted = np.exp(p - lse) * t.sum(-1, keepdims=True)
+            z = soft_cap(p, cap)
+            lse = _logsumexp(z)[..., None]
             # lse = m + log(s), s = sum exp(z - m) >= 1: the relative rounding
             # of s is absolute in its log, so -log_softmax errs by the ulps of
             # 1 even where it is near zero (the max of a near-certain row).
-            wrt_labels = Gradient(-on * (p - lse), on * (np.abs(lse) + np.abs(p) + 1.0))
-            return Gradient(weighted - t, _softmax_scale(weighted, lse) + np.abs(t)), wrt_labels
+            wrt_labels = Gradient(-on * (z - lse), on * (np.abs(lse) + np.abs(z) + 1.0))
+            return _through_cap(_logits_gradient(z, t, lse, z_loss), p, cap), wrt_labels
         s = p.sum(-1, keepdims=True)
         q = p / s
         mask = _clip_mask(q, epsilon)
@@ -134,26 +215,39 @@ def dense_gradients(labels, predictions, from_logits, label_smoothing=0.0, epsil
 
 
 def sparse_gradient(
-    labels, predictions, from_logits, label_smoothing=0.0, ignore_class=None, epsilon=EPSILON
+    labels,
+    predictions,
+    from_logits,
+    label_smoothing=0.0,
+    ignore_class=None,
+    epsilon=EPSILON,
+    z_loss=0.0,
+    logit_soft_cap=None,
 ):
     """Gradient of `sparse` with respect to [N, C] predictions for an upstream
-    gradient of one per row: softmax(z) - t with respect to z, where z = p for
-    logits and log(clip(p)) for probabilities (then times m / p, m the clip
-    mask); zero in ignored rows."""
-    label_smoothing, epsilon = as_attr(label_smoothing), as_attr(epsilon)
+    gradient of one per row: softmax(z) (1 + 2 z_loss lse) - t with respect
+    to z, where z is the (capped) logits, then through the cap, or
+    log(clip(p)) for probabilities (then times m / p, m the clip mask); zero
+    in ignored rows."""
+    ls, epsilon, z_loss, cap = _coefficients(
+        predictions, label_smoothing, epsilon, z_loss, logit_soft_cap
+    )
     p = np.asarray(predictions).astype(np.float64)
     labels = np.asarray(labels).astype(np.int64)
     valid = np.ones(labels.shape, bool) if ignore_class is None else labels != ignore_class
-    t = np.full(p.shape, label_smoothing / p.shape[-1])
+    t = np.full(p.shape, ls / p.shape[-1])
     rows = np.flatnonzero(valid)
-    t[rows, labels[rows]] += 1.0 - label_smoothing
+    t[rows, labels[rows]] += 1.0 - ls
     with np.errstate(invalid="ignore", divide="ignore"):
-        z = p if from_logits else np.log(np.clip(p, epsilon, 1.0 - epsilon))
-        softmax = np.exp(_log_softmax(z))
         if from_logits:
-            grad = softmax - t
-            scale = _softmax_scale(softmax, _logsumexp(z)[..., None]) + t
+            z = soft_cap(p, cap)
+            gradient = _through_cap(
+                _logits_gradient(z, t, _logsumexp(z)[..., None], z_loss), p, cap
+            )
+            grad, scale = gradient.value, gradient.scale
         else:
+            z = np.log(np.clip(p, epsilon, 1.0 - epsilon))
+            softmax = np.exp(_log_softmax(z))
             mask = _clip_mask(p, epsilon)
             grad = np.where(mask, (softmax - t) / p, 0.0)
             scale = np.where(mask, (softmax + t) / p, 0.0)
@@ -186,7 +280,7 @@ def dense_second_order(
     for probabilities (q = p / S, m the clip mask, A = sum of t over m)
     m t v / p^2 - A sum(v) / S^2, (1 - ls) m (sum(v) / S - v / p) and
     (1 - ls) (<m, u> / S - m u / p)."""
-    label_smoothing, epsilon = as_attr(label_smoothing), as_attr(epsilon)
+    label_smoothing, epsilon, _, _ = _coefficients(predictions, label_smoothing, epsilon)
     y = np.asarray(labels, np.float64)
     p = np.asarray(predictions).astype(np.float64)
     v, u = np.asarray(v, np.float64), np.asarray(u, np.float64)
@@ -227,7 +321,7 @@ def sparse_second_order(
     """Closed forms, zero in ignored rows: for logits s (v - <s, v>) (s the
     softmax); for probabilities (m the clip mask, S the sum of the clipped
     row) m (t v / p^2 - <m, v> / S^2)."""
-    label_smoothing, epsilon = as_attr(label_smoothing), as_attr(epsilon)
+    label_smoothing, epsilon, _, _ = _coefficients(predictions, label_smoothing, epsilon)
     p = np.asarray(predictions).astype(np.float64)
     v = np.asarray(v, np.float64)
     labels = np.asarray(labels).astype(np.int64)
@@ -308,3 +402,26 @@ def tolerance(dtype):
     """(rtol, atol) for losses against the float64 reference on the same
     (already rounded) inputs: 16-bit inputs are accumulated in float32."""
     return {"float64": (1e-10, 1e-10)}.get(dtype, (2e-5, 2e-5))
+
+
+def predictions(rng, shape, from_logits, dtype="float32", axis=-1):
+    """Logits, or probabilities along `axis`."""
+    if from_logits:
+        return logits(rng, shape, dtype)
+    return probabilities(rng, shape, dtype, axis=axis)
+
+
+def sample_weight(rng, kind, batch_shape):
+    """Sample weights of one of the shapes Keras takes: None, "scalar",
+    "per_sample", "per_sample_column" or "per_position"."""
+    if kind is None:
+        return None
+    if kind == "scalar":
+        return np.float32(rng.uniform(0.1, 2.0))
+    if kind == "per_sample":
+        return rng.uniform(0.0, 2.0, size=batch_shape[:1]).astype(np.float32)
+    if kind == "per_sample_column":
+        return rng.uniform(0.0, 2.0, size=batch_shape[:1] + (1,)).astype(np.float32)
+    if kind == "per_position":
+        return rng.uniform(0.0, 2.0, size=batch_shape).astype(np.float32)
+    raise ValueError(kind)

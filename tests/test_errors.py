@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import reference as ref
 import tensorflow as tf
+from raw_ops import coefficients
 from tf_xent_ops._load import library
 
 import tf_xent_ops as txo
@@ -37,7 +38,12 @@ def test_label_out_of_range_in_gradient_op(rng):
     p = tf.constant(ref.logits(rng, (2, 3), "float32"))
     with pytest.raises(tf.errors.InvalidArgumentError, match="outside the valid range"):
         library.tf_xent_sparse_xent_grad(
-            p, tf.constant([0, 3], tf.int64), tf.zeros([2]), tf.ones([2]), from_logits=True
+            p,
+            tf.constant([0, 3], tf.int64),
+            tf.zeros([2]),
+            tf.ones([2]),
+            from_logits=True,
+            **coefficients(),
         )
 
 
@@ -98,13 +104,13 @@ def test_zero_classes():
     [
         (
             lambda: library.tf_xent_sparse_xent(
-                tf.zeros([2, 3]), tf.zeros([3], tf.int64), Tloss=tf.float32
+                tf.zeros([2, 3]), tf.zeros([3], tf.int64), **coefficients()
             ),
             "Dimensions must be equal|must have shape",
         ),
         (
             lambda: library.tf_xent_sparse_xent(
-                tf.zeros([2, 3, 1]), tf.zeros([2], tf.int64), Tloss=tf.float32
+                tf.zeros([2, 3, 1]), tf.zeros([2], tf.int64), **coefficients()
             ),
             "must be rank 2|must be 2-D",
         ),
@@ -112,35 +118,74 @@ def test_zero_classes():
             # Eagerly, the kernel lookup fails first and lists the valid T/Tloss
             # pairs; in a graph, the shape function says it in words.
             lambda: library.tf_xent_sparse_xent(
-                tf.zeros([2, 3]), tf.zeros([2], tf.int64), Tloss=tf.float64
+                tf.zeros([2, 3]), tf.zeros([2], tf.int64), **coefficients(tf.float64)
             ),
             "Tloss",
         ),
         (
-            lambda: library.tf_xent_dense_xent(tf.zeros([2, 3]), tf.zeros([2, 4])),
+            lambda: library.tf_xent_dense_xent(
+                tf.zeros([2, 3]), tf.zeros([2, 4]), **coefficients()
+            ),
             "Dimensions must be equal|must have shape",
         ),
         (
             lambda: library.tf_xent_dense_xent_grad(
-                tf.zeros([2, 3]), tf.zeros([2, 3]), tf.zeros([2, 3]), tf.zeros([2])
+                tf.zeros([2, 3]),
+                tf.zeros([2, 3]),
+                tf.zeros([2, 3]),
+                tf.zeros([2]),
+                **coefficients(),
             ),
             "must be 4|must have shape",
         ),
         (
             lambda: library.tf_xent_dense_xent_labels_grad(
-                tf.zeros([2, 3]), tf.zeros([2, 2]), tf.zeros([5])
+                tf.zeros([2, 3]), tf.zeros([2, 2]), tf.zeros([5]), **coefficients()
             ),
             "Dimensions must be equal|must have shape",
         ),
         (
             lambda: library.tf_xent_sparse_xent(
-                tf.zeros([2, 3]), tf.zeros([2], tf.int64), Tloss=tf.float32, label_smoothing=2.0
+                tf.zeros([2, 3]), tf.zeros([2], tf.int64), **coefficients(label_smoothing=2.0)
             ),
             r"label_smoothing must be in \[0, 1\]",
         ),
         (
-            lambda: library.tf_xent_dense_xent(tf.zeros([2, 3]), tf.zeros([2, 3]), epsilon=0.9),
+            lambda: library.tf_xent_dense_xent(
+                tf.zeros([2, 3]), tf.zeros([2, 3]), **coefficients(epsilon=0.9)
+            ),
             r"epsilon must be in \[0, 0.5\]",
+        ),
+        (
+            lambda: library.tf_xent_dense_xent(
+                tf.zeros([2, 3]), tf.zeros([2, 3]), **coefficients(z_loss=-1.0)
+            ),
+            "z_loss must be finite and >= 0",
+        ),
+        (
+            lambda: library.tf_xent_sparse_xent(
+                tf.zeros([2, 3]),
+                tf.zeros([2], tf.int64),
+                **coefficients(logit_soft_cap=float("inf")),
+            ),
+            "logit_soft_cap must be finite and >= 0",
+        ),
+        (
+            lambda: library.tf_xent_sparse_xent(
+                tf.zeros([2, 3]),
+                tf.zeros([2], tf.int64),
+                from_logits=False,
+                **coefficients(z_loss=0.1),
+            ),
+            "apply to logits only",
+        ),
+        (
+            lambda: library.tf_xent_dense_xent(
+                tf.zeros([2, 3]),
+                tf.zeros([2, 3]),
+                **{**coefficients(), "z_loss": tf.zeros([2])},
+            ),
+            "z_loss must be a scalar|must be rank 0",
         ),
     ],
 )
@@ -154,7 +199,7 @@ def test_loss_type_mismatch_in_graph():
     @tf.function
     def f():
         return library.tf_xent_sparse_xent(
-            tf.zeros([2, 3]), tf.zeros([2], tf.int64), Tloss=tf.float64
+            tf.zeros([2, 3]), tf.zeros([2], tf.int64), **coefficients(tf.float64)
         )
 
     with pytest.raises(ValueError, match="Tloss must be float for predictions of type float"):
@@ -164,7 +209,7 @@ def test_loss_type_mismatch_in_graph():
 def test_raw_op_validation_in_graph_with_unknown_shapes():
     @tf.function(input_signature=[tf.TensorSpec(None, tf.float32), tf.TensorSpec(None, tf.int64)])
     def f(p, y):
-        return library.tf_xent_sparse_xent(p, y, Tloss=tf.float32)
+        return library.tf_xent_sparse_xent(p, y, **coefficients())
 
     with pytest.raises(tf.errors.InvalidArgumentError, match="must be 2-D"):
         f(tf.zeros([2, 3, 4]), tf.zeros([2], tf.int64))

@@ -108,7 +108,10 @@ def _run(device, fn, y, p):
 @pytest.mark.parametrize("sparse", [True, False])
 @pytest.mark.parametrize("from_logits", [True, False])
 @pytest.mark.parametrize("num_classes", [2, 1000, 50000])
-def test_gpu_kernels_match_cpu_kernels(rng, dtype, sparse, from_logits, num_classes):
+@pytest.mark.parametrize("options", [{}, {"z_loss": 1e-3, "logit_soft_cap": 5.0}], ids=str)
+def test_gpu_kernels_match_cpu_kernels(rng, dtype, sparse, from_logits, num_classes, options):
+    if options and not from_logits:
+        pytest.skip("z-loss and soft cap apply to logits only")
     shape = (37, num_classes)
     p = tf.constant(
         ref.logits(rng, shape, dtype) if from_logits else ref.probabilities(rng, shape, dtype)
@@ -120,7 +123,7 @@ def test_gpu_kernels_match_cpu_kernels(rng, dtype, sparse, from_logits, num_clas
         y = tf.constant(labels.astype(np.int32 if num_classes == 1000 else np.int64))
 
         def fn(y, p):
-            return txo.ops.sparse_crossentropy(y, p, from_logits, 0.1, ignore_class=-1)
+            return txo.ops.sparse_crossentropy(y, p, from_logits, 0.1, ignore_class=-1, **options)
 
     else:
         # Soft rows and one-hot rows (whose logits backward reads no labels).
@@ -129,7 +132,7 @@ def test_gpu_kernels_match_cpu_kernels(rng, dtype, sparse, from_logits, num_clas
         y = tf.constant(dense)
 
         def fn(y, p):
-            return txo.ops.dense_crossentropy(y, p, from_logits, 0.1)
+            return txo.ops.dense_crossentropy(y, p, from_logits, 0.1, **options)
 
     cpu = _run("/cpu:0", fn, y, p)
     gpu = _run("/gpu:0", fn, y, p)

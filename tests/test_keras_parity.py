@@ -14,26 +14,6 @@ REDUCTIONS = ["sum_over_batch_size", "sum", "mean", "mean_with_sample_weight", N
 RTOL, ATOL = 2e-5, 2e-6
 
 
-def _inputs(rng, shape, from_logits, dtype="float32", axis=-1):
-    if from_logits:
-        return ref.logits(rng, shape, dtype)
-    return ref.probabilities(rng, shape, dtype, axis=axis)
-
-
-def _sample_weight(rng, kind, batch_shape):
-    if kind is None:
-        return None
-    if kind == "scalar":
-        return np.float32(rng.uniform(0.1, 2.0))
-    if kind == "per_sample":
-        return rng.uniform(0.0, 2.0, size=batch_shape[:1]).astype(np.float32)
-    if kind == "per_sample_column":
-        return rng.uniform(0.0, 2.0, size=batch_shape[:1] + (1,)).astype(np.float32)
-    if kind == "per_position":
-        return rng.uniform(0.0, 2.0, size=batch_shape).astype(np.float32)
-    raise ValueError(kind)
-
-
 def _close(actual, expected, rtol=RTOL, atol=ATOL):
     actual, expected = np.asarray(actual), np.asarray(expected)
     assert actual.shape == expected.shape
@@ -46,9 +26,9 @@ def _close(actual, expected, rtol=RTOL, atol=ATOL):
 @pytest.mark.parametrize("weights", [None, "scalar", "per_sample", "per_sample_column"])
 def test_categorical_loss_class(rng, reduction, from_logits, label_smoothing, weights):
     shape = (16, 10)
-    p = _inputs(rng, shape, from_logits)
+    p = ref.predictions(rng, shape, from_logits)
     y = ref.soft_labels(rng, shape)
-    sw = _sample_weight(rng, weights, shape[:1])
+    sw = ref.sample_weight(rng, weights, shape[:1])
     kwargs = dict(from_logits=from_logits, label_smoothing=label_smoothing, reduction=reduction)
     ours = txo.losses.CategoricalCrossentropy(**kwargs)(y, p, sample_weight=sw)
     theirs = keras.losses.CategoricalCrossentropy(**kwargs)(y, p, sample_weight=sw)
@@ -61,11 +41,11 @@ def test_categorical_loss_class(rng, reduction, from_logits, label_smoothing, we
 @pytest.mark.parametrize("weights", [None, "scalar", "per_sample"])
 def test_sparse_loss_class(rng, reduction, from_logits, ignore_class, weights):
     shape = (24, 7)
-    p = _inputs(rng, shape, from_logits)
+    p = ref.predictions(rng, shape, from_logits)
     y = rng.integers(0, shape[1], size=shape[:1])
     if ignore_class == -1:
         y[rng.uniform(size=y.shape) < 0.3] = -1
-    sw = _sample_weight(rng, weights, shape[:1])
+    sw = ref.sample_weight(rng, weights, shape[:1])
     kwargs = dict(from_logits=from_logits, ignore_class=ignore_class, reduction=reduction)
     ours = txo.losses.SparseCategoricalCrossentropy(**kwargs)(y, p, sample_weight=sw)
     theirs = keras.losses.SparseCategoricalCrossentropy(**kwargs)(y, p, sample_weight=sw)
@@ -79,7 +59,7 @@ def test_loss_classes_other_prediction_dtypes(rng, dtype, sparse, from_logits):
     # Keras casts predictions to the loss dtype (float32) first; upcasting is
     # exact, so the two agree to float32 rounding.
     shape = (12, 33)
-    p = tf.constant(_inputs(rng, shape, from_logits, dtype))
+    p = tf.constant(ref.predictions(rng, shape, from_logits, dtype))
     if sparse:
         y = rng.integers(0, shape[1], size=shape[:1])
         cls_ours, cls_theirs = (
@@ -103,10 +83,10 @@ def test_loss_classes_other_prediction_dtypes(rng, dtype, sparse, from_logits):
 @pytest.mark.parametrize("weights", [None, "per_position"])
 def test_categorical_3d_axes(rng, axis, from_logits, weights):
     shape = (5, 6, 4)
-    p = _inputs(rng, shape, from_logits, axis=axis)
+    p = ref.predictions(rng, shape, from_logits, axis=axis)
     y = ref.soft_labels(rng, shape, axis=axis)
     batch_shape = tuple(d for i, d in enumerate(shape) if i != axis % 3)
-    sw = _sample_weight(rng, weights, batch_shape)
+    sw = ref.sample_weight(rng, weights, batch_shape)
     # Keras smooths with the last dimension's size; without smoothing the
     # semantics agree on every axis.
     ours = txo.losses.CategoricalCrossentropy(from_logits=from_logits, axis=axis)(y, p, sw)
@@ -120,7 +100,7 @@ def test_negative_axis_with_logits(rng, form):
     tf.nn.softmax_cross_entropy_with_logits it calls (TensorFlow 2.21) moves
     the axis last with a tf.range that the negative index leaves empty. Ours
     take it, and give Keras's numbers for the same axis counted from the front."""
-    p = _inputs(rng, (3, 5, 4), from_logits=True)
+    p = ref.predictions(rng, (3, 5, 4), from_logits=True)
     y = ref.soft_labels(rng, (3, 5, 4), axis=1)
     forms = {
         "loss": lambda module, axis: module.losses.CategoricalCrossentropy(
@@ -142,9 +122,9 @@ def test_negative_axis_with_logits(rng, form):
 @pytest.mark.parametrize("ignore_class", [None, 0])
 def test_sparse_segmentation_shapes(rng, from_logits, ignore_class):
     shape = (3, 5, 6, 8)
-    p = _inputs(rng, shape, from_logits)
+    p = ref.predictions(rng, shape, from_logits)
     y = rng.integers(0, shape[-1], size=shape[:-1])
-    sw = _sample_weight(rng, "per_position", shape[:-1])
+    sw = ref.sample_weight(rng, "per_position", shape[:-1])
     kwargs = dict(from_logits=from_logits, ignore_class=ignore_class)
     ours = txo.losses.SparseCategoricalCrossentropy(**kwargs)(y, p, sw)
     theirs = keras.losses.SparseCategoricalCrossentropy(**kwargs)(y, p, sw)
@@ -213,7 +193,7 @@ def test_zero_and_one_sample_batches(rng, n):
 @pytest.mark.parametrize("label_smoothing", [0.0, 0.1])
 def test_functions(rng, from_logits, label_smoothing):
     shape = (9, 6)
-    p = _inputs(rng, shape, from_logits)
+    p = ref.predictions(rng, shape, from_logits)
     y = ref.soft_labels(rng, shape)
     _close(
         txo.categorical_crossentropy(y, p, from_logits, label_smoothing),
@@ -240,7 +220,7 @@ def test_function_dtype_follows_predictions(rng):
 def test_16_bit_functions_round_the_float32_loss_once(rng, dtype, sparse, from_logits):
     # The functions (and the metrics, which call them) give Keras's float32
     # numbers rounded to the predictions' dtype; Keras's compute in that dtype.
-    p = _inputs(rng, (64, 7), from_logits, dtype)
+    p = ref.predictions(rng, (64, 7), from_logits, dtype)
     labels = rng.integers(0, 7, size=64)
     y = labels if sparse else ref.one_hot(labels, 7)
     name = "sparse_categorical_crossentropy" if sparse else "categorical_crossentropy"
@@ -299,7 +279,7 @@ def test_sparse_ignore_class_sets_keras_mask(rng):
 @pytest.mark.parametrize("from_logits", [True, False])
 def test_backend_forms(rng, axis, from_logits):
     shape = (3, 7, 5)
-    p = _inputs(rng, shape, from_logits, axis=axis)
+    p = ref.predictions(rng, shape, from_logits, axis=axis)
     y = ref.soft_labels(rng, shape, axis=axis)
     _close(
         txo.backend.categorical_crossentropy(y, p, from_logits, axis),
@@ -324,7 +304,7 @@ def test_metrics_over_batches(rng, sparse, from_logits):
         ours = txo.metrics.CategoricalCrossentropy(**kwargs, label_smoothing=0.1)
         theirs = keras.metrics.CategoricalCrossentropy(**kwargs, label_smoothing=0.1)
     for step in range(3):
-        p = _inputs(rng, (10, 4), from_logits)
+        p = ref.predictions(rng, (10, 4), from_logits)
         labels = rng.integers(0, 4, size=10)
         y = labels if sparse else ref.one_hot(labels, 4)
         sw = None if step == 0 else rng.uniform(0, 1, size=10).astype(np.float32)
@@ -444,8 +424,8 @@ def _random_configuration(rng):
             labels = ref.soft_labels(rng, shape, axis=axis)
         else:
             labels = ref.one_hot(rng.integers(0, num_classes, size=batch_shape), num_classes, axis)
-        sample_weight = _sample_weight(rng, weights, batch_shape) if batch_shape else None
-        return labels, _inputs(rng, shape, from_logits, dtype, axis=axis), sample_weight
+        sample_weight = ref.sample_weight(rng, weights, batch_shape) if batch_shape else None
+        return labels, ref.predictions(rng, shape, from_logits, dtype, axis=axis), sample_weight
 
     description = f"{name}({kwargs}) predictions {dtype}{list(shape)} sample_weight {weights}"
     losses = (getattr(txo.losses, name), getattr(keras.losses, name))

@@ -13,6 +13,7 @@ float64 over the whole float range and at the special values.
 import numpy as np
 import pytest
 import tensorflow as tf
+from raw_ops import coefficients
 from tf_xent_ops._load import library
 
 # Our AVX-512 exp and log are within 2 ulp; Eigen's, which builds without
@@ -48,10 +49,9 @@ def _kernel_exp(values):
         tf.zeros([n]),
         tf.ones([n]),
         from_logits=True,
-        label_smoothing=0.0,
-        epsilon=1e-7,
         ignore_class=0,
         use_ignore_class=False,
+        **coefficients(),
     )
     return grad.numpy()[:, 1:].reshape(-1)[: values.size]
 
@@ -70,7 +70,7 @@ def _kernel_log(values):
     rows[:, 0] = 0.5  # any value in (0, 1]: the row sum is given, not computed
     stats = _dense_stats(np.ones(n, np.float32), np.zeros(n, np.float32))
     grad = library.tf_xent_dense_xent_labels_grad(
-        rows, stats, tf.ones([n]), from_logits=False, label_smoothing=0.0, epsilon=0.0
+        rows, stats, tf.ones([n]), from_logits=False, **coefficients(epsilon=0.0)
     )
     return -grad.numpy()[:, 1:].reshape(-1)[: values.size]
 
@@ -171,8 +171,7 @@ def test_dense_probs_gradient_clip_mask_equals_division(rng, ulps):
         stats,
         tf.ones([n]),
         from_logits=False,
-        label_smoothing=0.0,
-        epsilon=float(EPS),
+        **coefficients(epsilon=float(EPS)),
     ).numpy()
     expected = _division_mask(y, sums[:, None])
     assert expected.any() and not expected.all()
@@ -188,7 +187,7 @@ def test_dense_probs_forward_clip_mask_equals_division(rng, c):
     small = rng.uniform(0.2, 1.0, (n, c - 1)) * 1e-7 * rng.integers(0, 2, (n, c - 1))
     y = np.concatenate([np.full((n, 1), top), small], axis=1).astype(np.float32)
     _, stats = library.tf_xent_dense_xent(
-        y, np.ones_like(y), from_logits=False, label_smoothing=0.0, epsilon=float(EPS)
+        y, np.ones_like(y), from_logits=False, **coefficients(epsilon=float(EPS))
     )
     stats = stats.numpy()
     expected = _division_mask(y, stats[:, :1]).sum(axis=1).astype(np.float32)
@@ -219,12 +218,11 @@ def test_sparse_probs_small_losses_keep_their_bits(rng, label_smoothing, num_cla
     g = rng.uniform(0.5, 2.0, n).astype(np.float32)
     attrs = dict(
         from_logits=False,
-        label_smoothing=label_smoothing,
-        epsilon=float(EPS),
         ignore_class=0,
         use_ignore_class=False,
+        **coefficients(label_smoothing=label_smoothing, epsilon=float(EPS)),
     )
-    loss, row_sum = library.tf_xent_sparse_xent(p, labels, Tloss=tf.float32, **attrs)
+    loss, row_sum = library.tf_xent_sparse_xent(p, labels, **attrs)
     grad = library.tf_xent_sparse_xent_grad(p, labels, row_sum, g, **attrs).numpy()
 
     x = p.astype(np.float64)

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import reference as ref
 import tensorflow as tf
+from raw_ops import coefficients
 from subprocess_util import run_python
 from tf_xent_ops._load import library
 
@@ -184,7 +185,7 @@ def test_logits_rows_of_every_tail_length(rng, label_smoothing, dtype):
             p[minus_inf & (y == 0)] = -np.inf
         p = p.astype(ref.NUMPY_DTYPES[dtype])
         rtol, atol = ref.tolerance(dtype)
-        ls = ref.as_attr(label_smoothing)
+        ls = ref.as_coefficient(label_smoothing, dtype)
         t = y.astype(np.float64) * (1.0 - ls) + ls / num_classes
         z = p.astype(np.float64)
         softmax = np.exp(z - z.max(-1, keepdims=True))
@@ -245,7 +246,7 @@ def test_logits_rows_whose_max_is_far_from_their_first_packet(rng, label_smoothi
         y = ref.one_hot(labels, num_classes)
         p = p.astype(ref.NUMPY_DTYPES[dtype])
         rtol, atol = ref.tolerance(dtype)
-        ls = ref.as_attr(label_smoothing)
+        ls = ref.as_coefficient(label_smoothing, dtype)
         rows = [0, 1, 2, 3, 4, 5, 6, 8, 10]  # smoothing puts mass on -inf: inf loss
         if not label_smoothing:
             rows += [7, 9]
@@ -295,7 +296,7 @@ def test_dense_logits_rows_with_a_single_nonzero_label(rng, label_smoothing, dty
         y[11, 5] = np.nan
         p = p.astype(ref.NUMPY_DTYPES[dtype])
         rtol, atol = ref.tolerance(dtype)
-        ls = ref.as_attr(label_smoothing)
+        ls = ref.as_coefficient(label_smoothing, dtype)
         z = p.astype(np.float64)
         softmax = np.exp(z - z.max(-1, keepdims=True))
         softmax /= softmax.sum(-1, keepdims=True)
@@ -323,13 +324,13 @@ def test_dense_logits_gradient_with_statistics_that_name_no_class(rng):
     n, c = 5, 300
     p = tf.constant(ref.logits(rng, (n, c), "float32"))
     y = tf.constant(ref.one_hot(rng.integers(0, c, size=n), c))
-    _, stats = library.tf_xent_dense_xent(p, y, from_logits=True)
+    _, stats = library.tf_xent_dense_xent(p, y, from_logits=True, **coefficients())
     g = tf.ones([n])
-    expected = library.tf_xent_dense_xent_grad(p, y, stats, g, from_logits=True)
+    expected = library.tf_xent_dense_xent_grad(p, y, stats, g, from_logits=True, **coefficients())
     stats = stats.numpy()
     np.testing.assert_array_equal(stats[:, 2], np.argmax(y, -1))  # one-hot: recorded
     stats[:, 2] = [c, -5.0, np.nan, 1e30, -np.inf]
-    grad = library.tf_xent_dense_xent_grad(p, y, stats, g, from_logits=True)
+    grad = library.tf_xent_dense_xent_grad(p, y, stats, g, from_logits=True, **coefficients())
     np.testing.assert_allclose(grad, expected, rtol=1e-6, atol=1e-7)
 
 

@@ -14,10 +14,13 @@ LOSSES = [
     txo.losses.SparseCategoricalCrossentropy(
         from_logits=True, ignore_class=-1, axis=1, label_smoothing=0.2, reduction=None
     ),
+    txo.losses.SparseCategoricalCrossentropy(from_logits=True, z_loss=1e-4, logit_soft_cap=30.0),
+    txo.losses.CategoricalCrossentropy(from_logits=True, z_loss=0.5, logit_soft_cap=2.5),
 ]
 METRICS = [
     txo.metrics.CategoricalCrossentropy(name="m", from_logits=True, label_smoothing=0.1, axis=1),
     txo.metrics.SparseCategoricalCrossentropy(from_logits=True, ignore_class=-1, axis=1),
+    txo.metrics.CategoricalCrossentropy(from_logits=True, logit_soft_cap=30.0),
 ]
 
 
@@ -32,12 +35,16 @@ def test_config_round_trip(obj):
 
 
 def test_config_matches_keras_keys():
+    # Keras's keys and values, plus the options Keras does not have.
     ours = txo.losses.CategoricalCrossentropy().get_config()
     theirs = keras.losses.CategoricalCrossentropy().get_config()
-    assert ours == theirs
+    assert ours == {**theirs, "z_loss": 0.0, "logit_soft_cap": None}
     ours_metric = txo.metrics.SparseCategoricalCrossentropy().get_config()
     theirs_metric = keras.metrics.SparseCategoricalCrossentropy().get_config()
-    assert ours_metric == theirs_metric
+    assert ours_metric == {**theirs_metric, "logit_soft_cap": None}
+    # A Keras config is one of ours.
+    clone = txo.losses.CategoricalCrossentropy.from_config(theirs)
+    assert clone.get_config() == ours
 
 
 def test_registered_names():

@@ -37,16 +37,11 @@ def _set_keras_mask(x, mask):
     x._keras_mask = mask
 
 
-def _categorical(y_true, y_pred, from_logits, label_smoothing, axis):
-    """The loss in ops.loss_dtype(y_pred.dtype): the shared body of every form."""
-    if isinstance(axis, bool):
-        raise ValueError(
-            f"`axis` must be of type `int`. Received: axis={axis} of type {type(axis)}"
-        )
-    y_pred = tf.convert_to_tensor(y_pred)
+def warn_if_one_class(y_pred, axis, stacklevel=4):
+    """Keras's warning for a class axis of size 1 (where a binary loss was
+    meant). Keras looks at the last axis whatever `axis` is; this looks at the
+    class axis (a bad `axis` is reported by ops)."""
     rank = y_pred.shape.rank
-    # Keras looks at the last axis whatever `axis` is; this looks at the class
-    # axis (a bad `axis` is reported by ops).
     if rank and isinstance(axis, int) and -rank <= axis < rank and y_pred.shape[axis] == 1:
         warnings.warn(
             "In loss categorical_crossentropy, expected y_pred.shape to be "
@@ -54,15 +49,42 @@ def _categorical(y_true, y_pred, from_logits, label_smoothing, axis):
             f"{axis}. Received: y_pred.shape={y_pred.shape}. "
             "Consider using 'binary_crossentropy' if you only have 2 classes.",
             SyntaxWarning,
-            stacklevel=3,
+            stacklevel=stacklevel,
         )
+
+
+def _categorical(
+    y_true, y_pred, from_logits, label_smoothing, axis, z_loss=0.0, logit_soft_cap=None
+):
+    """The loss in ops.loss_dtype(y_pred.dtype): the shared body of every form."""
+    if isinstance(axis, bool):
+        raise ValueError(
+            f"`axis` must be of type `int`. Received: axis={axis} of type {type(axis)}"
+        )
+    y_pred = tf.convert_to_tensor(y_pred)
+    warn_if_one_class(y_pred, axis)
     y_pred, from_logits = backend.resolve_logits(y_pred, from_logits, "categorical_crossentropy")
     return ops.dense_crossentropy(
-        y_true, y_pred, from_logits=from_logits, label_smoothing=label_smoothing, axis=axis
+        y_true,
+        y_pred,
+        from_logits=from_logits,
+        label_smoothing=label_smoothing,
+        axis=axis,
+        z_loss=z_loss,
+        logit_soft_cap=logit_soft_cap,
     )
 
 
-def _sparse_categorical(y_true, y_pred, from_logits, ignore_class, axis, label_smoothing):
+def _sparse_categorical(
+    y_true,
+    y_pred,
+    from_logits,
+    ignore_class,
+    axis,
+    label_smoothing,
+    z_loss=0.0,
+    logit_soft_cap=None,
+):
     """The loss in ops.loss_dtype(y_pred.dtype), masked where ignored."""
     y_pred = tf.convert_to_tensor(y_pred)
     y_true = tf.convert_to_tensor(y_true)
@@ -76,6 +98,8 @@ def _sparse_categorical(y_true, y_pred, from_logits, ignore_class, axis, label_s
         label_smoothing=label_smoothing,
         ignore_class=ignore_class,
         axis=axis,
+        z_loss=z_loss,
+        logit_soft_cap=logit_soft_cap,
     )
     if ignore_class is not None:
         valid = tf.not_equal(tf.reshape(tf.cast(y_true, tf.int64), tf.shape(loss)), ignore_class)
@@ -84,7 +108,15 @@ def _sparse_categorical(y_true, y_pred, from_logits, ignore_class, axis, label_s
 
 
 @keras.saving.register_keras_serializable(package=_PACKAGE)
-def categorical_crossentropy(y_true, y_pred, from_logits=False, label_smoothing=0.0, axis=-1):
+def categorical_crossentropy(
+    y_true,
+    y_pred,
+    from_logits=False,
+    label_smoothing=0.0,
+    axis=-1,
+    z_loss=0.0,
+    logit_soft_cap=None,
+):
     """Computes the categorical crossentropy loss with the fused op.
 
     Drop-in for `keras.losses.categorical_crossentropy`. Label smoothing uses
@@ -100,6 +132,14 @@ def categorical_crossentropy(y_true, y_pred, from_logits=False, label_smoothing=
             and `0.9 + 0.1 / num_classes` for target labels.
         axis: Defaults to `-1`. The dimension along which the entropy is
             computed.
+        z_loss: Float >= 0, logits only. Adds `z_loss * lse**2` to each
+            position's loss, `lse` the log-sum-exp of its logits (PaLM's
+            z-loss, which keeps the log-partition near zero; Liger-Kernel's
+            `lse_square_scale`).
+        logit_soft_cap: `None` or a float > 0, logits only. If set, the
+            logits `z` become `logit_soft_cap * tanh(z / logit_soft_cap)`
+            before the softmax (Gemma 2's final-logit soft-capping;
+            keras-hub's `final_logit_soft_cap`).
 
     Returns:
         Categorical crossentropy loss value, in the dtype of `y_pred`.
@@ -114,13 +154,20 @@ def categorical_crossentropy(y_true, y_pred, from_logits=False, label_smoothing=
     [0.0513, 2.3026]
     """
     y_pred = tf.convert_to_tensor(y_pred)
-    loss = _categorical(y_true, y_pred, from_logits, label_smoothing, axis)
+    loss = _categorical(y_true, y_pred, from_logits, label_smoothing, axis, z_loss, logit_soft_cap)
     return tf.cast(loss, y_pred.dtype)
 
 
 @keras.saving.register_keras_serializable(package=_PACKAGE)
 def sparse_categorical_crossentropy(
-    y_true, y_pred, from_logits=False, ignore_class=None, axis=-1, label_smoothing=0.0
+    y_true,
+    y_pred,
+    from_logits=False,
+    ignore_class=None,
+    axis=-1,
+    label_smoothing=0.0,
+    z_loss=0.0,
+    logit_soft_cap=None,
 ):
     """Computes the sparse categorical crossentropy loss with the fused op.
 
@@ -136,6 +183,7 @@ def sparse_categorical_crossentropy(
         axis: Defaults to `-1`. The dimension along which the entropy is
             computed.
         label_smoothing: Float in [0, 1], as for `categorical_crossentropy`.
+        z_loss, logit_soft_cap: As for `categorical_crossentropy`.
 
     Returns:
         Sparse categorical crossentropy loss value, in the dtype of `y_pred`.
@@ -150,12 +198,25 @@ def sparse_categorical_crossentropy(
     [0.0513, 2.3026]
     """
     y_pred = tf.convert_to_tensor(y_pred)
-    loss = _sparse_categorical(y_true, y_pred, from_logits, ignore_class, axis, label_smoothing)
+    loss = _sparse_categorical(
+        y_true, y_pred, from_logits, ignore_class, axis, label_smoothing, z_loss, logit_soft_cap
+    )
     mask = getattr(loss, "_keras_mask", None)
     loss = tf.cast(loss, y_pred.dtype)
     if mask is not None:
         _set_keras_mask(loss, mask)
     return loss
+
+
+def _check_arguments(fn_kwargs):
+    """Raises ValueError for a bad float argument of a loss or metric when it
+    is made, not first inside `fit`."""
+    ops.check_coefficients(
+        fn_kwargs["from_logits"],
+        fn_kwargs.get("label_smoothing", 0.0),
+        fn_kwargs.get("z_loss", 0.0),
+        fn_kwargs.get("logit_soft_cap"),
+    )
 
 
 def _reduce_like_keras_loss(losses, sample_weight, mask, reduction, dtype):
@@ -174,6 +235,7 @@ class _FusedLoss(keras.losses.Loss):
 
     def __init__(self, fn, reduction, name, dtype, **fn_kwargs):
         _require_tensorflow_backend(type(self))
+        _check_arguments(fn_kwargs)
         super().__init__(name=name, reduction=reduction, dtype=dtype)
         self._fn = fn
         self._fn_kwargs = fn_kwargs
@@ -228,6 +290,12 @@ class CategoricalCrossentropy(_FusedLoss):
         name: Optional name for the loss instance.
         dtype: The dtype of the loss's computations. Defaults to `None`, which
             means using `keras.backend.floatx()`.
+        z_loss: Float >= 0, logits only: adds `z_loss * lse**2` to each
+            position's loss, `lse` the log-sum-exp of its logits (PaLM's
+            z-loss; Liger-Kernel's `lse_square_scale`).
+        logit_soft_cap: `None` or a float > 0, logits only: the logits `z`
+            become `logit_soft_cap * tanh(z / logit_soft_cap)` first (Gemma
+            2; keras-hub's `final_logit_soft_cap`).
 
     Example:
 
@@ -262,6 +330,8 @@ class CategoricalCrossentropy(_FusedLoss):
         reduction="sum_over_batch_size",
         name="categorical_crossentropy",
         dtype=None,
+        z_loss=0.0,
+        logit_soft_cap=None,
     ):
         super().__init__(
             _categorical,
@@ -271,6 +341,8 @@ class CategoricalCrossentropy(_FusedLoss):
             from_logits=from_logits,
             label_smoothing=label_smoothing,
             axis=axis,
+            z_loss=z_loss,
+            logit_soft_cap=logit_soft_cap,
         )
 
 
@@ -299,6 +371,7 @@ class SparseCategoricalCrossentropy(_FusedLoss):
         label_smoothing: Float in [0, 1]: the labelled class gets
             `1 - label_smoothing + label_smoothing / num_classes`, the others
             `label_smoothing / num_classes`.
+        z_loss, logit_soft_cap: As for `CategoricalCrossentropy`.
 
     Example:
 
@@ -318,6 +391,13 @@ class SparseCategoricalCrossentropy(_FusedLoss):
     >>> [round(float(v), 4) for v in scce(y_true, y_pred)]
     [0.0513, 2.3026]
 
+    With PaLM's z-loss and Gemma 2's soft cap on the final logits:
+
+    >>> scce = tf_xent_ops.losses.SparseCategoricalCrossentropy(
+    ...     from_logits=True, z_loss=1e-4, logit_soft_cap=30.0)
+    >>> round(float(scce([1], [[1.0, 2.0, 0.5]])), 4)
+    0.466
+
     Usage with the `compile()` API:
 
     ```python
@@ -335,6 +415,8 @@ class SparseCategoricalCrossentropy(_FusedLoss):
         name="sparse_categorical_crossentropy",
         dtype=None,
         label_smoothing=0.0,
+        z_loss=0.0,
+        logit_soft_cap=None,
     ):
         super().__init__(
             _sparse_categorical,
@@ -345,4 +427,6 @@ class SparseCategoricalCrossentropy(_FusedLoss):
             ignore_class=ignore_class,
             axis=axis,
             label_smoothing=label_smoothing,
+            z_loss=z_loss,
+            logit_soft_cap=logit_soft_cap,
         )

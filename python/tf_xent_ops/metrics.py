@@ -15,6 +15,7 @@ class _FusedMetric(keras.metrics.MeanMetricWrapper):
 
     def __init__(self, fn, name, dtype, **fn_kwargs):
         losses._require_tensorflow_backend(type(self))
+        losses._check_arguments(fn_kwargs)
         super().__init__(fn, name=name, dtype=dtype, **fn_kwargs)
         self._fn_kwargs = fn_kwargs
         for key, value in fn_kwargs.items():
@@ -44,6 +45,11 @@ class CategoricalCrossentropy(_FusedMetric):
             are smoothed, meaning the confidence on label values are relaxed.
         axis: (Optional) Defaults to `-1`. The dimension along which entropy
             is computed.
+        logit_soft_cap: (Optional) `None` or a float > 0, logits only: the
+            cross-entropy of the capped logits
+            `logit_soft_cap * tanh(z / logit_soft_cap)`, as the loss with the
+            same cap computes it (no z-loss: a metric measures the
+            cross-entropy).
 
     Example:
 
@@ -69,6 +75,7 @@ class CategoricalCrossentropy(_FusedMetric):
         from_logits=False,
         label_smoothing=0,
         axis=-1,
+        logit_soft_cap=None,
     ):
         super().__init__(
             losses.categorical_crossentropy,
@@ -77,6 +84,7 @@ class CategoricalCrossentropy(_FusedMetric):
             from_logits=from_logits,
             label_smoothing=label_smoothing,
             axis=axis,
+            logit_soft_cap=logit_soft_cap,
         )
 
 
@@ -99,6 +107,11 @@ class SparseCategoricalCrossentropy(_FusedMetric):
             are masked out of the mean.
         axis: (Optional) Defaults to `-1`. The dimension along which entropy
             is computed.
+        logit_soft_cap: (Optional) `None` or a float > 0, logits only: the
+            cross-entropy of the capped logits
+            `logit_soft_cap * tanh(z / logit_soft_cap)`, as the loss with the
+            same cap computes it (no z-loss: a metric measures the
+            cross-entropy).
 
     Example:
 
@@ -122,6 +135,7 @@ class SparseCategoricalCrossentropy(_FusedMetric):
         from_logits=False,
         ignore_class=None,
         axis=-1,
+        logit_soft_cap=None,
     ):
         super().__init__(
             losses.sparse_categorical_crossentropy,
@@ -130,4 +144,5 @@ class SparseCategoricalCrossentropy(_FusedMetric):
             from_logits=from_logits,
             ignore_class=ignore_class,
             axis=axis,
+            logit_soft_cap=logit_soft_cap,
         )

@@ -6,8 +6,9 @@ float32 (float64 for float64 predictions), whatever the prediction dtype:
 16-bit predictions are read directly by the kernels and accumulated in float32.
 """
 
+import math
+
 import keras
-import numpy as np
 import tensorflow as tf
 
 # No public API tells whether a trace is being compiled by XLA (jit_compile=True,
@@ -16,9 +17,10 @@ from tensorflow.python.ops import control_flow_util
 
 from tf_xent_ops._load import library
 
-_COMMON_ATTRS = ("from_logits", "label_smoothing", "epsilon")
-_SPARSE_ATTRS = _COMMON_ATTRS + ("ignore_class", "use_ignore_class")
+_SPARSE_ATTRS = ("from_logits", "ignore_class", "use_ignore_class")
 _LABEL_DTYPES = (tf.int32, tf.int64)
+# The ops' scalar inputs after their tensors, in this order.
+_COEFFICIENTS = ("label_smoothing", "epsilon", "z_loss", "logit_soft_cap")
 
 
 def loss_dtype(dtype):
@@ -38,31 +40,76 @@ def canonicalize_axis(axis, rank):
     return axis % rank
 
 
-def _float_attr(x):
-    """`x` as an op's `float` attribute holds it (there are no double
-    attributes), so that the composites compute with the kernels' values."""
-    return float(np.float32(x))
-
-
-def _check_label_smoothing(label_smoothing):
-    label_smoothing = float(label_smoothing)
+def check_coefficients(from_logits, label_smoothing=0.0, z_loss=0.0, logit_soft_cap=None):
+    """Checks the float arguments of every form, raising ValueError that names
+    the argument; returns them as Python floats (`logit_soft_cap` 0.0 for
+    None). The loss and metric classes call this when they are made."""
+    try:
+        label_smoothing, z_loss = float(label_smoothing), float(z_loss)
+        cap = None if logit_soft_cap is None else float(logit_soft_cap)
+    except (TypeError, ValueError) as e:
+        raise ValueError(
+            "`label_smoothing`, `z_loss` and `logit_soft_cap` must be numbers. Received: "
+            f"label_smoothing={label_smoothing!r}, z_loss={z_loss!r}, "
+            f"logit_soft_cap={logit_soft_cap!r}"
+        ) from e
     if not 0.0 <= label_smoothing <= 1.0:
         raise ValueError(f"`label_smoothing` must be in [0, 1]. Received: {label_smoothing}")
-    return _float_attr(label_smoothing)
+    if not (math.isfinite(z_loss) and z_loss >= 0.0):
+        raise ValueError(f"`z_loss` must be finite and >= 0. Received: z_loss={z_loss}")
+    if cap is not None and not (math.isfinite(cap) and cap > 0.0):
+        raise ValueError(
+            "`logit_soft_cap` must be None or finite and > 0. "
+            f"Received: logit_soft_cap={logit_soft_cap}"
+        )
+    if not from_logits:
+        for name, value, default in (("z_loss", z_loss, 0.0), ("logit_soft_cap", cap, None)):
+            if value != default:
+                raise ValueError(
+                    f"`{name}` applies to logits only, but `from_logits=False`. "
+                    f"Received: {name}={value}"
+                )
+    return label_smoothing, z_loss, cap or 0.0
 
 
-def _check_predictions(predictions):
+def _epsilon(epsilon):
+    """The clip bound of probabilities: `keras.config.epsilon()` at call time
+    unless given."""
+    epsilon = keras.config.epsilon() if epsilon is None else float(epsilon)
+    if not 0.0 <= epsilon <= 0.5:
+        raise ValueError(f"`epsilon` must be in [0, 0.5]. Received: epsilon={epsilon}")
+    return epsilon
+
+
+def _coefficients(dtype, label_smoothing, epsilon, z_loss, logit_soft_cap):
+    """The ops' scalar coefficient inputs in the loss dtype: float64 keeps
+    every bit of the Python floats (a `float` attribute would round them to
+    float32), float32 is what the kernels compute with."""
+    values = (label_smoothing, _epsilon(epsilon), z_loss, logit_soft_cap)
+    return {name: tf.constant(v, dtype) for name, v in zip(_COEFFICIENTS, values, strict=True)}
+
+
+def _check_predictions(predictions, axis):
+    """The predictions as a floating tensor, and `axis` in [0, rank) (or -1
+    where the rank is unknown, which only axis=-1 allows)."""
     predictions = tf.convert_to_tensor(predictions)
     if not predictions.dtype.is_floating:
         raise TypeError(
             "Predictions must be half, bfloat16, float32 or float64. "
             f"Received dtype: {predictions.dtype.name}"
         )
-    if predictions.shape.rank is None or predictions.shape.rank < 1:
-        raise ValueError(
-            f"Predictions must have a known rank of at least 1. Received shape: {predictions.shape}"
-        )
-    return predictions
+    rank = predictions.shape.rank
+    if rank is None:
+        if isinstance(axis, bool) or axis != -1:
+            raise ValueError(
+                f"Predictions of unknown rank need `axis=-1` to find the class axis. "
+                f"Received: axis={axis!r}; give the predictions a known rank "
+                "(e.g. a TensorSpec with a shape) to use another axis."
+            )
+        return predictions, -1
+    if rank < 1:
+        raise ValueError(f"Predictions must have a rank of at least 1. Received shape: {rank}")
+    return predictions, canonicalize_axis(axis, rank)
 
 
 def in_xla_context():
@@ -74,7 +121,7 @@ def in_xla_context():
 
 def _class_axis_last(x, axis):
     rank = x.shape.rank
-    if axis == rank - 1:
+    if axis == -1 or axis == rank - 1:
         return x
     perm = [d for d in range(rank) if d != axis] + [axis]
     return tf.transpose(x, perm)
@@ -91,7 +138,26 @@ def _as_rows(x):
     return rows, batch_shape
 
 
-def dense_crossentropy(labels, predictions, from_logits=False, label_smoothing=0.0, axis=-1):
+def _assert_same_shape(a, b, message):
+    """A runtime check that `a` and `b` have the same shape, where a rank is
+    unknown when the graph is built (known ranks are checked then)."""
+    return tf.debugging.assert_equal(
+        tf.shape(a, out_type=tf.int64), tf.shape(b, out_type=tf.int64), message=message
+    )
+
+
+def dense_crossentropy(
+    labels,
+    predictions,
+    from_logits=False,
+    label_smoothing=0.0,
+    axis=-1,
+    *,
+    z_loss=0.0,
+    logit_soft_cap=None,
+    return_lse=False,
+    epsilon=None,
+):
     """Cross-entropy with dense (one-hot or soft) labels along `axis`.
 
     Same as `keras.losses.categorical_crossentropy` on the TensorFlow backend,
@@ -103,10 +169,19 @@ def dense_crossentropy(labels, predictions, from_logits=False, label_smoothing=0
         predictions: Logits (`from_logits=True`) or probabilities.
         from_logits: Whether `predictions` are logits.
         label_smoothing: Float in [0, 1].
-        axis: The class axis.
+        axis: The class axis (with predictions of unknown rank, only -1).
+        z_loss: Logits only: each position's loss adds
+            `z_loss * log_sum_exp(logits)**2` (PaLM's z-loss).
+        logit_soft_cap: Logits only: if set, the logits `z` become
+            `logit_soft_cap * tanh(z / logit_soft_cap)` first (Gemma 2).
+        return_lse: Logits only: also return each position's log-sum-exp of
+            the (capped) logits, from the same pass, without a gradient.
+        epsilon: Probabilities only: they are clipped to
+            [epsilon, 1 - epsilon]. Defaults to `keras.config.epsilon()`.
 
     Returns:
-        The loss for each position, `predictions.shape` without `axis`.
+        The loss for each position, `predictions.shape` without `axis`; with
+        `return_lse`, the pair (loss, lse).
 
     Example:
 
@@ -116,32 +191,56 @@ def dense_crossentropy(labels, predictions, from_logits=False, label_smoothing=0
     >>> round(float(loss[0]), 4)
     0.4644
     """
-    predictions = _check_predictions(predictions)
-    rank = predictions.shape.rank
-    axis = canonicalize_axis(axis, rank)
-    labels = tf.cast(tf.convert_to_tensor(labels), loss_dtype(predictions.dtype))
-    if labels.shape.rank != rank or not labels.shape.is_compatible_with(predictions.shape):
+    predictions, axis = _check_predictions(predictions, axis)
+    label_smoothing, z_loss, cap = check_coefficients(
+        from_logits, label_smoothing, z_loss, logit_soft_cap
+    )
+    _check_return_lse(return_lse, from_logits)
+    acc_dtype = loss_dtype(predictions.dtype)
+    labels = tf.cast(tf.convert_to_tensor(labels), acc_dtype)
+    known = labels.shape.rank is not None and predictions.shape.rank is not None
+    if known and (
+        labels.shape.rank != predictions.shape.rank
+        or not labels.shape.is_compatible_with(predictions.shape)
+    ):
         raise ValueError(
             "Labels and predictions must have the same shape. "
             f"Received: labels.shape={labels.shape}, predictions.shape={predictions.shape}"
         )
-    label_smoothing = _check_label_smoothing(label_smoothing)
     pred_rows, batch_shape = _as_rows(_class_axis_last(predictions, axis))
-    label_rows, _ = _as_rows(_class_axis_last(labels, axis))
-    attrs = dict(
-        from_logits=bool(from_logits),
-        label_smoothing=label_smoothing,
-        epsilon=_float_attr(keras.config.epsilon()),
-    )
-    if in_xla_context():
-        loss = _composite_dense(pred_rows, label_rows, **attrs)
+    if known:
+        label_rows, _ = _as_rows(_class_axis_last(labels, axis))
     else:
-        loss, _ = library.tf_xent_dense_xent(pred_rows, label_rows, **attrs)
-    return _restore_batch_shape(loss, batch_shape, predictions.shape, axis)
+        check = _assert_same_shape(
+            labels, predictions, "Labels and predictions must have the same shape."
+        )
+        with tf.control_dependencies([check]):
+            label_rows = tf.reshape(labels, tf.shape(pred_rows))
+    coefficients = _coefficients(acc_dtype, label_smoothing, epsilon, z_loss, cap)
+    if in_xla_context():
+        loss, lse = _composite_dense(
+            pred_rows, label_rows, from_logits=bool(from_logits), **coefficients
+        )
+    else:
+        loss, row_stats = library.tf_xent_dense_xent(
+            pred_rows, label_rows, from_logits=bool(from_logits), **coefficients
+        )
+        lse = row_stats[:, 0] if return_lse else None
+    return _per_position(loss, lse, return_lse, batch_shape, predictions.shape, axis)
 
 
 def sparse_crossentropy(
-    labels, predictions, from_logits=False, label_smoothing=0.0, ignore_class=None, axis=-1
+    labels,
+    predictions,
+    from_logits=False,
+    label_smoothing=0.0,
+    ignore_class=None,
+    axis=-1,
+    *,
+    z_loss=0.0,
+    logit_soft_cap=None,
+    return_lse=False,
+    epsilon=None,
 ):
     """Cross-entropy with integer class labels along `axis`, without a one-hot.
 
@@ -158,10 +257,20 @@ def sparse_crossentropy(
         label_smoothing: Float in [0, 1]; the labelled class gets
             `1 - label_smoothing + label_smoothing / num_classes`.
         ignore_class: Optional label value to ignore.
-        axis: The class axis.
+        axis: The class axis (with predictions of unknown rank, only -1).
+        z_loss: Logits only: each position's loss adds
+            `z_loss * log_sum_exp(logits)**2` (PaLM's z-loss; 0 where ignored).
+        logit_soft_cap: Logits only: if set, the logits `z` become
+            `logit_soft_cap * tanh(z / logit_soft_cap)` first (Gemma 2).
+        return_lse: Logits only: also return each position's log-sum-exp of
+            the (capped) logits, from the same pass, without a gradient (0
+            where ignored).
+        epsilon: Probabilities only: they are clipped to
+            [epsilon, 1 - epsilon]. Defaults to `keras.config.epsilon()`.
 
     Returns:
-        The loss for each position, `predictions.shape` without `axis`.
+        The loss for each position, `predictions.shape` without `axis`; with
+        `return_lse`, the pair (loss, lse).
 
     Example:
 
@@ -170,97 +279,152 @@ def sparse_crossentropy(
     ...     [1], [[1.0, 2.0, 0.5]], from_logits=True)
     >>> round(float(loss[0]), 4)
     0.4644
+
+    The z-loss term, for logging, from the log-sum-exp of the same pass:
+
+    >>> loss, lse = tf_xent_ops.ops.sparse_crossentropy(
+    ...     [1], [[1.0, 2.0, 0.5]], from_logits=True, z_loss=1e-4, return_lse=True)
+    >>> round(float(1e-4 * lse[0] ** 2), 7)
+    0.0006073
     """
-    predictions = _check_predictions(predictions)
-    rank = predictions.shape.rank
-    axis = canonicalize_axis(axis, rank)
+    predictions, axis = _check_predictions(predictions, axis)
+    label_smoothing, z_loss, cap = check_coefficients(
+        from_logits, label_smoothing, z_loss, logit_soft_cap
+    )
+    _check_return_lse(return_lse, from_logits)
     labels = tf.convert_to_tensor(labels)
     if labels.dtype not in _LABEL_DTYPES:
         if not (labels.dtype.is_integer or labels.dtype.is_floating or labels.dtype.is_bool):
             raise TypeError(f"Sparse labels must be integers. Received dtype: {labels.dtype.name}")
         labels = tf.cast(labels, tf.int64)
-    if labels.shape.rank == rank and labels.shape[axis] == 1:
-        labels = tf.squeeze(labels, axis=axis)
-    expected = predictions.shape[:axis].concatenate(predictions.shape[axis + 1 :])
-    if labels.shape.rank != rank - 1 or not labels.shape.is_compatible_with(expected):
-        raise ValueError(
-            "Sparse labels must have the shape of the predictions without the class axis "
-            f"(axis={axis}). Received: labels.shape={labels.shape}, "
-            f"predictions.shape={predictions.shape}"
-        )
-    label_smoothing = _check_label_smoothing(label_smoothing)
+    rank = predictions.shape.rank
     pred_rows, batch_shape = _as_rows(_class_axis_last(predictions, axis))
+    if rank is not None and labels.shape.rank is not None:
+        if labels.shape.rank == rank and labels.shape[axis] == 1:
+            labels = tf.squeeze(labels, axis=axis)
+        expected = predictions.shape[:axis].concatenate(predictions.shape[axis + 1 :])
+        if labels.shape.rank != rank - 1 or not labels.shape.is_compatible_with(expected):
+            raise ValueError(
+                "Sparse labels must have the shape of the predictions without the class axis "
+                f"(axis={axis}). Received: labels.shape={labels.shape}, "
+                f"predictions.shape={predictions.shape}"
+            )
+        label_rows = labels if labels.shape.rank == 1 else tf.reshape(labels, [-1])
+    else:
+        # Labels of [..., 1] hold as many elements as [...]: flat, both are
+        # one label per row, which the op checks ([N]).
+        label_rows = tf.reshape(labels, [-1])
     attrs = dict(
         from_logits=bool(from_logits),
-        label_smoothing=label_smoothing,
-        epsilon=_float_attr(keras.config.epsilon()),
         ignore_class=0 if ignore_class is None else int(ignore_class),
         use_ignore_class=ignore_class is not None,
     )
-    label_rows = labels if labels.shape.rank == 1 else tf.reshape(labels, [-1])
+    coefficients = _coefficients(
+        loss_dtype(predictions.dtype), label_smoothing, epsilon, z_loss, cap
+    )
     if in_xla_context():
-        loss = _composite_sparse(pred_rows, label_rows, **attrs)
+        loss, lse = _composite_sparse(pred_rows, label_rows, **attrs, **coefficients)
     else:
-        loss, _ = library.tf_xent_sparse_xent(
-            pred_rows, label_rows, Tloss=loss_dtype(predictions.dtype), **attrs
+        loss, lse = library.tf_xent_sparse_xent(pred_rows, label_rows, **attrs, **coefficients)
+    return _per_position(loss, lse, return_lse, batch_shape, predictions.shape, axis)
+
+
+def _check_return_lse(return_lse, from_logits):
+    if return_lse and not from_logits:
+        raise ValueError(
+            "`return_lse=True` returns the log-sum-exp of logits, but `from_logits=False`."
         )
-    return _restore_batch_shape(loss, batch_shape, predictions.shape, axis)
 
 
-def _composite_dense(predictions, labels, from_logits, label_smoothing, epsilon):
-    """TensorFlow-op version of TfXent>DenseXent's loss, for XLA. Autodiff of it
-    gives the op's gradients."""
+def _per_position(loss, lse, return_lse, batch_shape, predictions_shape, axis):
+    loss = _restore_batch_shape(loss, batch_shape, predictions_shape, axis)
+    if not return_lse:
+        return loss
+    return loss, tf.stop_gradient(_restore_batch_shape(lse, batch_shape, predictions_shape, axis))
+
+
+def _capped_logits(z, logit_soft_cap):
+    """z' = cap * tanh(z / cap) where the cap (a scalar tensor) is > 0."""
+    safe_cap = tf.where(logit_soft_cap > 0, logit_soft_cap, tf.ones_like(logit_soft_cap))
+    return tf.where(logit_soft_cap > 0, safe_cap * tf.tanh(z / safe_cap), z)
+
+
+def _z_loss_term(lse, z_loss):
+    """z_loss * lse^2; 0 without a z-loss, even where lse is infinite."""
+    return tf.where(z_loss > 0, z_loss * tf.square(lse), tf.zeros_like(lse))
+
+
+def _composite_dense(
+    predictions, labels, from_logits, label_smoothing, epsilon, z_loss, logit_soft_cap
+):
+    """TensorFlow-op version of TfXent>DenseXent, for XLA: the loss and the
+    log-sum-exp (for logits). Autodiff of the loss gives the op's gradients."""
     z = tf.cast(predictions, labels.dtype)
     num_classes = tf.cast(tf.shape(z)[-1], z.dtype)
     t = labels * (1.0 - label_smoothing) + label_smoothing / num_classes
     if from_logits:
-        neg_log_softmax = tf.reduce_logsumexp(z, axis=-1, keepdims=True) - z
+        z = _capped_logits(z, logit_soft_cap)
+        lse = tf.reduce_logsumexp(z, axis=-1)
+        neg_log_softmax = lse[:, None] - z
     else:
         q = tf.clip_by_value(z / tf.reduce_sum(z, axis=-1, keepdims=True), epsilon, 1.0 - epsilon)
         neg_log_softmax = -tf.math.log(q)
+        lse = tf.zeros_like(q[:, 0])
     # Zero targets contribute nothing, even against a -inf logit.
-    return tf.reduce_sum(tf.math.multiply_no_nan(neg_log_softmax, t), axis=-1)
+    loss = tf.reduce_sum(tf.math.multiply_no_nan(neg_log_softmax, t), axis=-1)
+    if from_logits:
+        loss += _z_loss_term(lse, z_loss)
+    return loss, lse
 
 
 def _composite_sparse(
-    predictions, labels, from_logits, label_smoothing, epsilon, ignore_class, use_ignore_class
+    predictions,
+    labels,
+    from_logits,
+    label_smoothing,
+    epsilon,
+    z_loss,
+    logit_soft_cap,
+    ignore_class,
+    use_ignore_class,
 ):
-    """TensorFlow-op version of TfXent>SparseXent's loss, for XLA. XLA cannot
-    raise on a bad label, so such rows get NaN (never an out-of-bounds read)."""
+    """TensorFlow-op version of TfXent>SparseXent, for XLA: the loss and the
+    log-sum-exp (for logits; 0 where ignored). XLA cannot raise on a bad
+    label, so such rows get NaN (never an out-of-bounds read)."""
     acc_dtype = loss_dtype(predictions.dtype)
     z = tf.cast(predictions, acc_dtype)
-    if not from_logits:
+    if from_logits:
+        z = _capped_logits(z, logit_soft_cap)
+    else:
         z = tf.math.log(tf.clip_by_value(z, epsilon, 1.0 - epsilon))
     num_classes = tf.shape(z, out_type=labels.dtype)[-1]
     ignored = tf.equal(labels, ignore_class) if use_ignore_class else tf.zeros_like(labels, tf.bool)
     in_range = (labels >= 0) & (labels < num_classes)
     safe_labels = tf.where(in_range, labels, tf.zeros_like(labels))
-    neg_log_softmax = tf.reduce_logsumexp(z, axis=-1, keepdims=True) - z
+    lse = tf.reduce_logsumexp(z, axis=-1)
+    neg_log_softmax = lse[:, None] - z
     loss = (1.0 - label_smoothing) * tf.gather(neg_log_softmax, safe_labels, batch_dims=1)
-    if label_smoothing:
-        loss += (
-            label_smoothing
-            / tf.cast(num_classes, acc_dtype)
-            * tf.reduce_sum(neg_log_softmax, axis=-1)
-        )
+    # Other classes carry target mass only with smoothing (a -inf logit there
+    # would make 0 * inf).
+    smoothing = label_smoothing / tf.cast(num_classes, acc_dtype)
+    loss += tf.where(
+        label_smoothing > 0,
+        smoothing * tf.reduce_sum(neg_log_softmax, axis=-1),
+        tf.zeros_like(loss),
+    )
+    if from_logits:
+        loss += _z_loss_term(lse, z_loss)
     loss = tf.where(in_range | ignored, loss, tf.constant(float("nan"), acc_dtype))
-    return tf.where(ignored, tf.zeros_like(loss), loss)
+    lse = tf.where(ignored, tf.zeros_like(lse), lse if from_logits else tf.zeros_like(lse))
+    return tf.where(ignored, tf.zeros_like(loss), loss), lse
 
 
 def _restore_batch_shape(loss, batch_shape, predictions_shape, axis):
     if batch_shape is not None:
         loss = tf.reshape(loss, batch_shape)
-    loss.set_shape(predictions_shape[:axis].concatenate(predictions_shape[axis + 1 :]))
+    if predictions_shape.rank is not None:
+        loss.set_shape(predictions_shape[:axis].concatenate(predictions_shape[axis + 1 :]))
     return loss
-
-
-def _attrs(op, names):
-    # Eager ops hand back the Python values they were given, not the rounded
-    # ones their kernels ran with.
-    attrs = {name: op.get_attr(name) for name in names}
-    for name in ("label_smoothing", "epsilon"):
-        attrs[name] = _float_attr(attrs[name])
-    return attrs
 
 
 def _skipped(op, index):
@@ -269,31 +433,51 @@ def _skipped(op, index):
     return skip is not None and index in skip
 
 
+def _coefficient_inputs(op):
+    """An op's coefficient inputs (its last four), by name."""
+    return dict(zip(_COEFFICIENTS, op.inputs[-len(_COEFFICIENTS) :], strict=True))
+
+
+def _sparse_attrs(op):
+    return {name: op.get_attr(name) for name in _SPARSE_ATTRS}
+
+
+# The coefficient inputs get no gradient (None): they are hyperparameters.
+_NO_COEFFICIENT_GRADIENTS = [None] * len(_COEFFICIENTS)
+
+
 @tf.RegisterGradient("TfXent>SparseXent")
 def _sparse_xent_grad(op, grad_loss, _):
-    # The log_sum_exp output is an internal statistic: no gradient flows from it.
-    predictions, labels = op.inputs
+    # The normalizer output is an internal statistic: no gradient flows from it.
+    predictions, labels = op.inputs[:2]
     grad = library.tf_xent_sparse_xent_grad(
-        predictions, labels, op.outputs[1], grad_loss, **_attrs(op, _SPARSE_ATTRS)
+        predictions,
+        labels,
+        op.outputs[1],
+        grad_loss,
+        **_coefficient_inputs(op),
+        **_sparse_attrs(op),
     )
-    return [grad, None]
+    return [grad, None] + _NO_COEFFICIENT_GRADIENTS
 
 
 @tf.RegisterGradient("TfXent>DenseXent")
 def _dense_xent_grad(op, grad_loss, _):
-    predictions, labels = op.inputs
-    stats = op.outputs[1]
-    attrs = _attrs(op, _COMMON_ATTRS)
+    predictions, labels = op.inputs[:2]
+    row_stats = op.outputs[1]
+    kwargs = dict(from_logits=op.get_attr("from_logits"), **_coefficient_inputs(op))
     grad_predictions = None
     if not _skipped(op, 0):
         grad_predictions = library.tf_xent_dense_xent_grad(
-            predictions, labels, stats, grad_loss, **attrs
+            predictions, labels, row_stats, grad_loss, **kwargs
         )
     grad_labels = None
     if not _skipped(op, 1):
         # A separate op, so graphs that never use it prune it.
-        grad_labels = library.tf_xent_dense_xent_labels_grad(predictions, stats, grad_loss, **attrs)
-    return [grad_predictions, grad_labels]
+        grad_labels = library.tf_xent_dense_xent_labels_grad(
+            predictions, row_stats, grad_loss, **kwargs
+        )
+    return [grad_predictions, grad_labels] + _NO_COEFFICIENT_GRADIENTS
 
 
 # The fused ops compute first-order gradients. Higher orders (Hessian-vector
@@ -315,40 +499,44 @@ def _backprop_through_gradient(loss_fn, sources, wrt, grad_loss, grad_gradient):
 
 @tf.RegisterGradient("TfXent>SparseXentGrad")
 def _sparse_xent_grad_grad(op, grad_gradient):
-    predictions, labels, _, grad_loss = op.inputs
-    attrs = _attrs(op, _SPARSE_ATTRS)
+    predictions, labels, _, grad_loss = op.inputs[:4]
+    kwargs = dict(**_sparse_attrs(op), **_coefficient_inputs(op))
     grad_predictions, grad_grad_loss = _backprop_through_gradient(
-        lambda z: _composite_sparse(z, labels, **attrs), [predictions], 0, grad_loss, grad_gradient
+        lambda z: _composite_sparse(z, labels, **kwargs)[0],
+        [predictions],
+        0,
+        grad_loss,
+        grad_gradient,
     )
-    return [grad_predictions, None, None, grad_grad_loss]
+    return [grad_predictions, None, None, grad_grad_loss] + _NO_COEFFICIENT_GRADIENTS
 
 
 @tf.RegisterGradient("TfXent>DenseXentGrad")
 def _dense_xent_grad_grad(op, grad_gradient):
-    predictions, labels, _, grad_loss = op.inputs
-    attrs = _attrs(op, _COMMON_ATTRS)
+    predictions, labels, _, grad_loss = op.inputs[:4]
+    kwargs = dict(from_logits=op.get_attr("from_logits"), **_coefficient_inputs(op))
     grad_predictions, grad_labels, grad_grad_loss = _backprop_through_gradient(
-        lambda z, y: _composite_dense(z, y, **attrs),
+        lambda z, y: _composite_dense(z, y, **kwargs)[0],
         [predictions, labels],
         0,
         grad_loss,
         grad_gradient,
     )
-    return [grad_predictions, grad_labels, None, grad_grad_loss]
+    return [grad_predictions, grad_labels, None, grad_grad_loss] + _NO_COEFFICIENT_GRADIENTS
 
 
 @tf.RegisterGradient("TfXent>DenseXentLabelsGrad")
 def _dense_xent_labels_grad_grad(op, grad_gradient):
-    predictions, _, grad_loss = op.inputs
-    attrs = _attrs(op, _COMMON_ATTRS)
+    predictions, _, grad_loss = op.inputs[:3]
+    kwargs = dict(from_logits=op.get_attr("from_logits"), **_coefficient_inputs(op))
     # The loss is linear in the labels, so their gradient does not depend on
     # them and any labels stand in for the ones the op never saw.
     labels = tf.zeros_like(predictions, dtype=grad_loss.dtype)
     grad_predictions, _, grad_grad_loss = _backprop_through_gradient(
-        lambda z, y: _composite_dense(z, y, **attrs),
+        lambda z, y: _composite_dense(z, y, **kwargs)[0],
         [predictions, labels],
         1,
         grad_loss,
         grad_gradient,
     )
-    return [grad_predictions, None, grad_grad_loss]
+    return [grad_predictions, None, grad_grad_loss] + _NO_COEFFICIENT_GRADIENTS

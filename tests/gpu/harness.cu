@@ -33,6 +33,8 @@ struct HarnessParams {
   int32_t from_logits;
   double label_smoothing;
   double epsilon;
+  double z_loss;
+  double logit_soft_cap;
 };
 
 XentParams ToXentParams(const HarnessParams& h) {
@@ -40,8 +42,10 @@ XentParams ToXentParams(const HarnessParams& h) {
   p.num_rows = h.num_rows;
   p.num_classes = h.num_classes;
   p.from_logits = h.from_logits != 0;
-  p.label_smoothing = static_cast<float>(h.label_smoothing);
-  p.epsilon = static_cast<float>(h.epsilon);
+  p.label_smoothing = h.label_smoothing;
+  p.epsilon = h.epsilon;
+  p.z_loss = h.z_loss;
+  p.logit_soft_cap = h.logit_soft_cap;
   p.use_ignore_class = h.use_ignore_class != 0;
   p.ignore_class = h.ignore_class;
   return p;

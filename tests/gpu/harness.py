@@ -201,10 +201,24 @@ class KernelParams(ctypes.Structure):
         ("from_logits", ctypes.c_int32),
         ("label_smoothing", ctypes.c_double),
         ("epsilon", ctypes.c_double),
+        ("z_loss", ctypes.c_double),
+        ("logit_soft_cap", ctypes.c_double),
     ]
 
     @classmethod
-    def make(cls, n, c, from_logits, label_smoothing=0.0, epsilon=1e-7, ignore_class=None):
+    def make(
+        cls,
+        n,
+        c,
+        from_logits,
+        label_smoothing=0.0,
+        epsilon=1e-7,
+        ignore_class=None,
+        z_loss=0.0,
+        logit_soft_cap=None,
+    ):
+        """The coefficients as the op passes them: in the loss type (the
+        caller rounds them to float32 for every type but float64)."""
         return cls(
             num_rows=n,
             num_classes=c,
@@ -213,6 +227,8 @@ class KernelParams(ctypes.Structure):
             from_logits=int(from_logits),
             label_smoothing=label_smoothing,
             epsilon=epsilon,
+            z_loss=z_loss,
+            logit_soft_cap=logit_soft_cap or 0.0,
         )
 
 

@@ -24,6 +24,7 @@ compares with tests/reference.py:
 
 import argparse
 import dataclasses
+import functools
 import os
 import sys
 import time
@@ -58,31 +59,45 @@ class Case:
     num_classes: int
     index_bits: int = 64
     offset_bytes: int = 0  # Rows start this far past a 16-byte boundary.
+    z_loss: float = 0.0
+    logit_soft_cap: float = 0.0  # 0: none
 
     def __str__(self):
         kind = "sparse" if self.sparse else "dense"
         kind += " logits" if self.from_logits else " probs"
         extra = f" int{self.index_bits}" if self.sparse else ""
         extra += f" +{self.offset_bytes}B" if self.offset_bytes else ""
+        extra += f" z_loss={self.z_loss}" if self.z_loss else ""
+        extra += f" cap={self.logit_soft_cap}" if self.logit_soft_cap else ""
         return (
             f"{kind} {self.dtype} ls={self.label_smoothing} "
             f"{self.num_rows}x{self.num_classes}{extra}"
         )
 
 
+# The z-loss and soft cap of the logits cases that have them: z-loss alone at
+# every other shape, with a cap at the others.
+Z_LOSS, LOGIT_SOFT_CAP = 1e-3, 5.0
+
+
 def grid(shapes, dtypes=DTYPES, smoothing=(0.0, 0.1)):
     """Every kind of case at each (num_rows, num_classes) of `shapes`: sparse
-    and dense, logits and probabilities; 16-bit rows off a 16-byte boundary
-    and int32 labels at every other shape."""
+    and dense, logits and probabilities, and logits with a z-loss (and a soft
+    cap at every other shape); 16-bit rows off a 16-byte boundary and int32
+    labels at every other shape."""
     cases = []
     for i, (n, c) in enumerate(shapes):
+        bits = 32 if i % 2 else 64
+        cap = 0.0 if i % 2 else LOGIT_SOFT_CAP
         for dtype in dtypes:
             offset = 2 if i % 2 and dtype in ("float16", "bfloat16") else 0
             for sparse in (True, False):
                 for from_logits in (True, False):
                     for ls in smoothing:
-                        bits = 32 if i % 2 else 64
                         cases.append(Case(sparse, dtype, from_logits, ls, n, c, bits, offset))
+                cases.append(
+                    Case(sparse, dtype, True, smoothing[-1], n, c, bits, offset, Z_LOSS, cap)
+                )
     return cases
 
 
@@ -220,8 +235,17 @@ class _Runner:
             self.t = self.m.put(self.dense_labels.astype(self.acc))
         self.g = self.m.put(self.grad_loss.astype(self.acc))
         ignore_class = IGNORE_CLASS if case.sparse else None
+        # The coefficients as the op passes them: in the loss type.
+        coefficient = functools.partial(ref.as_coefficient, dtype=self.acc)
         self.params = gpu_harness.KernelParams.make(
-            n, c, case.from_logits, case.label_smoothing, ref.EPSILON, ignore_class
+            n,
+            c,
+            case.from_logits,
+            coefficient(case.label_smoothing),
+            coefficient(ref.EPSILON),
+            ignore_class,
+            coefficient(case.z_loss),
+            coefficient(case.logit_soft_cap),
         )
         self.dense_args = (case.dtype, self.params)
         self.sparse_args = (case.dtype, case.index_bits, self.params)
@@ -274,23 +298,26 @@ def run_case(h, rng, case):
         f.equal("labels gradient (poisoned NaN vs 7)", label_grads[0], label_grads[1])
 
     args = (case.from_logits, case.label_smoothing)
+    options = dict(z_loss=case.z_loss, logit_soft_cap=case.logit_soft_cap)
     rtol, atol = ref.tolerance(case.dtype)
     if case.sparse:
         c = case.num_classes
         bad = (labels != IGNORE_CLASS) & ((labels < 0) | (labels >= c))
         ignored = labels == IGNORE_CLASS
         safe = np.where(bad, IGNORE_CLASS, labels)
-        expected = np.where(bad, np.nan, ref.sparse(safe, predictions, *args, IGNORE_CLASS))
+        expected = np.where(
+            bad, np.nan, ref.sparse(safe, predictions, *args, IGNORE_CLASS, **options)
+        )
         f.close("loss", loss, expected, rtol, atol)
-        gradient = ref.sparse_gradient(safe, predictions, *args, IGNORE_CLASS)
+        gradient = ref.sparse_gradient(safe, predictions, *args, IGNORE_CLASS, **options)
         g = grad_loss[:, None]
         f.within("gradient", grads[0], ref.Gradient(g * gradient.value, g * gradient.scale),
                  case.dtype)  # fmt: skip
         if (grads[0][bad | ignored] != 0).any():
             f.messages.append("gradient: rows with a bad or ignored label are not all zero")
     else:
-        f.close("loss", loss, ref.dense(dense_labels, predictions, *args), rtol, atol)
-        wrt_p, wrt_y = ref.dense_gradients(dense_labels, predictions, *args)
+        f.close("loss", loss, ref.dense(dense_labels, predictions, *args, **options), rtol, atol)
+        wrt_p, wrt_y = ref.dense_gradients(dense_labels, predictions, *args, **options)
         g = grad_loss[:, None]
         expected = ref.Gradient(g * wrt_p.value, g * wrt_p.scale)
         f.within("gradient", grads[0], expected, case.dtype)

@@ -174,18 +174,21 @@ LogitsBlockSums<Tacc> ReduceLogitsBlock(const ConstRow<Tacc>& z, int64_t begin,
 template <typename T, typename Tacc>
 class LogitsRowReducer {
  public:
-  explicit LogitsRowReducer(int64_t num_classes)
-      : num_classes_(num_classes),
-        reader_(std::min<int64_t>(num_classes, kSumBlock)),
-        blocks_((num_classes + kSumBlock - 1) / kSumBlock) {}
+  // Rows of the op's logits (soft-capped where it has a cap).
+  explicit LogitsRowReducer(const XentParams& p)
+      : c_(p),
+        num_classes_(p.num_classes),
+        reader_(std::min<int64_t>(num_classes_, kSumBlock), c_.capped),
+        blocks_((num_classes_ + kSumBlock - 1) / kSumBlock) {}
 
   template <typename Weights>
   LogitsRowStats<Tacc> Reduce(const T* row, const Weights& weights) {
     Tacc m = -std::numeric_limits<Tacc>::infinity();
     for (int64_t i = 0; i < static_cast<int64_t>(blocks_.size()); ++i) {
       const int64_t begin = i * kSumBlock;
-      const auto z =
-          reader_.Read(row + begin, std::min(kSumBlock, num_classes_ - begin));
+      const int64_t count = std::min(kSumBlock, num_classes_ - begin);
+      const auto z = c_.capped ? reader_.ReadSoftCapped(row + begin, count, c_)
+                               : reader_.Read(row + begin, count);
       Block& b = blocks_[i];
       const Tacc guess = i == 0 ? LeadingMax(z) : m;
       if (!std::isfinite(guess) ||
@@ -250,28 +253,67 @@ class LogitsRowReducer {
     b->shift = shift;
   }
 
+  const XentConstants<Tacc> c_;
   int64_t num_classes_;
   RowReader<T, Tacc> reader_;
   std::vector<Block> blocks_;
 };
 
-// Writes the logits gradient g_sum_t * softmax(z) - g_t of a row whose scaled
-// targets g_t are g_off but at class k, g_off + g_on_k: the row with g_off
-// throughout, then dx_k moved by -g_on_k. dx may alias the predictions (the
-// op reuses their buffer), and reading x_k before the row is written would
-// wait on memory once per row. Where T is 16-bit, x is the row widened into
-// the reader's buffer, so x_k is still there to form dx_k from, rather than
-// from dx_k rounded to T.
-template <typename T, typename Tacc, typename X>
+// The logits gradient g_sum_t * softmax(z') - g_t of a row (or of one of its
+// elements), from its logits z: without a cap (z' = z)...
+template <typename Tacc>
+struct LogitsGradOf {
+  Tacc g_sum_t, lse;
+  template <typename X, typename GT>
+  auto operator()(const X& z, const GT& g_t) const {
+    return ScaledLogitsGrad(g_sum_t, z, lse, g_t);
+  }
+};
+
+// ... and from t = tanh(z / cap) of soft-capped ones (z' = cap * t).
+template <typename Tacc>
+struct CappedLogitsGradOf {
+  const XentConstants<Tacc>& c;
+  Tacc g_sum_t, lse;
+  template <typename X, typename GT>
+  auto operator()(const X& t, const GT& g_t) const {
+    return CappedLogitsGrad(c, g_sum_t, t, lse, g_t);
+  }
+};
+
+// Calls fn(x, grad) with a row of logits as its gradient needs it: the
+// logits (widened where T is 16-bit) and LogitsGradOf, or, where the op has
+// a soft cap, tanh(z / cap) and CappedLogitsGradOf.
+template <typename T, typename Tacc, typename Fn>
+void WithLogitsGrad(RowReader<T, Tacc>& reader, const T* row,
+                    const XentConstants<Tacc>& c, Tacc g_sum_t, Tacc lse,
+                    const Fn& fn) {
+  if (c.capped) {
+    fn(reader.ReadCapTanh(row, c), CappedLogitsGradOf<Tacc>{c, g_sum_t, lse});
+  } else {
+    fn(reader.Read(row), LogitsGradOf<Tacc>{g_sum_t, lse});
+  }
+}
+
+// Writes the logits gradient grad(x, g_t) of a row whose scaled targets g_t
+// are g_off but at class k, g_off + g_on_k: the row with g_off throughout,
+// then dx_k. dx may alias the predictions (the op reuses their buffer), and
+// reading x_k before the row is written would wait on memory once per row.
+// Where T is 16-bit, x is the row widened into the reader's buffer, so x_k
+// is still there to form dx_k from; float and double logits without a cap
+// move dx_k by -g_on_k.
+template <typename T, typename Tacc, typename X, typename GradOf>
 void WriteOneTargetLogitsGrad(T* dx, const X& x, int64_t num_classes,
-                              Tacc g_sum_t, Tacc lse, Tacc g_off, int64_t k,
+                              const GradOf& grad, Tacc g_off, int64_t k,
                               Tacc g_on_k) {
-  WriteRow(dx, num_classes, ScaledLogitsGrad(g_sum_t, x, lse, g_off));
-  if constexpr (std::is_same_v<T, Tacc>) {
+  if constexpr (std::is_same_v<T, Tacc> &&
+                std::is_same_v<GradOf, LogitsGradOf<Tacc>>) {
+    WriteRow(dx, num_classes, grad(x, g_off));
     dx[k] -= g_on_k;
   } else {
-    dx[k] =
-        static_cast<T>(ScaledLogitsGrad(g_sum_t, x[k], lse, g_off + g_on_k));
+    const Tacc at_k = grad(static_cast<Tacc>(x[k]), g_off + g_on_k);
+    WriteRow(dx, num_classes, grad(x, g_off));
+    dx[k] = static_cast<T>(at_k);
   }
 }
 

@@ -157,6 +157,20 @@ struct VectorReciprocalOp {
 #endif
 };
 
+// tanh, for the soft cap: Eigen's rational approximation (a couple of ulps;
+// NaN stays NaN, +-inf gives +-1), for a single float too, so that a capped
+// logit has the same bits whether a packet or the scalar path computed it.
+struct VectorTanhOp {
+  EIGEN_STRONG_INLINE float operator()(const float& x) const {
+    using Packet = Eigen::internal::packet_traits<float>::type;
+    return Eigen::internal::pfirst(packetOp(Eigen::internal::pset1<Packet>(x)));
+  }
+  template <typename Packet>
+  EIGEN_STRONG_INLINE Packet packetOp(const Packet& x) const {
+    return Eigen::internal::ptanh(x);
+  }
+};
+
 // x = m 2^e, exactly, with m in [1, 2) (AVX-512) or [0.5, 1) (elsewhere)
 // for normal x; NaN gives NaN.
 template <typename Packet>
@@ -268,6 +282,24 @@ struct MathImpl<X,
   }
 };
 
+// tanh of Eigen array expressions (VectorTanhOp for float, Eigen's own for
+// double) and of a single float.
+template <typename X>
+struct TanhImpl<X,
+                std::enable_if_t<std::is_base_of_v<Eigen::ArrayBase<X>, X>>> {
+  static auto Tanh(const X& x) {
+    if constexpr (std::is_same_v<typename X::Scalar, float>) {
+      return x.unaryExpr(VectorTanhOp());
+    } else {
+      return x.tanh();
+    }
+  }
+};
+template <>
+struct TanhImpl<float> {
+  static float Tanh(float x) { return VectorTanhOp()(x); }
+};
+
 // exp of an Eigen array expression whose elements are at most 88 (or -inf,
 // or NaN), such as logits minus their max: ExpUpTo88Op for float.
 template <typename X>
@@ -318,6 +350,33 @@ inline void pstoreSegment<float, Packet16f>(float* to, const Packet16f& from,
                                             Index begin, Index count) {
   _mm512_mask_storeu_ps(to, SegmentMask16(begin, count), from);
 }
+// The same for double, so that no element of a double row takes the scalar
+// path (std::exp where the packets use Eigen's polynomial).
+template <>
+struct has_packet_segment<Packet8d> : std::true_type {};
+inline __mmask8 SegmentMask8(Index begin, Index count) {
+  return static_cast<__mmask8>(((1u << count) - 1u) << begin);
+}
+template <>
+inline Packet8d ploaduSegment<Packet8d>(const double* from, Index begin,
+                                        Index count) {
+  return _mm512_maskz_loadu_pd(SegmentMask8(begin, count), from);
+}
+template <>
+inline Packet8d ploadSegment<Packet8d>(const double* from, Index begin,
+                                       Index count) {
+  return _mm512_maskz_loadu_pd(SegmentMask8(begin, count), from);
+}
+template <>
+inline void pstoreuSegment<double, Packet8d>(double* to, const Packet8d& from,
+                                             Index begin, Index count) {
+  _mm512_mask_storeu_pd(to, SegmentMask8(begin, count), from);
+}
+template <>
+inline void pstoreSegment<double, Packet8d>(double* to, const Packet8d& from,
+                                            Index begin, Index count) {
+  _mm512_mask_storeu_pd(to, SegmentMask8(begin, count), from);
+}
 #endif
 template <bool kAnyArgument>
 struct functor_traits<tf_xent_ops::ExpOp<kAnyArgument>> {
@@ -330,6 +389,10 @@ struct functor_traits<tf_xent_ops::VectorLogOp> {
 template <>
 struct functor_traits<tf_xent_ops::VectorReciprocalOp> {
   enum { Cost = 4, PacketAccess = packet_traits<float>::HasDiv };
+};
+template <>
+struct functor_traits<tf_xent_ops::VectorTanhOp> {
+  enum { Cost = 24, PacketAccess = packet_traits<float>::HasTanh };
 };
 }  // namespace internal
 }  // namespace Eigen

@@ -45,6 +45,12 @@ constexpr Eigen::Index kSumBlock = 1024;
 
 template <typename Tacc>
 using ConstRow = Eigen::Map<const Eigen::Array<Tacc, Eigen::Dynamic, 1>>;
+// Per-thread scratch, aligned as TensorFlow aligns tensors. Eigen splits a
+// reduction or an assignment at the first aligned address (the elements
+// before it take its scalar path), so the bits a row gets must not depend on
+// where malloc happened to put the scratch: aligned, they never do.
+template <typename Tacc>
+using Scratch = std::vector<Tacc, Eigen::aligned_allocator<Tacc>>;
 template <typename T>
 using MutableRow = Eigen::Map<Eigen::Array<T, Eigen::Dynamic, 1>>;
 
@@ -61,30 +67,56 @@ typename Expr::Scalar BlockedSum(const Expr& e) {
 
 // Rows of T as arrays of Tacc: float and double rows are read in place;
 // 16-bit rows are widened into a buffer of one row per thread (never [N, C]).
+// Soft-capped logits are transformed into that buffer (for every T): the
+// forwards read z' = cap * tanh(z / cap), the backwards t = tanh(z / cap),
+// one tanh per element either way. (A pass of its own over a row in L1 is
+// faster than the tanh inside the passes that reduce or write the row.)
 template <typename T, typename Tacc>
 class RowReader {
  public:
-  explicit RowReader(int64_t num_classes)
-      : num_classes_(num_classes),
-        buffer_(std::is_same_v<T, Tacc> ? 0 : num_classes) {}
+  // Reads of at most `size` elements, into the buffer for every T if
+  // `transforms`.
+  RowReader(int64_t size, bool transforms)
+      : size_(size),
+        buffer_(std::is_same_v<T, Tacc> && !transforms ? 0 : size) {}
+  // Rows of the op's predictions.
+  explicit RowReader(const XentParams& p)
+      : RowReader(p.num_classes, XentConstants<Tacc>(p).capped) {}
 
-  ConstRow<Tacc> Read(const T* row) { return Read(row, num_classes_); }
+  ConstRow<Tacc> Read(const T* row) { return Read(row, size_); }
 
   // `count` (at most the constructor's size) contiguous elements.
   ConstRow<Tacc> Read(const T* data, int64_t count) {
     if constexpr (std::is_same_v<T, Tacc>) {
       return ConstRow<Tacc>(data, count);
     } else {
-      MutableRow<Tacc>(buffer_.data(), count) =
-          Eigen::Map<const Eigen::Array<T, Eigen::Dynamic, 1>>(data, count)
-              .template cast<Tacc>();
-      return ConstRow<Tacc>(buffer_.data(), count);
+      return Store(Widened(data, count));
     }
+  }
+  // z' = cap * tanh(z / cap) of `count` logits.
+  ConstRow<Tacc> ReadSoftCapped(const T* data, int64_t count,
+                                const XentConstants<Tacc>& c) {
+    return Store(c.SoftCap(Widened(data, count)));
+  }
+  // t = tanh(z / cap) of `count` logits (a row by default).
+  ConstRow<Tacc> ReadCapTanh(const T* data, const XentConstants<Tacc>& c,
+                             int64_t count = -1) {
+    return Store(c.CapTanh(Widened(data, count < 0 ? size_ : count)));
   }
 
  private:
-  int64_t num_classes_;
-  std::vector<Tacc> buffer_;
+  static auto Widened(const T* data, int64_t count) {
+    return Eigen::Map<const Eigen::Array<T, Eigen::Dynamic, 1>>(data, count)
+        .template cast<Tacc>();
+  }
+  template <typename Expr>
+  ConstRow<Tacc> Store(const Expr& values) {
+    MutableRow<Tacc>(buffer_.data(), values.size()) = values;
+    return ConstRow<Tacc>(buffer_.data(), values.size());
+  }
+
+  int64_t size_;
+  Scratch<Tacc> buffer_;
 };
 
 // Writes an expression in Tacc to a row of T.
@@ -106,7 +138,7 @@ void ForEachRow(const CpuDevice& d, const XentParams& p, const RowFn& row_fn) {
   if (p.num_rows == 0) return;
   const int64_t cost = std::max<int64_t>(1, p.num_classes) * kCyclesPerElement;
   d.parallel_for(p.num_rows, cost, [&](int64_t begin, int64_t end) {
-    Reader reader(p.num_classes);
+    Reader reader(p);
     for (int64_t r = begin; r < end; ++r) row_fn(reader, r);
   });
 }

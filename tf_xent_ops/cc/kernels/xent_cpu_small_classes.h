@@ -38,19 +38,24 @@ using ConstRowMajorRows = Eigen::Map<
 template <typename T, typename Tacc>
 class Chunk {
  public:
-  explicit Chunk(int64_t num_classes)
-      : num_classes_(num_classes),
-        reader_(kChunkRows * num_classes),
-        x_(kChunkRows * num_classes),
-        t_(kChunkRows * num_classes),
-        work_(kChunkRows * num_classes) {
-    for (auto& e : expanded_) e.resize(kChunkRows * num_classes);
+  explicit Chunk(const XentParams& p)
+      : c_(p),
+        num_classes_(p.num_classes),
+        reader_(kChunkRows * num_classes_, c_.capped),
+        x_(kChunkRows * num_classes_),
+        t_(kChunkRows * num_classes_),
+        work_(kChunkRows * num_classes_) {
+    for (auto& e : expanded_) e.resize(kChunkRows * num_classes_);
   }
 
   // `rows` rows of predictions as one flat array, in place where T is Tacc.
   // Element-wise passes (the backward ones) need no transposition.
   ConstRow<Tacc> FlatPredictions(const T* data, int64_t rows) {
     return reader_.Read(data, rows * num_classes_);
+  }
+  // The same for soft-capped logits, as t = tanh(z / cap).
+  ConstRow<Tacc> FlatCapTanh(const T* data, int64_t rows) {
+    return reader_.ReadCapTanh(data, c_, rows * num_classes_);
   }
   // A flat [rows * C] array of per-row values (`per_row[i * stride]`), each
   // repeated C times, in expansion buffer `slot`.
@@ -64,9 +69,12 @@ class Chunk {
     return ConstRow<Tacc>(out, rows * num_classes_);
   }
 
-  // `rows` rows of predictions, transposed and widened to Tacc.
+  // `rows` rows of predictions, transposed and widened to Tacc; logits
+  // soft-capped where the op has a cap.
   Columns<Tacc> Predictions(const T* data, int64_t rows) {
-    return Transposed(data, rows, x_.data());
+    Columns<Tacc> x = Transposed(data, rows, x_.data());
+    if (c_.capped) x = c_.SoftCap(x);
+    return x;
   }
   // `rows` rows of dense labels, transposed.
   Columns<Tacc> Labels(const Tacc* data, int64_t rows) {
@@ -85,10 +93,11 @@ class Chunk {
     return out;
   }
 
+  const XentConstants<Tacc> c_;
   int64_t num_classes_;
   RowReader<T, Tacc> reader_;
-  std::vector<Tacc> x_, t_, work_;
-  std::vector<Tacc> expanded_[3];
+  Scratch<Tacc> x_, t_, work_;
+  Scratch<Tacc> expanded_[3];
 };
 
 // A per-row vector of a chunk ([rows]) as a [rows, C] expression.
@@ -105,7 +114,7 @@ void ForEachChunk(const CpuDevice& d, const XentParams& p,
   const int64_t num_chunks = (p.num_rows + kChunkRows - 1) / kChunkRows;
   const int64_t cost = kChunkRows * p.num_classes * kCyclesPerElement;
   d.parallel_for(num_chunks, cost, [&](int64_t begin, int64_t end) {
-    Chunk<T, Tacc> chunk(p.num_classes);
+    Chunk<T, Tacc> chunk(p);
     for (int64_t i = begin; i < end; ++i) {
       const int64_t first = i * kChunkRows;
       chunk_fn(chunk, first, std::min(kChunkRows, p.num_rows - first));

@@ -26,13 +26,19 @@ xent_row_math.h.
 
 namespace tf_xent_ops {
 
-// Attributes of one op call. Plain data, copied to the device by value.
+// Parameters of one op call. Plain data, copied to the device by value. The
+// coefficients come from the op's scalar inputs in the loss type, so they are
+// exact for double predictions and the float value otherwise.
 struct XentParams {
   int64_t num_rows = 0;
   int64_t num_classes = 0;
   bool from_logits = true;
-  float label_smoothing = 0.0f;
-  float epsilon = 1e-7f;  // keras.config.epsilon() at call time.
+  double label_smoothing = 0.0;
+  double epsilon = 1e-7;  // keras.config.epsilon() at call time.
+  // Logits only: the weight of the z-loss term z_loss * lse^2 of each row,
+  // and the soft cap of the logits, z' = cap * tanh(z / cap) (0: none).
+  double z_loss = 0.0;
+  double logit_soft_cap = 0.0;
   bool use_ignore_class = false;
   int64_t ignore_class = 0;
 };

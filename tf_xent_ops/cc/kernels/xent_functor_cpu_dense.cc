@@ -26,6 +26,7 @@ struct DenseXentForward<CpuDevice, T> {
     if (num_classes < kSmallClasses) {
       ForEachChunk<T, Tacc>(
           d, p, [&](Chunk<T, Tacc>& chunk, int64_t first, int64_t rows) {
+            // Logits are soft-capped here where the op has a cap.
             const auto x =
                 chunk.Predictions(predictions + first * num_classes, rows);
             const auto t =
@@ -40,6 +41,9 @@ struct DenseXentForward<CpuDevice, T> {
                   log_s, target_mass,
                   Where(t != Tacc(0), t * z, Tacc(0)).rowwise().sum());
               normalizer = row_max + log_s;
+              for (int64_t i = 0; i < rows; ++i) {
+                loss_c[i] += c.ZLoss(normalizer[i]);
+              }
             } else {
               normalizer = x.rowwise().sum();
               Columns<Tacc> q = chunk.Work(rows);
@@ -57,19 +61,22 @@ struct DenseXentForward<CpuDevice, T> {
       return;
     }
     if (p.from_logits) {
-      // loss = sum_t * log(s) - sum_k t_k (z_k - m).
+      // loss = sum_t * log(s) - sum_k t_k (z'_k - m) + z_loss lse^2, z' the
+      // logits the reducer gives (capped where the op has a cap).
       ForEachRow<T, Tacc, LogitsRowReducer<T, Tacc>>(
           d, p, [&](LogitsRowReducer<T, Tacc>& reducer, int64_t r) {
             const auto row = reducer.Reduce(
                 predictions + r * num_classes,
                 TargetWeights<Tacc>{c, labels + r * num_classes});
-            loss[r] = DenseLogitsLoss(row.log_s, row.sum_w, row.sum_w_shifted);
+            const Tacc lse = row.max + row.log_s;
+            loss[r] = DenseLogitsLoss(row.log_s, row.sum_w, row.sum_w_shifted) +
+                      c.ZLoss(lse);
             // The single label's class, where Tacc holds it exactly.
             const int64_t j = row.single_label;
             const bool exact =
                 j >= 0 && static_cast<int64_t>(static_cast<Tacc>(j)) == j;
             row_stats[r] = DenseRowStats<Tacc>::Of(
-                row.max + row.log_s, row.sum_w, exact ? j : -1,
+                lse, row.sum_w, exact ? j : -1,
                 exact ? labels[r * num_classes + j] : Tacc(0));
           });
       return;
@@ -98,8 +105,10 @@ struct DenseXentBackward<CpuDevice, T> {
       ForEachChunk<T, Tacc>(
           d, p, [&](Chunk<T, Tacc>& chunk, int64_t first, int64_t rows) {
             const int64_t n = rows * num_classes;
-            const auto x =
-                chunk.FlatPredictions(predictions + first * num_classes, rows);
+            const T* data = predictions + first * num_classes;
+            // The predictions, or tanh(z / cap) of soft-capped logits.
+            const auto x = c.capped ? chunk.FlatCapTanh(data, rows)
+                                    : chunk.FlatPredictions(data, rows);
             const auto t =
                 c.DenseTarget(ConstRow<Tacc>(labels + first * num_classes, n));
             const auto g = chunk.Expand(0, grad_loss + first, 1, rows);
@@ -108,9 +117,21 @@ struct DenseXentBackward<CpuDevice, T> {
                 chunk.Expand(1, &row_stats[first].normalizer, kStride, rows);
             T* dx = grad_predictions + first * num_classes;
             if (p.from_logits) {
-              const auto target_mass =
-                  chunk.Expand(2, &row_stats[first].target_mass, kStride, rows);
-              WriteRow(dx, n, LogitsGrad(g, x, normalizer, target_mass, t));
+              // Per row, g times the weight of the softmax.
+              ChunkVector<Tacc> g_w(rows);
+              for (int64_t i = 0; i < rows; ++i) {
+                const DenseRowStats<Tacc>& stats = row_stats[first + i];
+                g_w[i] = grad_loss[first + i] *
+                         c.SoftmaxWeight(stats.target_mass, stats.normalizer);
+              }
+              const auto g_w_each = chunk.Expand(2, g_w.data(), 1, rows);
+              if (c.capped) {
+                WriteRow(dx, n,
+                         CappedLogitsGrad(c, g_w_each, x, normalizer, g * t));
+              } else {
+                WriteRow(dx, n,
+                         ScaledLogitsGrad(g_w_each, x, normalizer, g * t));
+              }
             } else {
               ChunkVector<Tacc> a_over_s(rows);
               for (int64_t i = 0; i < rows; ++i) {
@@ -128,25 +149,28 @@ struct DenseXentBackward<CpuDevice, T> {
       return;
     }
     ForEachRow<T, Tacc>(d, p, [&](RowReader<T, Tacc>& reader, int64_t r) {
-      const auto x = reader.Read(predictions + r * num_classes);
+      const T* row = predictions + r * num_classes;
       const ConstRow<Tacc> y(labels + r * num_classes, num_classes);
       const DenseRowStats<Tacc>& stats = row_stats[r];
       T* dx = grad_predictions + r * num_classes;
       const Tacc g = grad_loss[r];
       if (p.from_logits) {
-        const Tacc g_sum_t = g * stats.target_mass, lse = stats.normalizer;
+        const Tacc lse = stats.normalizer;
+        const Tacc g_sum_t = g * c.SoftmaxWeight(stats.target_mass, lse);
         const int64_t j = stats.SingleLabel(num_classes);
-        if (j >= 0) {  // The targets are known: no labels read.
-          WriteOneTargetLogitsGrad(
-              dx, x, num_classes, g_sum_t, lse, g * c.off_weight, j,
-              (g * c.on_weight) * stats.single_label_value);
-        } else {
-          WriteRow(
-              dx, num_classes,
-              ScaledLogitsGrad(g_sum_t, x, lse, c.ScaledDenseTarget(g, y)));
-        }
+        WithLogitsGrad(
+            reader, row, c, g_sum_t, lse, [&](const auto& x, const auto& grad) {
+              if (j >= 0) {  // The targets are known: no labels read.
+                WriteOneTargetLogitsGrad(
+                    dx, x, num_classes, grad, g * c.off_weight, j,
+                    (g * c.on_weight) * stats.single_label_value);
+              } else {
+                WriteRow(dx, num_classes, grad(x, c.ScaledDenseTarget(g, y)));
+              }
+            });
         return;
       }
+      const auto x = reader.Read(row);
       const auto t = c.DenseTarget(y);
       const Tacc s = stats.normalizer, a_over_s = stats.target_mass / s;
       const ClipRangeOfRow<Tacc> range(c, s);
@@ -174,7 +198,10 @@ struct DenseXentLabelsBackward<CpuDevice, T> {
       // The log-sum-exp, or the row sum.
       const Tacc stat = row_stats[r].normalizer;
       // (1 - ls) * g * -log q, q the softmax or the clipped normalized row.
-      if (p.from_logits) {
+      if (c.capped) {
+        WriteRow(grad_labels + r * num_classes, num_classes,
+                 scale * (stat - c.SoftCap(x)));
+      } else if (p.from_logits) {
         WriteRow(grad_labels + r * num_classes, num_classes,
                  scale * (stat - x));
       } else {

@@ -32,10 +32,11 @@ struct SparseXentForward<CpuDevice, T, Tidx> {
                   const Tidx* labels, Tacc* loss, Tacc* normalizer) const {
     const XentConstants<Tacc> c(p);
     const int64_t num_classes = p.num_classes;
-    const bool smoothing = p.label_smoothing != 0.0f;
+    const bool smoothing = p.label_smoothing != 0.0;
     if (num_classes < kSmallClasses) {
       ForEachChunk<T, Tacc>(
           d, p, [&](Chunk<T, Tacc>& chunk, int64_t first, int64_t rows) {
+            // Logits are soft-capped here where the op has a cap.
             const auto x =
                 chunk.Predictions(predictions + first * num_classes, rows);
             // The saved statistic: log-sum-exp, or the clipped row sum.
@@ -65,14 +66,17 @@ struct SparseXentForward<CpuDevice, T, Tidx> {
               normalizer[r] = stat[i];
               loss[r] =
                   p.from_logits
-                      ? SparseLogitsLoss(c, log_s[i], at_label, sum)
+                      ? SparseLogitsLoss(c, log_s[i], at_label, sum) +
+                            c.ZLoss(stat[i])
                       : SparseProbsLoss(c, stat[i], c.Clip(at_label), sum);
             }
           });
       return;
     }
     if (p.from_logits) {
-      // loss = log(s) - sum_k t_k (z_k - m), with s = sum_k exp(z_k - m).
+      // loss = log(s) - sum_k t_k (z'_k - m) + z_loss lse^2, with
+      // s = sum_k exp(z'_k - m) and z' the logits the reducer gives (capped
+      // where the op has a cap).
       ForEachRow<T, Tacc, LogitsRowReducer<T, Tacc>>(
           d, p, [&](LogitsRowReducer<T, Tacc>& reducer, int64_t r) {
             if (IsIgnored(p, labels[r])) {
@@ -84,10 +88,13 @@ struct SparseXentForward<CpuDevice, T, Tidx> {
             const auto stats = smoothing ? reducer.Reduce(x, UnitWeights())
                                          : reducer.Reduce(x, NoWeights());
             const int64_t label = static_cast<int64_t>(labels[r]);
-            normalizer[r] = stats.max + stats.log_s;
-            loss[r] = SparseLogitsLoss(c, stats.log_s,
-                                       static_cast<Tacc>(x[label]) - stats.max,
-                                       stats.sum_w_shifted);
+            const Tacc lse = stats.max + stats.log_s;
+            normalizer[r] = lse;
+            loss[r] = SparseLogitsLoss(
+                          c, stats.log_s,
+                          c.Logit(static_cast<Tacc>(x[label])) - stats.max,
+                          stats.sum_w_shifted) +
+                      c.ZLoss(lse);
           });
       return;
     }
@@ -119,13 +126,19 @@ struct SparseXentBackward<CpuDevice, T, Tidx> {
       ForEachChunk<T, Tacc>(
           d, p, [&](Chunk<T, Tacc>& chunk, int64_t first, int64_t rows) {
             const int64_t n = rows * num_classes;
-            const auto x =
-                chunk.FlatPredictions(predictions + first * num_classes, rows);
+            const T* data = predictions + first * num_classes;
+            // The predictions, or tanh(z / cap) of soft-capped logits.
+            const auto x = c.capped ? chunk.FlatCapTanh(data, rows)
+                                    : chunk.FlatPredictions(data, rows);
             // log-sum-exp, or the clipped row sum.
             const ConstRow<Tacc> stat(normalizer + first, rows);
-            ChunkVector<Tacc> g_over_sum;
-            if (!p.from_logits) {
-              g_over_sum = ConstRow<Tacc>(grad_loss + first, rows) / stat;
+            const ConstRow<Tacc> g(grad_loss + first, rows);
+            // Per row, g / Q for probabilities; for logits the weight of the
+            // softmax, g (1 + 2 z_loss lse).
+            ChunkVector<Tacc> g_w(rows);
+            for (int64_t i = 0; i < rows; ++i) {
+              g_w[i] = p.from_logits ? g[i] * c.SoftmaxWeight(Tacc(1), stat[i])
+                                     : g[i] / stat[i];
             }
             // The labelled elements, formed before dx (which may alias x) is
             // written.
@@ -136,24 +149,34 @@ struct SparseXentBackward<CpuDevice, T, Tidx> {
               const int64_t label = static_cast<int64_t>(labels[r]);
               const Tacc x_label = x[i * num_classes + label];
               const Tacc label_t = c.SparseTarget(label, label);
-              at_label[i] = p.from_logits
-                                ? LogitsGrad(grad_loss[r], x_label, stat[i],
-                                             Tacc(1), label_t)
-                                : SparseProbsGrad(c, g_over_sum[i], x_label,
-                                                  stat[i], label_t);
+              if (!p.from_logits) {
+                at_label[i] =
+                    SparseProbsGrad(c, g_w[i], x_label, stat[i], label_t);
+              } else if (c.capped) {
+                at_label[i] = CappedLogitsGradOf<Tacc>{c, g_w[i], stat[i]}(
+                    x_label, g[i] * label_t);
+              } else {
+                at_label[i] = LogitsGradOf<Tacc>{g_w[i], stat[i]}(
+                    x_label, g[i] * label_t);
+              }
             }
             T* dx = grad_predictions + first * num_classes;
+            const auto g_w_each = chunk.Expand(0, g_w.data(), 1, rows);
+            const auto stat_each = chunk.Expand(1, stat.data(), 1, rows);
             if (p.from_logits) {
-              WriteRow(dx, n,
-                       LogitsGrad(chunk.Expand(0, grad_loss + first, 1, rows),
-                                  x, chunk.Expand(1, stat.data(), 1, rows),
-                                  Tacc(1), c.off_weight));
+              const auto g_off =
+                  chunk.Expand(2, g.data(), 1, rows) * c.off_weight;
+              if (c.capped) {
+                WriteRow(dx, n,
+                         CappedLogitsGrad(c, g_w_each, x, stat_each, g_off));
+              } else {
+                WriteRow(dx, n,
+                         ScaledLogitsGrad(g_w_each, x, stat_each, g_off));
+              }
             } else {
               WriteRow(
                   dx, n,
-                  SparseProbsGrad(
-                      c, chunk.Expand(0, g_over_sum.data(), 1, rows), x,
-                      chunk.Expand(1, stat.data(), 1, rows), c.off_weight));
+                  SparseProbsGrad(c, g_w_each, x, stat_each, c.off_weight));
             }
             for (int64_t i = 0; i < rows; ++i) {
               const int64_t r = first + i;
@@ -174,16 +197,21 @@ struct SparseXentBackward<CpuDevice, T, Tidx> {
         std::fill(dx, dx + num_classes, T(0));
         return;
       }
-      const auto x = reader.Read(predictions + r * num_classes);
+      const T* row = predictions + r * num_classes;
       const int64_t label = static_cast<int64_t>(labels[r]);
       const Tacc g = grad_loss[r];
       const Tacc stat = normalizer[r];  // log-sum-exp, or the row sum Q
       if (p.from_logits) {
-        WriteOneTargetLogitsGrad(dx, x, num_classes, g, stat, g * c.off_weight,
-                                 label, g * c.on_weight);
+        WithLogitsGrad(reader, row, c, g * c.SoftmaxWeight(Tacc(1), stat), stat,
+                       [&](const auto& x, const auto& grad) {
+                         WriteOneTargetLogitsGrad(dx, x, num_classes, grad,
+                                                  g * c.off_weight, label,
+                                                  g * c.on_weight);
+                       });
       } else {
         // dx may alias the predictions (the op reuses their buffer), so the
         // labelled element's gradient is formed before the row is written.
+        const auto x = reader.Read(row);
         const Tacc label_t = c.SparseTarget(label, label);
         const Tacc g_over_sum = g / stat;
         const Tacc at_label =

@@ -27,28 +27,42 @@ struct NonDeduced {
   using type = T;
 };
 
-// Launches a row kernel on d's stream over every row: warp_kernel (a warp a
-// row) for rows of up to kMaxWarpRowClasses classes, else block_kernel (a
-// block a row); the grid is capped at kMaxBlocks (the kernels stride over the
-// rest). A launch error is left for cudaGetLastError. cudaLaunchKernel rather
-// than <<<...>>>, so that a host compiler can build the kernels against the
-// CPU emulation of CUDA in tests/gpu/emulation.
+// Launches a row kernel on d's stream over every row: a warp a row for rows
+// of up to kMaxWarpRowClasses classes, else a block a row, each in its
+// instantiation for soft-capped logits where the call has a cap
+// (TFXENT_ROW_KERNELS lists the four); the grid is capped at kMaxBlocks (the
+// kernels stride over the rest). A launch error is left for cudaGetLastError.
+// cudaLaunchKernel rather than <<<...>>>, so that a host compiler can build
+// the kernels against the CPU emulation of CUDA in tests/gpu/emulation.
 template <typename... Params>
 void LaunchRows(void (*warp_kernel)(XentParams, Params...),
-                void (*block_kernel)(XentParams, Params...), const GpuDevice& d,
-                XentParams p, typename NonDeduced<Params>::type... args) {
+                void (*block_kernel)(XentParams, Params...),
+                void (*capped_warp_kernel)(XentParams, Params...),
+                void (*capped_block_kernel)(XentParams, Params...),
+                const GpuDevice& d, XentParams p,
+                typename NonDeduced<Params>::type... args) {
   if (p.num_rows == 0) return;
   const bool by_warp = p.num_classes <= kMaxWarpRowClasses;
+  const bool capped = XentConstants<double>(p).capped;
   const int64_t rows_per_block =
       by_warp ? Group<kWarpThreads>::kRowsPerBlock : 1;
   const int64_t blocks = (p.num_rows + rows_per_block - 1) / rows_per_block;
   void* kernel_args[] = {&p, &args...};
   cudaLaunchKernel(
-      by_warp ? warp_kernel : block_kernel,
+      capped ? (by_warp ? capped_warp_kernel : capped_block_kernel)
+             : (by_warp ? warp_kernel : block_kernel),
       dim3(
           static_cast<unsigned int>(blocks < kMaxBlocks ? blocks : kMaxBlocks)),
       dim3(kBlockThreads), kernel_args, 0, static_cast<cudaStream_t>(d.stream));
 }
+
+// The instantiations of row kernel template KERNEL<kThreads, kCapped, TYPES>
+// that LaunchRows chooses from.
+#define TFXENT_ROW_KERNELS(KERNEL, ...)          \
+  KERNEL<kWarpThreads, false, __VA_ARGS__>,      \
+      KERNEL<kBlockThreads, false, __VA_ARGS__>, \
+      KERNEL<kWarpThreads, true, __VA_ARGS__>,   \
+      KERNEL<kBlockThreads, true, __VA_ARGS__>
 
 }  // namespace gpu
 
@@ -58,8 +72,7 @@ struct SparseXentForward<GpuDevice, T, Tidx> {
   void operator()(const GpuDevice& d, const XentParams& p, const T* predictions,
                   const Tidx* labels, Tacc* loss, Tacc* normalizer) const {
     using namespace gpu;  // NOLINT(build/namespaces)
-    LaunchRows(SparseForwardKernel<kWarpThreads, T, Tidx, Tacc>,
-               SparseForwardKernel<kBlockThreads, T, Tidx, Tacc>, d, p,
+    LaunchRows(TFXENT_ROW_KERNELS(SparseForwardKernel, T, Tidx, Tacc), d, p,
                predictions, labels, loss, normalizer);
   }
 };
@@ -71,8 +84,7 @@ struct SparseXentBackward<GpuDevice, T, Tidx> {
                   const Tidx* labels, const Tacc* normalizer,
                   const Tacc* grad_loss, T* grad_predictions) const {
     using namespace gpu;  // NOLINT(build/namespaces)
-    LaunchRows(SparseBackwardKernel<kWarpThreads, T, Tidx, Tacc>,
-               SparseBackwardKernel<kBlockThreads, T, Tidx, Tacc>, d, p,
+    LaunchRows(TFXENT_ROW_KERNELS(SparseBackwardKernel, T, Tidx, Tacc), d, p,
                predictions, labels, normalizer, grad_loss, grad_predictions);
   }
 };
@@ -84,9 +96,8 @@ struct DenseXentForward<GpuDevice, T> {
                   const Tacc* labels, Tacc* loss,
                   DenseRowStats<Tacc>* row_stats) const {
     using namespace gpu;  // NOLINT(build/namespaces)
-    LaunchRows(DenseForwardKernel<kWarpThreads, T, Tacc>,
-               DenseForwardKernel<kBlockThreads, T, Tacc>, d, p, predictions,
-               labels, loss, row_stats);
+    LaunchRows(TFXENT_ROW_KERNELS(DenseForwardKernel, T, Tacc), d, p,
+               predictions, labels, loss, row_stats);
   }
 };
 
@@ -97,9 +108,8 @@ struct DenseXentBackward<GpuDevice, T> {
                   const Tacc* labels, const DenseRowStats<Tacc>* row_stats,
                   const Tacc* grad_loss, T* grad_predictions) const {
     using namespace gpu;  // NOLINT(build/namespaces)
-    LaunchRows(DenseBackwardKernel<kWarpThreads, T, Tacc>,
-               DenseBackwardKernel<kBlockThreads, T, Tacc>, d, p, predictions,
-               labels, row_stats, grad_loss, grad_predictions);
+    LaunchRows(TFXENT_ROW_KERNELS(DenseBackwardKernel, T, Tacc), d, p,
+               predictions, labels, row_stats, grad_loss, grad_predictions);
   }
 };
 
@@ -110,11 +120,12 @@ struct DenseXentLabelsBackward<GpuDevice, T> {
                   const DenseRowStats<Tacc>* row_stats, const Tacc* grad_loss,
                   Tacc* grad_labels) const {
     using namespace gpu;  // NOLINT(build/namespaces)
-    LaunchRows(DenseLabelsBackwardKernel<kWarpThreads, T, Tacc>,
-               DenseLabelsBackwardKernel<kBlockThreads, T, Tacc>, d, p,
+    LaunchRows(TFXENT_ROW_KERNELS(DenseLabelsBackwardKernel, T, Tacc), d, p,
                predictions, row_stats, grad_loss, grad_labels);
   }
 };
+
+#undef TFXENT_ROW_KERNELS
 
 }  // namespace tf_xent_ops
 

@@ -12,7 +12,8 @@ The CUDA kernels of the dense (one-hot or soft label) ops.
 namespace tf_xent_ops {
 namespace gpu {
 
-template <int kThreads, typename T, typename Tacc>
+// kCapped: the logits are soft-capped (launched only for logits with a cap).
+template <int kThreads, bool kCapped, typename T, typename Tacc>
 __global__ void __launch_bounds__(kBlockThreads)
     DenseForwardKernel(XentParams p, const T* predictions, const Tacc* labels,
                        Tacc* loss, DenseRowStats<Tacc>* row_stats) {
@@ -30,18 +31,19 @@ __global__ void __launch_bounds__(kBlockThreads)
       Tacc nonzero_value[1] = {Tacc(0)};
       ForEachPieceBeside<kThreads, Tacc>(
           x, y, num_classes, [&](int64_t k, const auto& z, const auto& labels) {
-            Tacc t[SizeOf<decltype(z)>];
+            Tacc t[SizeOf<decltype(z)>], logits[SizeOf<decltype(z)>];
 #pragma unroll
             for (int j = 0; j < SizeOf<decltype(z)>; ++j) {
               const Tacc label = labels.v[j];
               t[j] = c.DenseTarget(label);
+              logits[j] = LogitOf<kCapped>(c, z[j]);
               if (label != Tacc(0)) {
                 ++nonzero[0];
                 nonzero[1] = k + j;
                 nonzero_value[0] = label;
               }
             }
-            sums.Add(z, t);
+            sums.Add(logits, t);
           });
       const auto row = sums.template Combine<kThreads>();
       // The row's single nonzero label, if it has one: its class is the
@@ -51,12 +53,14 @@ __global__ void __launch_bounds__(kBlockThreads)
       G::Reduce(last, MaxOp());
       G::Reduce(nonzero_value, SumOp());
       if (G::Lane() == 0) {
+        const Tacc lse = row.shift + row.log_exp_sum;
         loss[r] = DenseLogitsLoss(row.log_exp_sum, row.target_sum,
-                                  row.target_shifted);
+                                  row.target_shifted) +
+                  c.ZLoss(lse);
         const bool single = count[0] == 1;
-        row_stats[r] = DenseRowStats<Tacc>::Of(
-            row.shift + row.log_exp_sum, row.target_sum, single ? last[0] : -1,
-            single ? nonzero_value[0] : Tacc(0));
+        row_stats[r] =
+            DenseRowStats<Tacc>::Of(lse, row.target_sum, single ? last[0] : -1,
+                                    single ? nonzero_value[0] : Tacc(0));
       }
     } else {
       // The clip range depends on the row sum: a second read, from L2 where
@@ -94,7 +98,7 @@ __global__ void __launch_bounds__(kBlockThreads)
   }
 }
 
-template <int kThreads, typename T, typename Tacc>
+template <int kThreads, bool kCapped, typename T, typename Tacc>
 __global__ void __launch_bounds__(kBlockThreads, kMinBlocksPerSm<T>)
     DenseBackwardKernel(XentParams p, const T* predictions, const Tacc* labels,
                         const DenseRowStats<Tacc>* row_stats,
@@ -109,7 +113,8 @@ __global__ void __launch_bounds__(kBlockThreads, kMinBlocksPerSm<T>)
     const DenseRowStats<Tacc>& stats = row_stats[r];
     const Tacc g = grad_loss[r];
     if (p.from_logits) {
-      const Tacc g_sum_t = g * stats.target_mass;
+      const Tacc lse = stats.normalizer;
+      const Tacc g_sum_t = g * c.SoftmaxWeight(stats.target_mass, lse);
       const int64_t single = stats.SingleLabel(num_classes);
       if (single >= 0) {
         // The row's only nonzero label is y_single: no labels read.
@@ -120,8 +125,8 @@ __global__ void __launch_bounds__(kBlockThreads, kMinBlocksPerSm<T>)
 #pragma unroll
               for (int j = 0; j < SizeOf<decltype(in)>; ++j) {
                 const Tacc label = j == hit ? y_single : Tacc(0);
-                out[j] = SoftmaxGrad(g_sum_t, FastExp(in[j] - stats.normalizer),
-                                     c.ScaledDenseTarget(g, label));
+                out[j] = LogitGradOf<kCapped>(c, g_sum_t, in[j], lse,
+                                              c.ScaledDenseTarget(g, label));
               }
             });
         continue;
@@ -130,8 +135,8 @@ __global__ void __launch_bounds__(kBlockThreads, kMinBlocksPerSm<T>)
           x, dx, num_classes, [&](int64_t k, const auto& in, auto& out) {
 #pragma unroll
             for (int j = 0; j < SizeOf<decltype(in)>; ++j) {
-              out[j] = SoftmaxGrad(g_sum_t, FastExp(in[j] - stats.normalizer),
-                                   c.ScaledDenseTarget(g, y[k + j]));
+              out[j] = LogitGradOf<kCapped>(c, g_sum_t, in[j], lse,
+                                            c.ScaledDenseTarget(g, y[k + j]));
             }
           });
     } else {
@@ -149,7 +154,7 @@ __global__ void __launch_bounds__(kBlockThreads, kMinBlocksPerSm<T>)
   }
 }
 
-template <int kThreads, typename T, typename Tacc>
+template <int kThreads, bool kCapped, typename T, typename Tacc>
 __global__ void __launch_bounds__(kBlockThreads)
     DenseLabelsBackwardKernel(XentParams p, const T* predictions,
                               const DenseRowStats<Tacc>* row_stats,
@@ -165,8 +170,8 @@ __global__ void __launch_bounds__(kBlockThreads)
     ForEachPiece<kThreads, Tacc>(x, num_classes, [&](int64_t k, const auto& z) {
 #pragma unroll
       for (int j = 0; j < SizeOf<decltype(z)>; ++j) {
-        dy[k + j] =
-            scale * (p.from_logits ? stat - z[j] : -LogOf(c.Clip(z[j] / stat)));
+        dy[k + j] = scale * (p.from_logits ? stat - LogitOf<kCapped>(c, z[j])
+                                           : -LogOf(c.Clip(z[j] / stat)));
       }
     });
   }

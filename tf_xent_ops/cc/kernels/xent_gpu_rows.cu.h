@@ -301,6 +301,33 @@ __device__ __forceinline__ void MapPieces(const T* x, T* dx, int64_t n, Fn fn) {
                      });
 }
 
+// A logit as the softmax sees it: soft-capped in the kernels for capped
+// logits (kCapped), as it is. Resolved at compile time, so kernels without
+// a cap are the same code as before caps existed.
+template <bool kCapped, typename Tacc>
+__device__ __forceinline__ Tacc LogitOf(const XentConstants<Tacc>& c, Tacc z) {
+  if constexpr (kCapped) {
+    return c.SoftCap(z);
+  } else {
+    return z;
+  }
+}
+
+// The gradient with respect to a logit z of g_sum_t * softmax(z') - g_t,
+// z' = LogitOf(z), for a row whose log-sum-exp (of z') is lse.
+template <bool kCapped, typename Tacc>
+__device__ __forceinline__ Tacc LogitGradOf(const XentConstants<Tacc>& c,
+                                            Tacc g_sum_t, Tacc z, Tacc lse,
+                                            Tacc g_t) {
+  if constexpr (kCapped) {
+    const Tacc t = c.CapTanh(z);
+    return SoftmaxGrad(g_sum_t, FastExp(c.cap * t - lse), g_t) *
+           (Tacc(1) - t * t);
+  } else {
+    return SoftmaxGrad(g_sum_t, FastExp(z - lse), g_t);
+  }
+}
+
 // Where element `target` of a row falls in the piece of n elements starting
 // at k: its index there, or -1. Once per piece, so that each element's test
 // is a 32-bit compare with a constant.

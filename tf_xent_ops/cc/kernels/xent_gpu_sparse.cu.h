@@ -25,7 +25,8 @@ __device__ RowKind ClassifyRow(const XentParams& p, Tidx label) {
   return (y >= 0 && y < p.num_classes) ? RowKind::kValid : RowKind::kBadLabel;
 }
 
-template <int kThreads, typename T, typename Tidx, typename Tacc>
+// kCapped: the logits are soft-capped (launched only for logits with a cap).
+template <int kThreads, bool kCapped, typename T, typename Tidx, typename Tacc>
 __global__ void __launch_bounds__(kBlockThreads, kMinBlocksPerSm<T>)
     SparseForwardKernel(XentParams p, const T* predictions, const Tidx* labels,
                         Tacc* loss, Tacc* normalizer) {
@@ -48,13 +49,27 @@ __global__ void __launch_bounds__(kBlockThreads, kMinBlocksPerSm<T>)
     if (p.from_logits) {
       const auto forward = [&](auto sums) {
         ForEachPiece<kThreads, Tacc>(
-            x, num_classes, [&](int64_t, const auto& z) { sums.Add(z); });
+            x, num_classes, [&](int64_t, const auto& z) {
+              if constexpr (kCapped) {
+                Tacc capped[SizeOf<decltype(z)>];
+#pragma unroll
+                for (int j = 0; j < SizeOf<decltype(z)>; ++j) {
+                  capped[j] = c.SoftCap(z[j]);
+                }
+                sums.Add(capped);
+              } else {
+                sums.Add(z);
+              }
+            });
         const auto row = sums.template Combine<kThreads>();
         if (G::Lane() == 0) {
-          normalizer[r] = row.shift + row.log_exp_sum;
-          const Tacc label_shifted = static_cast<Tacc>(x[label]) - row.shift;
+          const Tacc lse = row.shift + row.log_exp_sum;
+          normalizer[r] = lse;
+          const Tacc label_shifted =
+              LogitOf<kCapped>(c, static_cast<Tacc>(x[label])) - row.shift;
           loss[r] = SparseLogitsLoss(c, row.log_exp_sum, label_shifted,
-                                     row.shifted_sum);
+                                     row.shifted_sum) +
+                    c.ZLoss(lse);
         }
       };
       // Only smoothing needs sum (z - m); without it, -inf logits (a -inf
@@ -66,7 +81,7 @@ __global__ void __launch_bounds__(kBlockThreads, kMinBlocksPerSm<T>)
       }
     } else {
       CompensatedSum<Tacc> s, sum_log;
-      const bool smoothing = p.label_smoothing != 0.0f;
+      const bool smoothing = p.label_smoothing != 0.0;
       ForEachPiece<kThreads, Tacc>(x, num_classes, [&](int64_t, const auto& v) {
         Tacc piece_sum = Tacc(0), piece_log = Tacc(0);
 #pragma unroll
@@ -89,7 +104,7 @@ __global__ void __launch_bounds__(kBlockThreads, kMinBlocksPerSm<T>)
   }
 }
 
-template <int kThreads, typename T, typename Tidx, typename Tacc>
+template <int kThreads, bool kCapped, typename T, typename Tidx, typename Tacc>
 __global__ void __launch_bounds__(kBlockThreads)
     SparseBackwardKernel(XentParams p, const T* predictions, const Tidx* labels,
                          const Tacc* normalizer, const Tacc* grad_loss,
@@ -114,15 +129,17 @@ __global__ void __launch_bounds__(kBlockThreads)
     // log-sum-exp, or the clipped row sum.
     const Tacc g = grad_loss[r], stat = normalizer[r];
     if (p.from_logits) {
-      // g t_k: g ls / C, plus g (1 - ls) at the label (sum_t is 1).
+      // g t_k: g ls / C, plus g (1 - ls) at the label (sum_t is 1); the
+      // softmax's weight is g (1 + 2 z_loss lse).
       const Tacc g_off = g * c.off_weight, g_on = g_off + g * c.on_weight;
+      const Tacc g_w = g * c.SoftmaxWeight(Tacc(1), stat);
       MapPieces<kThreads, Tacc>(
           x, dx, num_classes, [&](int64_t k, const auto& in, auto& out) {
             const int hit = IndexInPiece(label, k, SizeOf<decltype(in)>);
 #pragma unroll
             for (int j = 0; j < SizeOf<decltype(in)>; ++j) {
-              out[j] = SoftmaxGrad(g, FastExp(in[j] - stat),
-                                   j == hit ? g_on : g_off);
+              out[j] = LogitGradOf<kCapped>(c, g_w, in[j], stat,
+                                            j == hit ? g_on : g_off);
             }
           });
     } else {

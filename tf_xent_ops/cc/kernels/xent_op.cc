@@ -4,6 +4,7 @@ License 2.0.
 OpKernels of the fused cross-entropy ops: validate, allocate, call the functor.
 Every check lives in XentOpKernel; each op's Compute names its inputs.
 */
+#include <cmath>
 #include <cstdint>
 #include <initializer_list>
 #include <string>
@@ -139,22 +140,53 @@ TensorShape ShapeOf(Extent extent, const XentParams& p) {
   return TensorShape();
 }
 
-// The base of every op's kernel: reads and checks the attributes once, and
-// checks each call's inputs before anything is allocated or read.
+// The scalar coefficients every op takes last, in this order.
+constexpr int kNumCoefficients = 4;
+
+// Reads the coefficient inputs (scalars of type Tacc) into `p`, checked.
+template <typename Tacc>
+bool ReadCoefficients(OpKernelContext* ctx, XentParams* p) {
+  const int first = ctx->num_inputs() - kNumCoefficients;
+  const char* const kNames[kNumCoefficients] = {"label_smoothing", "epsilon",
+                                                "z_loss", "logit_soft_cap"};
+  double* const values[kNumCoefficients] = {&p->label_smoothing, &p->epsilon,
+                                            &p->z_loss, &p->logit_soft_cap};
+  for (int i = 0; i < kNumCoefficients; ++i) {
+    const Tensor& t = ctx->input(first + i);
+    if (!::tensorflow::TensorShapeUtils::IsScalar(t.shape())) {
+      ctx->CtxFailure(InvalidArgument(
+          kNames[i], " must be a scalar, got shape ", t.shape().DebugString()));
+      return false;
+    }
+    *values[i] = static_cast<double>(t.scalar<Tacc>()());
+  }
+  const char* bad = nullptr;
+  if (!(p->label_smoothing >= 0.0 && p->label_smoothing <= 1.0)) {
+    bad = "label_smoothing must be in [0, 1]";
+  } else if (!(p->epsilon >= 0.0 && p->epsilon <= 0.5)) {
+    bad = "epsilon must be in [0, 0.5]";
+  } else if (!(p->z_loss >= 0.0 && std::isfinite(p->z_loss))) {
+    bad = "z_loss must be finite and >= 0";
+  } else if (!(p->logit_soft_cap >= 0.0 && std::isfinite(p->logit_soft_cap))) {
+    bad = "logit_soft_cap must be finite and >= 0 (0: no cap)";
+  } else if (!p->from_logits &&
+             (p->z_loss != 0.0 || p->logit_soft_cap != 0.0)) {
+    bad = "z_loss and logit_soft_cap apply to logits only (from_logits=true)";
+  }
+  if (bad == nullptr) return true;
+  ctx->CtxFailure(
+      InvalidArgument(bad, "; got label_smoothing=", p->label_smoothing,
+                      ", epsilon=", p->epsilon, ", z_loss=", p->z_loss,
+                      ", logit_soft_cap=", p->logit_soft_cap));
+  return false;
+}
+
+// The base of every op's kernel: reads the attributes once, and checks each
+// call's inputs before anything is allocated or read.
 class XentOpKernel : public OpKernel {
  protected:
   explicit XentOpKernel(OpKernelConstruction* ctx) : OpKernel(ctx) {
     OP_REQUIRES_OK(ctx, ctx->GetAttr("from_logits", &params_.from_logits));
-    OP_REQUIRES_OK(ctx,
-                   ctx->GetAttr("label_smoothing", &params_.label_smoothing));
-    OP_REQUIRES_OK(ctx, ctx->GetAttr("epsilon", &params_.epsilon));
-    OP_REQUIRES(
-        ctx, params_.label_smoothing >= 0.0f && params_.label_smoothing <= 1.0f,
-        InvalidArgument("label_smoothing must be in [0, 1], got ",
-                        params_.label_smoothing));
-    OP_REQUIRES(
-        ctx, params_.epsilon >= 0.0f && params_.epsilon <= 0.5f,
-        InvalidArgument("epsilon must be in [0, 0.5], got ", params_.epsilon));
     if (ctx->HasAttr("use_ignore_class")) {
       OP_REQUIRES_OK(
           ctx, ctx->GetAttr("use_ignore_class", &params_.use_ignore_class));
@@ -162,12 +194,15 @@ class XentOpKernel : public OpKernel {
     }
   }
 
-  // The parameters of this call: input 0, the predictions, must be
-  // [N, C] (C > 0 where N > 0), and inputs 1, 2, ... must have the shapes
-  // `inputs` lists. Returns false, with the context's status set, if not.
+  // The parameters of this call: input 0, the predictions, must be [N, C]
+  // (C > 0 where N > 0), inputs 1, 2, ... must have the shapes `inputs`
+  // lists, and the coefficients (the last inputs, of type Tacc) must be
+  // scalars in range. Returns false, with the context's status set, if not.
+  template <typename Tacc>
   bool Validate(OpKernelContext* ctx, std::initializer_list<InputSpec> inputs,
                 XentParams* p) const {
     *p = params_;
+    if (!ReadCoefficients<Tacc>(ctx, p)) return false;
     const Tensor& predictions = ctx->input(0);
     if (predictions.dims() != 2) {
       ctx->CtxFailure(InvalidArgument(
@@ -232,7 +267,7 @@ class SparseXentOp : public XentOpKernel {
 
   void Compute(OpKernelContext* ctx) override {
     XentParams p;
-    if (!Validate(ctx, {{"labels", Extent::kRows}}, &p)) return;
+    if (!Validate<Tacc>(ctx, {{"labels", Extent::kRows}}, &p)) return;
     const Tensor& predictions = ctx->input(0);
     const Tensor& labels = ctx->input(1);
     if (!CheckLabels<Device, Tidx>(ctx, p, labels)) return;
@@ -256,11 +291,11 @@ class SparseXentGradOp : public XentOpKernel {
 
   void Compute(OpKernelContext* ctx) override {
     XentParams p;
-    if (!Validate(ctx,
-                  {{"labels", Extent::kRows},
-                   {"normalizer", Extent::kRows},
-                   {"grad_loss", Extent::kRows}},
-                  &p)) {
+    if (!Validate<Tacc>(ctx,
+                        {{"labels", Extent::kRows},
+                         {"normalizer", Extent::kRows},
+                         {"grad_loss", Extent::kRows}},
+                        &p)) {
       return;
     }
     const Tensor& predictions = ctx->input(0);
@@ -286,7 +321,7 @@ class DenseXentOp : public XentOpKernel {
 
   void Compute(OpKernelContext* ctx) override {
     XentParams p;
-    if (!Validate(ctx, {{"labels", Extent::kRowsClasses}}, &p)) return;
+    if (!Validate<Tacc>(ctx, {{"labels", Extent::kRowsClasses}}, &p)) return;
     const Tensor& predictions = ctx->input(0);
 
     Tensor *loss = nullptr, *row_stats = nullptr;
@@ -310,11 +345,11 @@ class DenseXentGradOp : public XentOpKernel {
 
   void Compute(OpKernelContext* ctx) override {
     XentParams p;
-    if (!Validate(ctx,
-                  {{"labels", Extent::kRowsClasses},
-                   {"row_stats", Extent::kRowStats},
-                   {"grad_loss", Extent::kRows}},
-                  &p)) {
+    if (!Validate<Tacc>(ctx,
+                        {{"labels", Extent::kRowsClasses},
+                         {"row_stats", Extent::kRowStats},
+                         {"grad_loss", Extent::kRows}},
+                        &p)) {
       return;
     }
     const Tensor& predictions = ctx->input(0);
@@ -339,7 +374,7 @@ class DenseXentLabelsGradOp : public XentOpKernel {
 
   void Compute(OpKernelContext* ctx) override {
     XentParams p;
-    if (!Validate(
+    if (!Validate<Tacc>(
             ctx,
             {{"row_stats", Extent::kRowStats}, {"grad_loss", Extent::kRows}},
             &p)) {
@@ -358,42 +393,48 @@ class DenseXentLabelsGradOp : public XentOpKernel {
 };
 
 // Tloss is pinned to the accumulation type so a mismatched call finds no
-// kernel rather than a kernel writing the wrong type.
-#define TFXENT_REGISTER_SPARSE(DEVICE, DeviceT, T, Tidx)     \
-  REGISTER_KERNEL_BUILDER(                                   \
-      Name("TfXent>SparseXent")                              \
-          .Device(DEVICE)                                    \
-          .TypeConstraint<T>("T")                            \
-          .TypeConstraint<AccumulatorType<T>::type>("Tloss") \
-          .TypeConstraint<Tidx>("Tidx"),                     \
-      SparseXentOp<DeviceT, T, Tidx>);                       \
-  REGISTER_KERNEL_BUILDER(                                   \
-      Name("TfXent>SparseXentGrad")                          \
-          .Device(DEVICE)                                    \
-          .TypeConstraint<T>("T")                            \
-          .TypeConstraint<AccumulatorType<T>::type>("Tloss") \
-          .TypeConstraint<Tidx>("Tidx"),                     \
+// kernel rather than a kernel writing the wrong type. The coefficients are
+// read on the host (on every device: a no-op for CPU kernels).
+#define TFXENT_COEFFICIENTS_IN_HOST_MEMORY \
+  .HostMemory("label_smoothing")           \
+      .HostMemory("epsilon")               \
+      .HostMemory("z_loss")                \
+      .HostMemory("logit_soft_cap")
+#define TFXENT_REGISTER_SPARSE(DEVICE, DeviceT, T, Tidx)                    \
+  REGISTER_KERNEL_BUILDER(                                                  \
+      Name("TfXent>SparseXent")                                             \
+          .Device(DEVICE)                                                   \
+          .TypeConstraint<T>("T")                                           \
+          .TypeConstraint<AccumulatorType<T>::type>("Tloss")                \
+          .TypeConstraint<Tidx>("Tidx") TFXENT_COEFFICIENTS_IN_HOST_MEMORY, \
+      SparseXentOp<DeviceT, T, Tidx>);                                      \
+  REGISTER_KERNEL_BUILDER(                                                  \
+      Name("TfXent>SparseXentGrad")                                         \
+          .Device(DEVICE)                                                   \
+          .TypeConstraint<T>("T")                                           \
+          .TypeConstraint<AccumulatorType<T>::type>("Tloss")                \
+          .TypeConstraint<Tidx>("Tidx") TFXENT_COEFFICIENTS_IN_HOST_MEMORY, \
       SparseXentGradOp<DeviceT, T, Tidx>);
 
-#define TFXENT_REGISTER_DENSE(DEVICE, DeviceT, T)             \
-  REGISTER_KERNEL_BUILDER(                                    \
-      Name("TfXent>DenseXent")                                \
-          .Device(DEVICE)                                     \
-          .TypeConstraint<T>("T")                             \
-          .TypeConstraint<AccumulatorType<T>::type>("Tloss"), \
-      DenseXentOp<DeviceT, T>);                               \
-  REGISTER_KERNEL_BUILDER(                                    \
-      Name("TfXent>DenseXentGrad")                            \
-          .Device(DEVICE)                                     \
-          .TypeConstraint<T>("T")                             \
-          .TypeConstraint<AccumulatorType<T>::type>("Tloss"), \
-      DenseXentGradOp<DeviceT, T>);                           \
-  REGISTER_KERNEL_BUILDER(                                    \
-      Name("TfXent>DenseXentLabelsGrad")                      \
-          .Device(DEVICE)                                     \
-          .TypeConstraint<T>("T")                             \
-          .TypeConstraint<AccumulatorType<T>::type>("Tloss"), \
-      DenseXentLabelsGradOp<DeviceT, T>);
+#define TFXENT_REGISTER_DENSE(DEVICE, DeviceT, T)                              \
+  REGISTER_KERNEL_BUILDER(Name("TfXent>DenseXent")                             \
+                              .Device(DEVICE)                                  \
+                              .TypeConstraint<T>("T")                          \
+                              .TypeConstraint<AccumulatorType<T>::type>(       \
+                                  "Tloss") TFXENT_COEFFICIENTS_IN_HOST_MEMORY, \
+                          DenseXentOp<DeviceT, T>);                            \
+  REGISTER_KERNEL_BUILDER(Name("TfXent>DenseXentGrad")                         \
+                              .Device(DEVICE)                                  \
+                              .TypeConstraint<T>("T")                          \
+                              .TypeConstraint<AccumulatorType<T>::type>(       \
+                                  "Tloss") TFXENT_COEFFICIENTS_IN_HOST_MEMORY, \
+                          DenseXentGradOp<DeviceT, T>);                        \
+  REGISTER_KERNEL_BUILDER(Name("TfXent>DenseXentLabelsGrad")                   \
+                              .Device(DEVICE)                                  \
+                              .TypeConstraint<T>("T")                          \
+                              .TypeConstraint<AccumulatorType<T>::type>(       \
+                                  "Tloss") TFXENT_COEFFICIENTS_IN_HOST_MEMORY, \
+                          DenseXentLabelsGradOp<DeviceT, T>);
 
 #define TFXENT_REGISTER_TYPE(DEVICE, DeviceT, T)      \
   TFXENT_REGISTER_SPARSE(DEVICE, DeviceT, T, int32_t) \
@@ -415,5 +456,6 @@ TFXENT_REGISTER_ALL(::tensorflow::DEVICE_GPU, GpuDevice)
 #undef TFXENT_REGISTER_TYPE
 #undef TFXENT_REGISTER_DENSE
 #undef TFXENT_REGISTER_SPARSE
+#undef TFXENT_COEFFICIENTS_IN_HOST_MEMORY
 
 }  // namespace tf_xent_ops

@@ -9,7 +9,9 @@ Eigen array expressions (whole rows at a time), the CUDA kernels to scalars.
 Semantics (per row, t is the smoothed target, ls the label smoothing):
   t_k = (1 - ls) * y_k + ls / C       dense labels y (soft labels allowed)
   t_k = (1 - ls) * [k == y] + ls / C  sparse labels y
-  logits:         loss = sum_k t_k * (lse - z_k),   lse = log sum_k exp(z_k)
+  logits:         z'_k = cap * tanh(z_k / cap) with a soft cap, else z_k;
+                  loss = sum_k t_k * (lse - z'_k) + z_loss * lse^2,
+                  lse = log sum_k exp(z'_k)
   dense probs:    loss = -sum_k t_k * log(clip(y_k / sum_j y_j, eps, 1 - eps))
   sparse probs:   z_k = log(clip(p_k, eps, 1 - eps)), then as logits
 The two probability paths differ because Keras's do: the dense one normalizes,
@@ -60,6 +62,23 @@ TFXENT_HOST_DEVICE auto ReciprocalOf(const X& x) {
   return MathImpl<X>::Reciprocal(x);
 }
 
+// tanh, for the soft cap. The CPU specializes it for Eigen arrays and for
+// scalar floats (one function for both, so a row's capped logits agree
+// bitwise whichever path computed them).
+template <typename X, typename Enable = void>
+struct TanhImpl {
+  static TFXENT_HOST_DEVICE auto Tanh(const X& x) {
+#if !defined(__CUDA_ARCH__)
+    using std::tanh;
+#endif
+    return tanh(x);
+  }
+};
+template <typename X>
+TFXENT_HOST_DEVICE auto TanhOf(const X& x) {
+  return TanhImpl<X>::Tanh(x);
+}
+
 // cond ? a : b, element-wise.
 template <typename Cond, typename Enable = void>
 struct WhereImpl {
@@ -82,6 +101,11 @@ struct XentConstants {
   Tacc clip_lo;     // eps
   Tacc clip_hi;     // 1 - eps, rounded in Tacc as Keras does.
   Tacc num_classes;
+  Tacc z_loss;  // The weight of lse^2 (0: no z-loss).
+  bool capped;  // Whether logits are soft-capped, z' = cap * tanh(z / cap)
+                // (only logits are).
+  Tacc cap;
+  Tacc inv_cap;  // 1 / cap (0 without a cap).
 
   TFXENT_HOST_DEVICE explicit XentConstants(const XentParams& p)
       : on_weight(Tacc(1) - Tacc(p.label_smoothing)),
@@ -90,7 +114,38 @@ struct XentConstants {
                        : Tacc(0)),
         clip_lo(Tacc(p.epsilon)),
         clip_hi(Tacc(1) - Tacc(p.epsilon)),
-        num_classes(Tacc(p.num_classes)) {}
+        num_classes(Tacc(p.num_classes)),
+        z_loss(Tacc(p.z_loss)),
+        capped(p.from_logits && p.logit_soft_cap > 0.0),
+        cap(Tacc(p.logit_soft_cap)),
+        inv_cap(capped ? Tacc(1) / Tacc(p.logit_soft_cap) : Tacc(0)) {}
+
+  // tanh(z / cap), computed as tanh(z * (1 / cap)): the capped logit is
+  // cap * t and its derivative 1 - t^2.
+  template <typename X>
+  TFXENT_HOST_DEVICE auto CapTanh(const X& z) const {
+    return TanhOf(z * inv_cap);
+  }
+  // The capped logit z' = cap * tanh(z / cap) (-cap for a -inf logit).
+  template <typename X>
+  TFXENT_HOST_DEVICE auto SoftCap(const X& z) const {
+    return cap * CapTanh(z);
+  }
+  // A logit as the softmax sees it: capped where there is a cap.
+  TFXENT_HOST_DEVICE Tacc Logit(Tacc z) const {
+    return capped ? Tacc(SoftCap(z)) : z;
+  }
+  // The row's z-loss term; 0 without one, even where lse is infinite.
+  TFXENT_HOST_DEVICE Tacc ZLoss(Tacc lse) const {
+    return z_loss == Tacc(0) ? Tacc(0) : z_loss * lse * lse;
+  }
+  // The weight of softmax(z') in d loss / d z' of a row whose targets sum to
+  // `target_mass`: target_mass + 2 z_loss lse (the z-loss's derivative is
+  // 2 z_loss lse softmax).
+  TFXENT_HOST_DEVICE Tacc SoftmaxWeight(Tacc target_mass, Tacc lse) const {
+    return z_loss == Tacc(0) ? target_mass
+                             : target_mass + Tacc(2) * z_loss * lse;
+  }
 
   // Smoothed dense target.
   template <typename X>
@@ -176,6 +231,14 @@ template <typename G, typename Z, typename L, typename S, typename T>
 TFXENT_HOST_DEVICE auto LogitsGrad(const G& g, const Z& z, const L& lse,
                                    const S& sum_t, const T& t) {
   return ScaledLogitsGrad(g * sum_t, z, lse, g * t);
+}
+// The same for soft-capped logits, from t = tanh(z / cap): the gradient
+// with respect to z' = cap * t, times dz'/dz = 1 - t^2.
+template <typename Tacc, typename A, typename Tanh, typename L, typename GT>
+TFXENT_HOST_DEVICE auto CappedLogitsGrad(const XentConstants<Tacc>& c,
+                                         const A& g_sum_t, const Tanh& t,
+                                         const L& lse, const GT& g_t) {
+  return ScaledLogitsGrad(g_sum_t, c.cap * t, lse, g_t) * (Tacc(1) - t * t);
 }
 
 // d loss / d p_k for sparse probabilities, z_k = log(clip(p_k)): zero outside

@@ -39,6 +39,20 @@ Status CheckLossType(InferenceContext* c) {
   return ::tensorflow::OkStatus();
 }
 
+// The scalar coefficients every op takes last: label_smoothing, epsilon,
+// z_loss, logit_soft_cap.
+constexpr int kNumCoefficients = 4;
+
+// The number of inputs before the coefficients, which must be scalars.
+Status CheckCoefficients(InferenceContext* c, int* num_tensors) {
+  *num_tensors = c->num_inputs() - kNumCoefficients;
+  ShapeHandle scalar;
+  for (int i = *num_tensors; i < c->num_inputs(); ++i) {
+    TF_RETURN_IF_ERROR(c->WithRank(c->input(i), 0, &scalar));
+  }
+  return ::tensorflow::OkStatus();
+}
+
 // predictions [N, C] -> the handle, and N merged from `rows`.
 Status PredictionsShape(InferenceContext* c, ShapeHandle* predictions,
                         DimensionHandle* num_rows) {
@@ -56,6 +70,8 @@ Status MergeRows(InferenceContext* c, int index, int rank,
 
 Status SparseForwardShape(InferenceContext* c) {
   TF_RETURN_IF_ERROR(CheckLossType(c));
+  int num_tensors;
+  TF_RETURN_IF_ERROR(CheckCoefficients(c, &num_tensors));
   ShapeHandle predictions, labels;
   DimensionHandle n;
   TF_RETURN_IF_ERROR(PredictionsShape(c, &predictions, &n));
@@ -67,10 +83,12 @@ Status SparseForwardShape(InferenceContext* c) {
 
 Status SparseBackwardShape(InferenceContext* c) {
   TF_RETURN_IF_ERROR(CheckLossType(c));
+  int num_tensors;
+  TF_RETURN_IF_ERROR(CheckCoefficients(c, &num_tensors));
   ShapeHandle predictions, other;
   DimensionHandle n;
   TF_RETURN_IF_ERROR(PredictionsShape(c, &predictions, &n));
-  for (int i = 1; i <= 3; ++i)
+  for (int i = 1; i < num_tensors; ++i)
     TF_RETURN_IF_ERROR(MergeRows(c, i, 1, &n, &other));
   c->set_output(0, c->Matrix(n, c->Dim(predictions, 1)));
   return ::tensorflow::OkStatus();
@@ -78,6 +96,8 @@ Status SparseBackwardShape(InferenceContext* c) {
 
 Status DenseForwardShape(InferenceContext* c) {
   TF_RETURN_IF_ERROR(CheckLossType(c));
+  int num_tensors;
+  TF_RETURN_IF_ERROR(CheckCoefficients(c, &num_tensors));
   ShapeHandle predictions, labels;
   DimensionHandle n;
   TF_RETURN_IF_ERROR(PredictionsShape(c, &predictions, &n));
@@ -90,7 +110,9 @@ Status DenseForwardShape(InferenceContext* c) {
 
 Status DenseBackwardShape(InferenceContext* c) {
   TF_RETURN_IF_ERROR(CheckLossType(c));
-  const bool with_labels = c->num_inputs() == 4;
+  int num_tensors;
+  TF_RETURN_IF_ERROR(CheckCoefficients(c, &num_tensors));
+  const bool with_labels = num_tensors == 4;
   ShapeHandle predictions, other;
   DimensionHandle n;
   TF_RETURN_IF_ERROR(PredictionsShape(c, &predictions, &n));
@@ -114,9 +136,23 @@ Status DenseBackwardShape(InferenceContext* c) {
 #define TFXENT_COMMON_ATTRS                      \
   Attr("T: {half, bfloat16, float, double}")     \
       .Attr("Tloss: {float, double} = DT_FLOAT") \
-      .Attr("from_logits: bool = true")          \
-      .Attr("label_smoothing: float = 0.0")      \
-      .Attr("epsilon: float = 1e-7")
+      .Attr("from_logits: bool = true")
+
+// The coefficients, scalars in the loss type (exact for double predictions,
+// which float attributes would not be).
+#define TFXENT_COEFFICIENTS       \
+  Input("label_smoothing: Tloss") \
+      .Input("epsilon: Tloss")    \
+      .Input("z_loss: Tloss")     \
+      .Input("logit_soft_cap: Tloss")
+
+#define TFXENT_COEFFICIENTS_DOC                                           \
+  "label_smoothing: in [0, 1]; every class gets label_smoothing / C of\n" \
+  "  target mass, the labelled classes 1 - label_smoothing more.\n"       \
+  "epsilon: probabilities are clipped to [epsilon, 1 - epsilon].\n"       \
+  "z_loss: >= 0, logits only: each row's loss adds z_loss * lse^2.\n"     \
+  "logit_soft_cap: >= 0, logits only; where > 0 the logits z become\n"    \
+  "  logit_soft_cap * tanh(z / logit_soft_cap) first.\n"
 
 #define TFXENT_SPARSE_ATTRS                                   \
   TFXENT_COMMON_ATTRS.Attr("Tidx: {int32, int64} = DT_INT64") \
@@ -126,7 +162,7 @@ Status DenseBackwardShape(InferenceContext* c) {
 REGISTER_OP("TfXent>SparseXent")
     .Input("predictions: T")
     .Input("labels: Tidx")
-    .Output("loss: Tloss")
+    .TFXENT_COEFFICIENTS.Output("loss: Tloss")
     .Output("normalizer: Tloss")
     .TFXENT_SPARSE_ATTRS.SetShapeFn(SparseForwardShape)
     .Doc(R"doc(
@@ -136,23 +172,24 @@ predictions: [N, C] logits (from_logits) or probabilities.
 labels: [N] class indices in [0, C), or ignore_class when use_ignore_class.
 loss: [N] per-row loss; 0 for ignored rows.
 normalizer: [N] the row statistic the gradient reads: for logits the
-  log-sum-exp, log sum_k exp(z_k); for probabilities the sum of the clipped
-  probabilities, sum_k clip(p_k, epsilon, 1 - epsilon). 0 for ignored rows.
-)doc");
+  log-sum-exp, log sum_k exp(z'_k) (of the capped logits where there is a
+  soft cap); for probabilities the sum of the clipped probabilities,
+  sum_k clip(p_k, epsilon, 1 - epsilon). 0 for ignored rows.
+)doc" TFXENT_COEFFICIENTS_DOC);
 
 REGISTER_OP("TfXent>SparseXentGrad")
     .Input("predictions: T")
     .Input("labels: Tidx")
     .Input("normalizer: Tloss")
     .Input("grad_loss: Tloss")
-    .Output("grad_predictions: T")
+    .TFXENT_COEFFICIENTS.Output("grad_predictions: T")
     .TFXENT_SPARSE_ATTRS.SetShapeFn(SparseBackwardShape)
     .Doc("Gradient of TfXent>SparseXent with respect to the predictions.");
 
 REGISTER_OP("TfXent>DenseXent")
     .Input("predictions: T")
     .Input("labels: Tloss")
-    .Output("loss: Tloss")
+    .TFXENT_COEFFICIENTS.Output("loss: Tloss")
     .Output("row_stats: Tloss")
     .TFXENT_COMMON_ATTRS.SetShapeFn(DenseForwardShape)
     .Doc(R"doc(
@@ -163,18 +200,18 @@ labels: [N, C] targets, smoothed inside the op by label_smoothing.
 loss: [N] per-row loss.
 row_stats: [N, 4] the row statistics the gradients read, per row
   (normalizer, target_mass, single_label, single_label_value): for logits
-  (log-sum-exp, sum of the smoothed targets, the class of the row's only
-  nonzero label or -1, that label's value or 0); for probabilities (row sum,
-  sum of the smoothed targets whose normalized probability is inside the clip
-  range, -1, 0).
-)doc");
+  (log-sum-exp of the (capped) logits, sum of the smoothed targets, the class
+  of the row's only nonzero label or -1, that label's value or 0); for
+  probabilities (row sum, sum of the smoothed targets whose normalized
+  probability is inside the clip range, -1, 0).
+)doc" TFXENT_COEFFICIENTS_DOC);
 
 REGISTER_OP("TfXent>DenseXentGrad")
     .Input("predictions: T")
     .Input("labels: Tloss")
     .Input("row_stats: Tloss")
     .Input("grad_loss: Tloss")
-    .Output("grad_predictions: T")
+    .TFXENT_COEFFICIENTS.Output("grad_predictions: T")
     .TFXENT_COMMON_ATTRS.SetShapeFn(DenseBackwardShape)
     .Doc("Gradient of TfXent>DenseXent with respect to the predictions.");
 
@@ -182,11 +219,13 @@ REGISTER_OP("TfXent>DenseXentLabelsGrad")
     .Input("predictions: T")
     .Input("row_stats: Tloss")
     .Input("grad_loss: Tloss")
-    .Output("grad_labels: Tloss")
+    .TFXENT_COEFFICIENTS.Output("grad_labels: Tloss")
     .TFXENT_COMMON_ATTRS.SetShapeFn(DenseBackwardShape)
     .Doc("Gradient of TfXent>DenseXent with respect to the labels.");
 
 #undef TFXENT_SPARSE_ATTRS
+#undef TFXENT_COEFFICIENTS_DOC
+#undef TFXENT_COEFFICIENTS
 #undef TFXENT_COMMON_ATTRS
 
 }  // namespace tf_xent_ops
