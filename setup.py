@@ -251,7 +251,7 @@ class BuildTfOps(build_ext):
 if __name__ == "__main__":
     setup(
         package_dir={"": "python"},
-        packages=["tf_xent_ops"],
+        packages=["tf_xent_ops", "tf_xent_ops.tf_keras"],
         ext_modules=[Extension(LIBRARY_NAME, sources=CC_SOURCES)],
         cmdclass={"build_ext": BuildTfOps},
         zip_safe=False,

@@ -15,10 +15,11 @@ for f in _xent_ops.so _build_info.py; do
 done
 stage="$(mktemp -d)"
 trap 'rm -rf "$stage"' EXIT
-mkdir "$stage/tf_xent_ops"
+mkdir -p "$stage/tf_xent_ops/tf_keras"
 cp "$root"/python/tf_xent_ops/*.py "$stage/tf_xent_ops/"
+cp "$root"/python/tf_xent_ops/tf_keras/*.py "$stage/tf_xent_ops/tf_keras/"
 cp "$bin/_xent_ops.so" "$bin/_build_info.py" "$stage/tf_xent_ops/"
-chmod u+w "$stage"/tf_xent_ops/*
+chmod -R u+w "$stage"/tf_xent_ops
 cp "$root/pip_package/setup.py" "$stage/"
 (cd "$stage" && "$python" -m pip wheel --no-deps --no-build-isolation -q -w "$out" .)
 ls "$out"/tf_xent_ops-*.whl

@@ -22,3 +22,13 @@ __all__ = [
     "ops",
     "sparse_categorical_crossentropy",
 ]
+
+
+def __getattr__(name):
+    # tf_xent_ops.tf_keras (the tf_keras, Keras 2, forms) is imported on first
+    # use, so that the package does not need tf_keras.
+    if name == "tf_keras":
+        import importlib
+
+        return importlib.import_module("tf_xent_ops.tf_keras")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
