@@ -398,6 +398,17 @@ def one_hot(labels, num_classes, axis=-1):
     return np.moveaxis(y, -1, axis)
 
 
+def assert_within_one_ulp(actual, desired, dtype):
+    """Element-wise at most one unit in the last place of `dtype` apart: two
+    float32 computations that agree to float32 precision may round to
+    neighbouring 16-bit values."""
+    desired = np.asarray(desired).astype(NUMPY_DTYPES[dtype])
+    ulp = np.abs(np.spacing(desired)).astype(np.float64)
+    np.testing.assert_array_less(
+        np.abs(np.asarray(actual, np.float64) - desired.astype(np.float64)), ulp * 1.0001
+    )
+
+
 def tolerance(dtype):
     """(rtol, atol) for losses against the float64 reference on the same
     (already rounded) inputs: 16-bit inputs are accumulated in float32."""
