@@ -210,6 +210,65 @@ def test_gpu_fit_follows_the_builtin_trajectory(without_tf32, sparse):
         np.testing.assert_allclose(ours[key], theirs[key], rtol=1e-4)
 
 
+def _linear_step(device, args, options, scalar):
+    """linear_crossentropy's loss, arg-max and gradients w.r.t. hidden,
+    kernel and bias, computed on `device`."""
+    hidden, kernel, bias, labels, weights = args
+    with tf.device(device):
+        inputs = [tf.identity(t) for t in (hidden, kernel, bias)]
+        with tf.GradientTape() as tape:
+            tape.watch(inputs)
+            if scalar:
+                loss, argmax = txo.ops.linear_crossentropy_sum(
+                    inputs[0], inputs[1], labels, bias=inputs[2], sample_weight=weights,
+                    denominator=7.0, return_argmax=True, chunk_size=24, **options
+                )  # fmt: skip
+                total = loss
+            else:
+                loss, argmax = txo.ops.linear_crossentropy(
+                    inputs[0], inputs[1], labels, bias=inputs[2], return_argmax=True,
+                    chunk_size=24, **options
+                )  # fmt: skip
+                total = tf.reduce_sum(loss * tf.cast(weights, loss.dtype))
+        grads = tape.gradient(total, inputs)
+    where = device.strip("/").upper()
+    for t in [loss, argmax, *grads]:
+        assert t.device.endswith(where), t.device
+    return [t.numpy() for t in [loss, argmax, *grads]]
+
+
+@requires_gpu_kernels
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32", "float64"])
+@pytest.mark.parametrize("kernel_layout", ["dv", "vd"])
+@pytest.mark.parametrize("scalar", [False, True], ids=["per_position", "scalar"])
+@pytest.mark.parametrize("options", [{}, {"z_loss": 1e-3, "logit_soft_cap": 5.0}], ids=str)
+def test_gpu_linear_crossentropy_matches_cpu(
+    without_tf32, rng, dtype, kernel_layout, scalar, options
+):
+    n, d, v = 70, 48, 3001  # 70 positions in chunks of 24: a short last chunk
+    hidden = tf.constant(rng.standard_normal((n, d)), dtype)
+    kernel_shape = (d, v) if kernel_layout == "dv" else (v, d)
+    kernel = tf.constant(rng.standard_normal(kernel_shape) / np.sqrt(d), dtype)
+    bias = tf.constant(rng.standard_normal(v) * 0.1, dtype)
+    labels = rng.integers(0, v, size=n)
+    labels[:5] = -1
+    weights = tf.constant(rng.uniform(0.0, 2.0, size=n), tf.float32)
+    options = dict(options, kernel_layout=kernel_layout, ignore_class=-1, label_smoothing=0.1)
+    args = (hidden, kernel, bias, tf.constant(labels), weights)
+    cpu = _linear_step("/cpu:0", args, options, scalar)
+    gpu = _linear_step("/gpu:0", args, options, scalar)
+    tol = {"float64": 1e-10, "float32": 2e-5, "bfloat16": 2e-2}[dtype]
+    names = ["loss", "argmax", "d_hidden", "d_kernel", "d_bias"]
+    for name, a, b in zip(names, gpu, cpu, strict=True):
+        if name == "argmax" and dtype != "float64":
+            continue  # near-ties may resolve differently between two matmuls
+        np.testing.assert_allclose(
+            np.asarray(a, np.float64), np.asarray(b, np.float64), rtol=tol, atol=tol, err_msg=name
+        )
+    again = _linear_step("/gpu:0", args, options, scalar)
+    np.testing.assert_array_equal(again[0], gpu[0])
+
+
 _DETERMINISM = """
 import numpy as np, tensorflow as tf, tf_xent_ops as txo
 tf.config.experimental.enable_op_determinism()

@@ -292,11 +292,7 @@ def sparse_crossentropy(
         from_logits, label_smoothing, z_loss, logit_soft_cap
     )
     _check_return_lse(return_lse, from_logits)
-    labels = tf.convert_to_tensor(labels)
-    if labels.dtype not in _LABEL_DTYPES:
-        if not (labels.dtype.is_integer or labels.dtype.is_floating or labels.dtype.is_bool):
-            raise TypeError(f"Sparse labels must be integers. Received dtype: {labels.dtype.name}")
-        labels = tf.cast(labels, tf.int64)
+    labels = as_sparse_labels(labels)
     rank = predictions.shape.rank
     pred_rows, batch_shape = _as_rows(_class_axis_last(predictions, axis))
     if rank is not None and labels.shape.rank is not None:
@@ -314,19 +310,50 @@ def sparse_crossentropy(
         # Labels of [..., 1] hold as many elements as [...]: flat, both are
         # one label per row, which the op checks ([N]).
         label_rows = tf.reshape(labels, [-1])
-    attrs = dict(
+    config = sparse_config(
+        from_logits, ignore_class, predictions.dtype, label_smoothing, epsilon, z_loss, cap
+    )
+    loss, lse = sparse_rows(pred_rows, label_rows, config)
+    return _per_position(loss, lse, return_lse, batch_shape, predictions.shape, axis)
+
+
+def as_sparse_labels(labels):
+    """Integer labels as int32 or int64 (other integer, float and bool labels
+    become int64, as Keras casts them); TypeError for anything else."""
+    labels = tf.convert_to_tensor(labels)
+    if labels.dtype not in _LABEL_DTYPES:
+        if not (labels.dtype.is_integer or labels.dtype.is_floating or labels.dtype.is_bool):
+            raise TypeError(f"Sparse labels must be integers. Received dtype: {labels.dtype.name}")
+        labels = tf.cast(labels, tf.int64)
+    return labels
+
+
+def sparse_config(from_logits, ignore_class, dtype, label_smoothing, epsilon, z_loss, cap):
+    """The attributes and coefficient inputs of the sparse ops, for
+    `sparse_rows` and `sparse_rows_gradient` (checked arguments)."""
+    return dict(
         from_logits=bool(from_logits),
         ignore_class=0 if ignore_class is None else int(ignore_class),
         use_ignore_class=ignore_class is not None,
+        **_coefficients(loss_dtype(dtype), label_smoothing, epsilon, z_loss, cap),
     )
-    coefficients = _coefficients(
-        loss_dtype(predictions.dtype), label_smoothing, epsilon, z_loss, cap
-    )
+
+
+def sparse_rows(predictions, labels, config):
+    """(loss, normalizer) of [N, C] rows: the op, or its composite under XLA."""
     if in_xla_context():
-        loss, lse = _composite_sparse(pred_rows, label_rows, **attrs, **coefficients)
-    else:
-        loss, lse = library.tf_xent_sparse_xent(pred_rows, label_rows, **attrs, **coefficients)
-    return _per_position(loss, lse, return_lse, batch_shape, predictions.shape, axis)
+        return _composite_sparse(predictions, labels, **config)
+    return library.tf_xent_sparse_xent(predictions, labels, **config)
+
+
+def sparse_rows_gradient(predictions, labels, normalizer, grad_loss, config):
+    """The gradient of `sparse_rows`'s loss weighted by `grad_loss`, with
+    respect to the predictions, from the normalizer it returned."""
+    if in_xla_context():
+        # Symbolic (XLA runs graphs): no tape, which may be stopped here.
+        loss, _ = _composite_sparse(predictions, labels, **config)
+        return tf.gradients(loss, predictions, grad_ys=grad_loss)[0]
+    return library.tf_xent_sparse_xent_grad(predictions, labels, normalizer, grad_loss, **config)
 
 
 def _check_return_lse(return_lse, from_logits):
@@ -540,3 +567,8 @@ def _dense_xent_labels_grad_grad(op, grad_gradient):
         grad_gradient,
     )
     return [grad_predictions, None, grad_grad_loss] + _NO_COEFFICIENT_GRADIENTS
+
+
+# The fused projection and loss, in its own module (it uses the helpers above).
+from tf_xent_ops._linear_crossentropy import linear_crossentropy  # noqa: E402, F401
+from tf_xent_ops._linear_crossentropy import linear_crossentropy_sum  # noqa: E402, F401
