@@ -7,7 +7,7 @@ CC_FILES := $(shell find tf_xent_ops bench tests/gpu tests/cpu -name '*.h' -o -n
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 export PYTHONPATH := $(CURDIR)/python
 
-.PHONY: setup cuda-toolkit build test lint format demo bench bench-functors sanitize bazel-build bazel-wheel bazel-test clean
+.PHONY: setup cuda-toolkit build test lint format demo demo-lm bench bench-linear bench-functors sanitize bazel-build bazel-wheel bazel-test clean
 
 setup: $(VENV)/.requirements-installed
 
@@ -42,8 +42,15 @@ format: setup
 demo: build
 	$(PY) examples/demo.py
 
+# A small causal LM trained plain and with tf_xent_ops.fuse_head: docs/lm_demo.png.
+demo-lm: build
+	$(PY) examples/lm_demo.py
+
 bench: build
 	$(PY) bench/bench_cpu.py
+
+bench-linear: build
+	$(PY) bench/bench_linear.py
 
 # The CPU functors timed alone (no TensorFlow runtime): what the kernels cost.
 FUNCTOR_SHAPES ?= 4096,1000 1024,32768

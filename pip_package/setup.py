@@ -34,7 +34,7 @@ setup(
     license="Apache-2.0",
     python_requires=">=3.10",
     install_requires=["tensorflow==2.21.0", "keras==3.15.1", "numpy"],
-    extras_require={"tf_keras": ["tf-keras==2.21.0"]},
+    extras_require={"tf_keras": ["tf-keras==2.21.0"], "keras_hub": ["keras-hub==0.32.0"]},
     packages=["tf_xent_ops", "tf_xent_ops.tf_keras"],
     package_data={"tf_xent_ops": ["_xent_ops.so"]},
     distclass=BinaryDistribution,

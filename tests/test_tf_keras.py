@@ -937,10 +937,6 @@ def test_fit_with_float16_outputs():
     np.testing.assert_allclose(histories[0][1]["loss"], histories[1][1]["loss"], rtol=2e-3)
 
 
-def _mirrored():
-    return tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
-
-
 def test_mirrored_fit_equals_single_device_and_the_builtin():
     def ours():
         return (
@@ -948,12 +944,12 @@ def test_mirrored_fit_equals_single_device_and_the_builtin():
             lambda: [txk.metrics.SparseCategoricalCrossentropy(from_logits=True, name="x")],
         )
 
-    mirrored = _fit(*ours(), strategy=_mirrored())
+    mirrored = _fit(*ours(), strategy=training_util.mirrored_on_two_cpus())
     _assert_same_training(mirrored, _fit(*ours()), rtol=1e-4)
     builtin = _fit(
         lambda: tf_keras.losses.SparseCategoricalCrossentropy(from_logits=True),
         lambda: [tf_keras.metrics.SparseCategoricalCrossentropy(from_logits=True, name="x")],
-        strategy=_mirrored(),
+        strategy=training_util.mirrored_on_two_cpus(),
     )
     _assert_same_training(mirrored, builtin, rtol=1e-5)
 
@@ -992,7 +988,7 @@ def test_custom_loop_under_a_strategy_refuses_averaging_reductions(reduction):
                 lambda module=module: module.losses.SparseCategoricalCrossentropy(
                     from_logits=True, reduction=reduction
                 ),
-                _mirrored(),
+                training_util.mirrored_on_two_cpus(),
                 steps=1,
             )
 
@@ -1004,9 +1000,9 @@ def test_mirrored_custom_loop_equals_single_device_and_the_builtin(reduction):
             from_logits=True, reduction=reduction
         )
 
-    mirrored = _custom_loop(make(txk), _mirrored())
+    mirrored = _custom_loop(make(txk), training_util.mirrored_on_two_cpus())
     single = _custom_loop(make(txk), tf.distribute.get_strategy())
-    builtin = _custom_loop(make(tf_keras), _mirrored())
+    builtin = _custom_loop(make(tf_keras), training_util.mirrored_on_two_cpus())
     for a, b, c in zip(mirrored, single, builtin, strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
         np.testing.assert_allclose(a, c, rtol=1e-5, atol=1e-6)

@@ -90,10 +90,6 @@ def test_fit_ignore_class_on_padded_sequences(rng):
     )
 
 
-def _mirrored():
-    return tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
-
-
 def test_mirrored_fit_equals_single_device():
     args = (
         txo.losses.SparseCategoricalCrossentropy(from_logits=True),
@@ -101,7 +97,7 @@ def test_mirrored_fit_equals_single_device():
     )
     single, single_model = training_util.fit_history(*args, sample_weight=True)
     mirrored, mirrored_model = training_util.fit_history(
-        *args, sample_weight=True, strategy=_mirrored()
+        *args, sample_weight=True, strategy=training_util.mirrored_on_two_cpus()
     )
     for key in ("loss", "xent"):
         np.testing.assert_allclose(mirrored[key], single[key], rtol=1e-5)
@@ -116,7 +112,7 @@ def test_mirrored_fit_equals_single_device():
 def test_mirrored_custom_loop_equals_single_device(reduction):
     loss = txo.losses.SparseCategoricalCrossentropy(from_logits=True, reduction=reduction)
     single = training_util.custom_loop(loss, tf.distribute.get_strategy())
-    mirrored = training_util.custom_loop(loss, _mirrored())
+    mirrored = training_util.custom_loop(loss, training_util.mirrored_on_two_cpus())
     for a, b in zip(mirrored, single, strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
 
@@ -124,11 +120,12 @@ def test_mirrored_custom_loop_equals_single_device(reduction):
 @pytest.mark.parametrize("reduction", ["mean_with_sample_weight", "sum_over_batch_size"])
 def test_mirrored_custom_loop_equals_builtin(reduction):
     ours = training_util.custom_loop(
-        txo.losses.SparseCategoricalCrossentropy(from_logits=True, reduction=reduction), _mirrored()
+        txo.losses.SparseCategoricalCrossentropy(from_logits=True, reduction=reduction),
+        training_util.mirrored_on_two_cpus(),
     )
     theirs = training_util.custom_loop(
         keras.losses.SparseCategoricalCrossentropy(from_logits=True, reduction=reduction),
-        _mirrored(),
+        training_util.mirrored_on_two_cpus(),
     )
     for a, b in zip(ours, theirs, strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
@@ -137,7 +134,7 @@ def test_mirrored_custom_loop_equals_builtin(reduction):
 def test_mirrored_metric_aggregates_across_replicas():
     x, y, w = training_util.digits(96)
     results = []
-    for strategy in (tf.distribute.get_strategy(), _mirrored()):
+    for strategy in (tf.distribute.get_strategy(), training_util.mirrored_on_two_cpus()):
         with strategy.scope():
             model = training_util.classifier()
             model.compile(

@@ -8,6 +8,16 @@ import tensorflow as tf
 from sklearn.datasets import load_digits
 
 
+def mirrored_on_two_cpus():
+    """MirroredStrategy over the two logical CPUs (conftest), with collective
+    keys of its own. Every MirroredStrategy in a process otherwise starts at
+    group key 1, instance key 1: the runtime can then pair an all-reduce with
+    an earlier strategy's of the same keys, and a shape mismatch aborts every
+    later collective in the process."""
+    tf.distribute.MirroredStrategy._collective_key_base += 1_000
+    return tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+
+
 def digits(n=128):
     x, y = load_digits(return_X_y=True)
     weights = np.random.default_rng(0).uniform(0.2, 2.0, size=n).astype("float32")
