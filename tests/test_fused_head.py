@@ -27,7 +27,7 @@ def _dense_model(seed, bias=True):
     inputs = keras.Input((T,), dtype="int32")
     hidden = keras.layers.Embedding(V, D)(inputs)
     hidden = keras.layers.Dense(D, activation="tanh")(hidden)
-    return keras.Model(inputs, keras.layers.Dense(V, use_bias=bias)(hidden))
+    return keras.Model(inputs, keras.layers.Dense(V, use_bias=bias, name="logits")(hidden))
 
 
 class TiedModel(keras.Model):
@@ -148,6 +148,87 @@ def test_reductions_and_loss_options(rng, loss):
     compile_kwargs = _compile(loss, metrics=metrics, learning_rate=learning_rate)
     results = _train_both(lambda: _dense_model(1), compile_kwargs, (x, y, sample_weight))
     _assert_same_training(results)
+
+
+@pytest.mark.parametrize(
+    "loss_weights", [0.5, [0.5], {"logits": 0.5}], ids=["scalar", "list", "dict"]
+)
+@pytest.mark.parametrize("reduction", ["sum_over_batch_size", "none"])
+def test_loss_weights(rng, loss_weights, reduction):
+    """compile's loss_weights scale the fused loss and its gradients as
+    Keras's CompileLoss scales the unfused one."""
+    loss = lambda: keras.losses.SparseCategoricalCrossentropy(  # noqa: E731
+        from_logits=True, reduction=reduction
+    )
+    # "none" adds up the positions' gradients: a smaller step, as for "sum".
+    learning_rate = 0.5 / (B * T) if reduction == "none" else 0.5
+    compile_kwargs = _compile(loss, loss_weights=loss_weights, learning_rate=learning_rate)
+    _assert_same_training(_train_both(lambda: _dense_model(1), compile_kwargs, _data(rng)))
+
+
+@pytest.mark.parametrize("label_dtype", ["uint8", "int16", "uint16", "float32"])
+def test_accuracy_with_other_label_dtypes(rng, label_dtype):
+    """Labels of any integer (or float) dtype: accuracy compares the arg-max
+    with them as Keras's does."""
+    x, y, sample_weight = _data(rng)
+    y = (y % 256).astype(label_dtype)
+    _assert_same_training(_train_both(lambda: _dense_model(1), _compile(), (x, y, sample_weight)))
+
+
+@pytest.mark.parametrize("compiled_loss", ["none_with_ignore_class", "no_loss"])
+def test_accuracy_with_labels_out_of_range(rng, compiled_loss):
+    """Accuracy over labels the plain op rejects (ignore_class's -100): from
+    the loss's own pass (reduction "none" included), or, without a compiled
+    loss (a regularization loss alone), from a pass of its own."""
+    x, y, sample_weight = _data(rng)
+    y[:, -3:] = -100
+
+    def build():
+        keras.utils.set_random_seed(1)
+        inputs = keras.Input((T,), dtype="int32")
+        hidden = keras.layers.Embedding(V, D)(inputs)
+        head = keras.layers.Dense(V, kernel_regularizer=keras.regularizers.L2(1e-2))
+        return keras.Model(inputs, head(hidden))
+
+    if compiled_loss == "no_loss":
+        compile_kwargs = _compile(loss=lambda: None)
+    else:
+        loss = lambda: keras.losses.SparseCategoricalCrossentropy(  # noqa: E731
+            from_logits=True, ignore_class=-100, reduction="none"
+        )
+        compile_kwargs = _compile(loss, learning_rate=0.5 / (B * T))
+        build = lambda: _dense_model(1)  # noqa: E731 (Keras adds no scalar to "none")
+    _assert_same_training(_train_both(build, compile_kwargs, (x, y, sample_weight)))
+
+
+class OpAfterHead(keras.Model):
+    def __init__(self, after, **kwargs):
+        super().__init__(**kwargs)
+        self.embedding = keras.layers.Embedding(V, D)
+        self.head = keras.layers.Dense(V, name="the_head")
+        self.after = after
+
+    def call(self, x):
+        return self.after(self.head(self.embedding(x)))
+
+
+@pytest.mark.parametrize(
+    "after",
+    [lambda z: z * 1.0, lambda z: keras.ops.cast(z, "float16"), lambda z: z[:, 1:]],
+    ids=["scale", "cast", "slice"],
+)
+def test_op_after_the_head_raises(rng, after):
+    """An op after the head would leave Keras's loss the hidden states to
+    read as logits: a fused step raises, naming the head."""
+    x, y, _ = _data(rng)
+    model = OpAfterHead(after)
+    model(x[:1])
+    txo.fuse_head(model, model.head)
+    model.compile(optimizer="sgd", loss=keras.losses.SparseCategoricalCrossentropy(True))
+    for run in (model.fit, model.evaluate):
+        with pytest.raises(ValueError, match="'the_head' must be the model's output"):
+            run(x, y, verbose=0)
+    assert model.predict(x[:2], verbose=0).shape[-1] == V  # unfused calls as ever
 
 
 @pytest.mark.parametrize("tie_weights", [True, False])

@@ -489,6 +489,32 @@ def test_sample_weight_shapes(rng):
         txo.ops.linear_crossentropy_sum(hidden, kernel, labels, denominator=[1.0, 2.0])
 
 
+def test_unknown_rank_sample_weight_and_denominator(rng):
+    """Traced with every rank unknown, a [B] sample weight for [B, T]
+    labels gets its size-1 axis appended at run time, and a scalar
+    denominator is taken (a non-scalar one raises then)."""
+    hidden, kernel, bias, labels = _inputs(rng, (4, 6), "float64", ignore=-1)
+    sample_weight = rng.uniform(0, 2, size=(4,))
+    unknown = tf.TensorSpec(None, tf.float64)
+
+    @tf.function(input_signature=[unknown, tf.TensorSpec(None, tf.int64), unknown, unknown])
+    def call(h, y, w, den):
+        return txo.ops.linear_crossentropy_sum(
+            h, kernel, y, bias=bias, sample_weight=w, denominator=den, chunk_size=5,
+            **FULL_OPTIONS,
+        )  # fmt: skip
+
+    per_position, _, _ = _reference(hidden, kernel, labels, bias, **FULL_OPTIONS)
+    expected = np.sum(sample_weight[:, None] * per_position) / 3.0
+    np.testing.assert_allclose(
+        float(call(hidden, labels, sample_weight, np.float64(3.0))), expected, rtol=1e-10
+    )
+    with pytest.raises(tf.errors.InvalidArgumentError, match="more axes"):
+        call(hidden, labels, np.ones((4, 6, 1)), np.float64(3.0))
+    with pytest.raises(tf.errors.InvalidArgumentError):
+        call(hidden, labels, sample_weight, np.array([1.0, 2.0]))
+
+
 def _op_types(graph):
     return {op.type for g in graph_util.all_graphs(graph) for op in g.get_operations()}
 
@@ -574,6 +600,31 @@ def test_float16_loss_scaling(rng, in_forward, upstream, denominator):
     _, _, expected = _reference(
         hidden, kernel, labels, bias, upstream=np.full(n, upstream / denominator)
     )
+    for name in ("hidden", "kernel", "bias"):
+        assert np.all(np.isfinite(grads[name].numpy())), name
+        _assert_gradient(grads[name].numpy(), expected[name], "float16", name)
+
+
+@pytest.mark.parametrize("in_forward", [False, True])
+def test_float16_chunk_gradient_beyond_float16_range(rng, in_forward):
+    """One float16 chunk of 2**17 rows whose labels mostly agree: each kernel
+    and bias gradient element sums that many terms of one sign, beyond
+    float16's 65504 both when made in the forward (at a scale where each
+    row's d(logits) is about 1) and when loss-scaled (2**17: Keras's loss
+    scale doubles after every 2000 finite steps). The gradients of the
+    float32 variables hold them: the chunk's sums must be float32 too."""
+    n, dim, vocabulary = 2**17, 4, 16
+    hidden = rng.uniform(0.5, 1.5, (n, dim)).astype(np.float16)
+    kernel = (0.1 * rng.standard_normal((dim, vocabulary))).astype(np.float32)
+    bias = (0.1 * rng.standard_normal(vocabulary)).astype(np.float32)
+    labels = np.where(rng.random(n) < 0.9, 0, rng.integers(1, vocabulary, n))
+    upstream = 2.0**17
+    loss, grads = _sum_run(
+        hidden, kernel, labels, bias, np.ones(n, np.float32), np.float32(n),
+        upstream=np.float32(upstream), gradient_in_forward=in_forward,
+    )  # fmt: skip
+    _, _, expected = _reference(hidden, kernel, labels, bias, upstream=np.full(n, upstream / n))
+    assert np.abs(expected["bias"].value).max() > 65504
     for name in ("hidden", "kernel", "bias"):
         assert np.all(np.isfinite(grads[name].numpy())), name
         _assert_gradient(grads[name].numpy(), expected[name], "float16", name)
@@ -738,6 +789,47 @@ def test_graph_and_xla_match_eager(rng, layout, form):
         for name, a, b in zip(names, eager, result, strict=True):
             assert a.dtype == b.dtype and a.shape == b.shape, (mode, name)
             np.testing.assert_allclose(b, a, **close, err_msg=f"{mode}: {name}")
+
+
+@pytest.mark.parametrize("chunk_size", [None, 64])
+@pytest.mark.parametrize("form", ["per_position", "sum_recompute", "sum_in_forward"])
+def test_unknown_rows_are_not_padded_to_a_whole_chunk(rng, monkeypatch, chunk_size, form):
+    """With the number of rows unknown when traced (a batch of unknown size)
+    the chunk is at most the rows at run time, as when they are known: 37
+    rows make 37 rows of logits, not a default chunk of 2**23 // V rows."""
+    hidden, kernel, bias, labels = _inputs(rng, (37,), "float32", ignore=-1)
+    rows_seen = []  # each chunk's rows of logits, at run time
+    original = txo.ops.sparse_rows
+
+    def record(rows):
+        rows_seen.append(int(rows))
+        return rows
+
+    def spy(logits, *args):
+        rows = tf.numpy_function(record, [tf.shape(logits)[0]], tf.int32, stateful=True)
+        with tf.control_dependencies([rows]):
+            return original(tf.identity(logits), *args)
+
+    monkeypatch.setattr(txo.ops, "sparse_rows", spy)
+
+    def step(h, y):
+        kwargs = dict(bias=bias, chunk_size=chunk_size, **FULL_OPTIONS)
+        with tf.GradientTape() as tape:
+            tape.watch(h)
+            if form == "per_position":
+                loss = tf.reduce_sum(txo.ops.linear_crossentropy(h, kernel, y, **kwargs))
+            else:
+                loss = txo.ops.linear_crossentropy_sum(
+                    h, kernel, y, gradient_in_forward=form == "sum_in_forward", **kwargs
+                )
+        return loss, tape.gradient(loss, h)
+
+    signature = [tf.TensorSpec([None, HIDDEN_DIM]), tf.TensorSpec([None], tf.int64)]
+    loss, d_hidden = tf.function(step, input_signature=signature)(hidden, labels)
+    assert rows_seen == [37]
+    expected, _, expected_grads = _reference(hidden, kernel, labels, bias, **FULL_OPTIONS)
+    np.testing.assert_allclose(float(loss), expected.sum(), rtol=1e-5)
+    _assert_gradient(d_hidden.numpy(), expected_grads["hidden"], "float32", "hidden")
 
 
 # ---------------------------------------------------------------------------

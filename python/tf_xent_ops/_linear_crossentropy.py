@@ -61,8 +61,9 @@ def linear_crossentropy(
         kernel: `[hidden_dim, vocabulary]` (`kernel_layout="dv"`, a Dense
             layer's kernel) or `[vocabulary, hidden_dim]` (`"vd"`, a tied
             embedding matrix). The dtype of `hidden`, or float32 with 16-bit
-            `hidden` (mixed precision: the matmuls run in the 16-bit dtype,
-            and the kernel's gradient comes back in float32 unrounded).
+            `hidden` (mixed precision: the matmuls run in the 16-bit dtype;
+            each chunk's kernel and bias gradient is rounded to it, to
+            float32 for float16, and the chunks are summed in float32).
         labels: Integer class indices, shape `hidden.shape[:-1]`.
         bias: Optional `[vocabulary]`, the dtype of `kernel`.
         kernel_layout: `"dv"` or `"vd"`, as above.
@@ -220,7 +221,9 @@ def weighted_sum_and_rows(
     scale = tf.math.divide_no_nan(
         tf.constant(1.0, head.acc_dtype), tf.cast(denominator, head.acc_dtype)
     )
-    if scale.shape.rank != 0:
+    if scale.shape.rank is None:
+        scale = tf.ensure_shape(scale, [])  # checked at run time
+    elif scale.shape.rank != 0:
         raise ValueError(f"`denominator` must be a scalar. Received shape: {scale.shape}")
     if gradient_in_forward is None:
         gradient_in_forward = record.could_possibly_record()
@@ -292,12 +295,15 @@ class _Head:
         self.labels_shape = labels.shape
         # Python ints where the number of rows is known, tensors otherwise.
         num_rows = labels.shape.num_elements()
-        self.chunk = chunk_size or max(1, _CHUNK_LOGITS // (self.vocabulary or 1024))
+        chunk = chunk_size or max(1, _CHUNK_LOGITS // (self.vocabulary or 1024))
         if num_rows is None:
             num_rows = tf.size(labels)
+            # No more than the rows, as when they are known: a batch of
+            # unknown size is not padded to a whole default chunk.
+            chunk = tf.maximum(1, tf.minimum(chunk, num_rows))
         else:
-            self.chunk = max(1, min(self.chunk, num_rows))
-        self.num_rows = num_rows
+            chunk = max(1, min(chunk, num_rows))
+        self.chunk, self.num_rows = chunk, num_rows
         self.num_chunks = (num_rows + self.chunk - 1) // self.chunk
         self._padding = self.num_chunks * self.chunk - num_rows
         hidden_dim = self.hidden_dim or tf.shape(kernel)[0 if kernel_layout == "dv" else 1]
@@ -326,6 +332,15 @@ class _Head:
                 )
             for _ in range(rank - w.shape.rank):
                 w = w[..., None]
+        else:
+            # A rank known at run time only: the size-1 axes appended then.
+            missing = tf.size(self.batch_shape) - tf.rank(w)
+            check = tf.debugging.assert_non_negative(
+                missing, message="`sample_weight` has more axes than the labels."
+            )
+            with tf.control_dependencies([check]):
+                ones = tf.ones([missing], tf.int32)
+            w = tf.reshape(w, tf.concat([tf.shape(w), ones], 0))
         return tf.reshape(tf.broadcast_to(w, self.batch_shape), [-1])
 
     def restore_batch_shape(self, rows):
@@ -590,11 +605,10 @@ def _chunk_loop(
         else:
             d_hidden = tf.matmul(d_logits, kernel)
         state["d_hidden"] = _write_rows(state["d_hidden"], start, d_hidden)
+        hidden_c, d_logits = _product_operands(hidden_c, d_logits)
         state["d_kernel"] = _add_kernel_gradient(state["d_kernel"], hidden_c, d_logits, head)
         if bias is not None:
-            # A matmul: a column sum that accumulates in float32 for 16 bits.
-            column_sum = tf.matmul(tf.ones([1, chunk], d_logits.dtype), d_logits)[0]
-            state["d_bias"] += tf.cast(column_sum, head.acc_dtype)
+            state["d_bias"] += tf.cast(_column_sum(d_logits, chunk), head.acc_dtype)
         return i + 1, state
 
     _, state = tf.while_loop(
@@ -603,13 +617,31 @@ def _chunk_loop(
     return state
 
 
+def _product_operands(hidden_c, d_logits):
+    """The operands of a chunk's kernel and bias gradients: float32 for
+    float16, whose range cannot hold their sums over the chunk's rows (a
+    loss-scaled gradient, or the forward's prescaled one, over many rows)."""
+    if d_logits.dtype != tf.float16:
+        return hidden_c, d_logits
+    return tf.cast(hidden_c, tf.float32), tf.cast(d_logits, tf.float32)
+
+
+def _column_sum(d_logits, chunk):
+    """A chunk's bias gradient. For bfloat16 a matmul by ones, which
+    accumulates in float32 inside; otherwise reduce_sum, whose tree of sums
+    rounds less than a matmul's [1, rows] row (one running sum)."""
+    if d_logits.dtype == tf.bfloat16:
+        return tf.matmul(tf.ones([1, chunk], d_logits.dtype), d_logits)[0]
+    return tf.reduce_sum(d_logits, 0)
+
+
 def _rows(x, start, size, after):
     """Rows [start, start + size) of `x`, read once `after` exist."""
     rank = x.shape.rank
     with tf.control_dependencies(after):
-        # A constant size: XLA makes a dynamic slice of it.
+        # A size fixed per run (a constant under XLA): a dynamic slice.
         rows = tf.slice(x, [start] + [0] * (rank - 1), [size] + [-1] * (rank - 1))
-    rows.set_shape([size] + x.shape[1:])
+    rows.set_shape([size if isinstance(size, int) else None] + x.shape[1:])
     return rows
 
 
@@ -646,9 +678,10 @@ def _add_kernel_gradient(acc, hidden_c, d_logits, head):
     """acc += hidden_c^T @ d_logits (layout "dv"; its transpose for "vd").
 
     A block of the kernel's rows at a time (about _BLOCK_BYTES of the
-    accumulator): one matmul in the compute dtype, whose sum over the chunk's
-    rows accumulates in float32 inside it, cast to the accumulator dtype and
-    added in place. Under XLA, or with shapes unknown, one block.
+    accumulator): one matmul in the operands' dtype (the compute dtype, or
+    float32 for float16), whose sum over the chunk's rows accumulates in
+    float32 inside it, cast to the accumulator dtype and added in place.
+    Under XLA, or with shapes unknown, one block.
     """
     if head.layout == "dv":
         part = lambda r0, r1: tf.matmul(hidden_c[:, r0:r1], d_logits, transpose_a=True)  # noqa: E731

@@ -22,6 +22,7 @@ from keras.src.losses import loss as keras_loss
 
 from tf_xent_ops import _linear_crossentropy
 from tf_xent_ops import losses as txo_losses
+from tf_xent_ops import ops as txo_ops
 
 # The functions of losses and metrics whose values the fused pass gives
 # without logits: the sparse cross-entropy (Keras's and ours) and accuracy.
@@ -43,14 +44,17 @@ def fuse_head(model, head=None, *, chunk_size=None):
     cross-entropy of logits (`keras.losses.SparseCategoricalCrossentropy(
     from_logits=True)` or this package's, with its options), is computed from
     the head's input and weights by `ops.linear_crossentropy_sum`, its
-    gradients made in the forward pass while training; the sparse
-    cross-entropy and accuracy metrics come from the same pass. Keras's
-    reductions, sample weights, masks, loss scaling and tf.distribute apply
-    as without fusion, as do the model's other losses (`model.losses`).
+    gradients made in the forward pass while training (with
+    `reduction="none"`, by `ops.linear_crossentropy`, whose backward makes
+    the logits again); the sparse cross-entropy and accuracy metrics come
+    from the same pass. Keras's reductions, `loss_weights`, sample weights,
+    masks, loss scaling and tf.distribute apply as without fusion, as do
+    the model's other losses (`model.losses`).
     `predict`, `model(x)`, generation and saving are unchanged: they compute
     the logits, and a saved model loads as the plain model.
 
-    The head must make the model's output and be a `keras.layers.Dense`
+    The head must make the model's output, with no op after it (a fused
+    step raises `ValueError` otherwise), and be a `keras.layers.Dense`
     without activation or a `keras.layers.ReversibleEmbedding` called with
     `reverse=True` (tied or not, with its `logit_soft_cap`). It is found for
     a functional model (keras-hub's causal LMs among them); pass it for a
@@ -176,13 +180,13 @@ class _FusedHead:
     # The loss and the metrics, from the hidden states.
 
     def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None, training=True):
-        if not _is_hidden_states(y_pred):
+        if not self._in_fused_step(y_pred):
             return type(self.model).compute_loss(
                 self.model, x, y, y_pred, sample_weight, training=training
             )
         # Every value the metrics need is made here, before the optimizer
         # changes the head's weights.
-        fused_pass = self._fused_pass(y, y_pred, sample_weight, self.model.loss)
+        fused_pass = self._fused_pass(y, y_pred, sample_weight, with_loss=True)
         self._step.fused_pass = fused_pass
         losses = [] if fused_pass.loss is None else [fused_pass.loss]
         losses += [self.model._aggregate_additional_loss(loss) for loss in self.model.losses]
@@ -191,11 +195,11 @@ class _FusedHead:
         return losses[0] if len(losses) == 1 else tf.add_n(losses)
 
     def compute_metrics(self, x, y, y_pred, sample_weight=None):
-        if not _is_hidden_states(y_pred):
+        if not self._in_fused_step(y_pred):
             return type(self.model).compute_metrics(self.model, x, y, y_pred, sample_weight)
         fused_pass = self._step.fused_pass
         if fused_pass is None:  # no compute_loss before: make the pass now
-            fused_pass = self._fused_pass(y, y_pred, None, None)
+            fused_pass = self._fused_pass(y, y_pred, None, with_loss=False)
         for metric, weighted in self._metrics(y, y_pred):
             own_fn = metric._fn
             values = fused_pass.values[id(metric)]
@@ -206,19 +210,42 @@ class _FusedHead:
                 object.__setattr__(metric, "_fn", own_fn)
         return self.model.get_metrics_result()
 
-    def _fused_pass(self, y, hidden, sample_weight, loss):
-        """The compiled loss (if `loss`) and every metric's per-position
+    def _in_fused_step(self, y_pred):
+        """Whether y_pred is the head's hidden states; ValueError for any
+        other output of a fused step: Keras's loss would take the hidden
+        states, changed by the ops after the head, for logits."""
+        if _is_hidden_states(y_pred):
+            return True
+        if getattr(self._step, "active", False):
+            raise ValueError(
+                f"With a fused head the output of the head layer {self.head.name!r} must be "
+                "the model's output, unchanged: no op may follow it (a scale, a cast, a "
+                "slice). Apply such ops to the hidden states before the head."
+            )
+        return False
+
+    def _fused_pass(self, y, hidden, sample_weight, with_loss):
+        """The compiled loss (`with_loss`) and every metric's per-position
         values, made before the optimizer changes the head's weights."""
         labels = _labels(y, hidden)
         metrics = self._metrics(y, hidden)
         want_argmax = any(getattr(m, "_fn", None) in _ACCURACY_FNS for m, _ in metrics)
         rows, argmax, value = {}, None, None
-        if loss is not None:
+        compiled = self._compiled_loss(y, hidden) if with_loss else None
+        if compiled is not None:
+            loss, loss_weight, dtype = compiled
             options = self._options(loss, "The compiled loss")
             value, loss_rows, argmax = self._loss(loss, labels, hidden, sample_weight, options)
             rows[_key(options)] = loss_rows
+            # As Keras's CompileLoss: cast to its dtype, then weighted.
+            value = tf.cast(value, dtype)
+            if loss_weight is not None:
+                value = keras.ops.multiply(value, loss_weight)
         if want_argmax and argmax is None:
-            argmax = self._per_position(hidden, labels, _PLAIN, return_argmax=True)[1]
+            # The arg-max needs no labels: zeros keep the op's range check off
+            # labels that accuracy compares as they are (ignore_class's).
+            zeros = tf.zeros_like(labels)
+            argmax = self._per_position(hidden, zeros, _PLAIN, return_argmax=True)[1]
         values = {}
         for metric, _ in metrics:
             fn = getattr(metric, "_fn", None)
@@ -238,15 +265,34 @@ class _FusedHead:
                 )
         return _Pass(value, values)
 
+    def _compiled_loss(self, y, hidden):
+        """(loss, its loss_weights entry or None, the loss dtype) as Keras's
+        CompileLoss resolves them (a loss or a one-element list or dict, and
+        loss_weights alike); None without a compiled loss."""
+        compile_loss = self.model._compile_loss
+        if compile_loss is None:
+            return None
+        if not compile_loss.built:
+            compile_loss.build(y, hidden)
+        flat = compile_loss._flat_losses
+        if len(flat) != 1:
+            raise ValueError(
+                "With a fused head the model must be compiled with one loss, for its one "
+                f"output. Received: loss={self.model.loss!r}"
+            )
+        return flat[0].loss, flat[0].loss_weights, compile_loss.dtype
+
     def _loss(self, loss, labels, hidden, sample_weight, options):
-        """(the reduced loss, its per-position values, arg-max or None)."""
+        """(the reduced loss, its per-position values, arg-max)."""
         mask = _mask(hidden, labels, options["ignore_class"])
         if loss.reduction in (None, "none"):
-            rows = self._per_position(hidden, labels, options, stop_gradient=False)
+            rows, argmax = self._per_position(
+                hidden, labels, options, return_argmax=True, stop_gradient=False
+            )
             value = keras_loss.reduce_weighted_values(
                 rows, sample_weight, mask, loss.reduction, loss.dtype
             )
-            return value, tf.stop_gradient(rows), None
+            return value, tf.stop_gradient(rows), argmax
         # Keras's reduction is linear in the per-position losses: the weights
         # it gives them are its gradient with respect to them.
         ones = tf.ones(tf.shape(labels), loss.dtype)
@@ -283,6 +329,7 @@ class _FusedHead:
         ]
 
     def _per_position(self, hidden, labels, options, return_argmax=False, stop_gradient=True):
+        """Per-position losses, and with `return_argmax` (losses, arg-max)."""
         result = _linear_crossentropy.linear_crossentropy(
             **self._arguments(hidden, labels, options), return_argmax=return_argmax
         )
@@ -370,10 +417,9 @@ def _with_ignore_mask(rows, labels, options):
 
 
 def _labels(y, hidden):
-    """Integer labels of the hidden states' positions ([..., 1] squeezed)."""
-    labels = tf.convert_to_tensor(y)
-    if not labels.dtype.is_integer:
-        labels = tf.cast(labels, tf.int64)
+    """int32 or int64 labels of the hidden states' positions ([..., 1]
+    squeezed): the fused op's arg-max comes in their dtype."""
+    labels = txo_ops.as_sparse_labels(y)
     if labels.shape.rank == hidden.shape.rank and labels.shape[-1] == 1:
         labels = tf.squeeze(labels, -1)
     return labels
