@@ -7,7 +7,7 @@ CC_FILES := $(shell find tf_xent_ops bench tests/gpu tests/cpu -name '*.h' -o -n
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 export PYTHONPATH := $(CURDIR)/python
 
-.PHONY: setup cuda-toolkit build test lint format demo demo-lm bench bench-linear bench-functors sanitize bazel-build bazel-wheel bazel-test clean
+.PHONY: setup cuda-toolkit build wheel wheel-test test lint format demo demo-lm bench bench-linear bench-functors sanitize bazel-build bazel-wheel bazel-test clean
 
 setup: $(VENV)/.requirements-installed
 
@@ -22,9 +22,23 @@ $(VENV)/.requirements-installed: requirements.txt
 cuda-toolkit: setup
 	$(PY) -m pip install -r requirements-cuda.txt
 
-# Compiles the op library in place (python/tf_xent_ops/_xent_ops.so).
+# Compiles the op library and the CPU levels' libraries in place
+# (python/tf_xent_ops/_xent_ops.so, _xent_cpu_<level>.so). TFXENT_CPU_LEVELS=native
+# builds for this machine's instruction set alone.
 build: setup
 	$(PY) setup.py -q build_ext --inplace
+
+# A binary wheel in dist/: the portable CPU levels, and the GPU kernels where a
+# CUDA toolkit is found; tagged for this platform and the TensorFlow series.
+wheel: setup
+	rm -rf dist
+	$(PY) -m pip wheel --no-deps --no-build-isolation -q -w dist .
+	ls dist/tf_xent_ops-*.whl
+
+# The wheel installed into a fresh virtual environment, then the test suite
+# run against that installation with no compiler on PATH.
+wheel-test: wheel
+	pip_package/test_wheel.sh dist/tf_xent_ops-*.whl build/wheel-test-venv $(PYTHON)
 
 test: build
 	$(PY) -m pytest
@@ -54,9 +68,10 @@ bench-linear: build
 
 # The CPU functors timed alone (no TensorFlow runtime): what the kernels cost.
 FUNCTOR_SHAPES ?= 4096,1000 1024,32768
+FUNCTOR_ARCH_FLAGS ?= -march=native -mno-avx512fp16
 bench-functors: setup
 	mkdir -p build
-	$(CXX) -O3 $(or $(TFXENT_ARCH_FLAGS),-march=native -mno-avx512fp16) -I$(CURDIR) \
+	$(CXX) -O3 $(FUNCTOR_ARCH_FLAGS) -I$(CURDIR) \
 		$$($(PY) -c "import tensorflow as tf; print(' '.join(tf.sysconfig.get_compile_flags()))") \
 		bench/functor_bench.cc tf_xent_ops/cc/kernels/xent_functor_cpu_*.cc \
 		-o build/functor_bench -lpthread
@@ -75,7 +90,7 @@ SANITIZE_FLAGS := -fsanitize=address,undefined -fno-sanitize-recover=all \
 sanitize: setup
 	rm -rf $(SANITIZE_DIR) && mkdir -p $(SANITIZE_DIR)
 	cp -r python/tf_xent_ops $(SANITIZE_DIR)/
-	rm -f $(SANITIZE_DIR)/tf_xent_ops/_xent_ops.so $(SANITIZE_DIR)/tf_xent_ops/_build_info.py
+	rm -f $(SANITIZE_DIR)/tf_xent_ops/*.so $(SANITIZE_DIR)/tf_xent_ops/_build_info.py
 	TFXENT_EXTRA_CFLAGS="$(SANITIZE_FLAGS)" $(PY) setup.py -q build_ext --force \
 		--build-lib $(SANITIZE_DIR) --build-temp $(CURDIR)/build/sanitize-objs
 	LD_PRELOAD="$$(g++ -print-file-name=libasan.so) $$(g++ -print-file-name=libubsan.so)" \
@@ -88,28 +103,18 @@ sanitize: setup
 # /usr/bin/bazel-4; bazelisk reads .bazelversion), offline; GPU kernels too
 # where cuda_configure finds a toolkit.
 BAZEL ?= $(shell command -v bazel-4 || command -v bazelisk || command -v bazel)
-WHEEL_VENV := $(CURDIR)/build/wheel-venv
 bazel-build: setup
 	$(BAZEL) build --repo_env=PYTHON_BIN_PATH=$(CURDIR)/$(PY) \
-		//tf_xent_ops:_xent_ops.so //tf_xent_ops:build_info
+		//tf_xent_ops:_xent_ops.so //tf_xent_ops:build_info //tf_xent_ops:cpu_levels_list
 
 bazel-wheel: bazel-build
 	rm -rf build/wheel
 	pip_package/build_pip_package.sh build/wheel $(CURDIR)/$(PY)
 
-# The wheel installed into a fresh virtual environment (with its pinned
-# dependencies), then the test suite run against that installation.
+# The Bazel wheel tested as wheel-test tests setup.py's.
 bazel-test: bazel-wheel
-	rm -rf $(WHEEL_VENV) && $(PYTHON) -m venv $(WHEEL_VENV)
-	# PYTHONPATH cleared: the source tree must not stand in for the wheel.
-	PYTHONPATH= $(WHEEL_VENV)/bin/python -m pip install -q --upgrade pip
-	PYTHONPATH= $(WHEEL_VENV)/bin/python -m pip install -q -r requirements.txt
-	PYTHONPATH= $(WHEEL_VENV)/bin/python -m pip install -q build/wheel/tf_xent_ops-*.whl
-	PYTHONPATH= $(WHEEL_VENV)/bin/python -m pip show -f tf-xent-ops | grep -q _xent_ops.so
-	cd $(CURDIR) && PYTHONPATH= TFXENT_PACKAGE_DIR=$$($(WHEEL_VENV)/bin/python -c \
-		"import sysconfig; print(sysconfig.get_paths()['platlib'])") \
-	$(WHEEL_VENV)/bin/python -m pytest -o pythonpath=tests -o addopts="-ra -p no:cacheprovider" \
-		tests --deselect tests/test_install.py
+	pip_package/test_wheel.sh build/wheel/tf_xent_ops-*.whl build/bazel-test-venv $(PYTHON)
 
 clean:
-	rm -rf build python/tf_xent_ops/_xent_ops.so python/tf_xent_ops/_build_info.py
+	rm -rf build dist python/tf_xent_ops/_xent_ops.so python/tf_xent_ops/_xent_cpu_*.so \
+		python/tf_xent_ops/_build_info.py

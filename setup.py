@@ -1,13 +1,20 @@
 """Builds the tf_xent_ops op library from source against the installed TensorFlow.
 
-This is the one place that knows how to compile the library: `pip install
---no-build-isolation .` and `make build` (build_ext --inplace) both run it.
-Build isolation must be off, or pip would compile against a different
-TensorFlow than the one that loads the library.
+This is the one place that knows how to compile and package the library:
+`pip install --no-build-isolation .`, `make build` (build_ext --inplace) and
+`make wheel` run it, and the Bazel wheel packages Bazel's libraries through
+it (TFXENT_PREBUILT_LIBRARIES). Build isolation must be off, or pip would
+compile against a different TensorFlow than the one that loads the library.
+
+The op library (_xent_ops.so: ops, OpKernels, GPU kernels) is built for the
+x86-64 baseline; the CPU functors are built once per instruction-set level
+into _xent_cpu_<level>.so, of which the op library loads the best one the
+CPU runs (tf_xent_ops/cc/kernels/xent_cpu_dispatch.h).
 """
 
 import glob
 import os
+import platform
 import re
 import shlex
 import shutil
@@ -17,23 +24,70 @@ from concurrent.futures import ThreadPoolExecutor
 
 from setuptools import Extension
 from setuptools import setup
+from setuptools.command.bdist_wheel import bdist_wheel
 from setuptools.command.build_ext import build_ext
 
+ROOT = os.path.dirname(os.path.abspath(__file__))
 CC_SOURCES = [
     "tf_xent_ops/cc/ops/xent_ops.cc",
     "tf_xent_ops/cc/kernels/xent_op.cc",
+    "tf_xent_ops/cc/kernels/xent_cpu_dispatch.cc",
+]
+# The CPU functors and their table: one library per instruction-set level.
+CPU_LEVEL_SOURCES = [
     "tf_xent_ops/cc/kernels/xent_functor_cpu_dense.cc",
     "tf_xent_ops/cc/kernels/xent_functor_cpu_sparse.cc",
+    "tf_xent_ops/cc/kernels/xent_cpu_kernels_export.cc",
 ]
 CUDA_SOURCES = ["tf_xent_ops/cc/kernels/xent_functor_gpu.cu.cc"]
 # Every source includes some of these: a change to any rebuilds them all.
 HEADERS = sorted(
-    os.path.relpath(path, os.path.dirname(os.path.abspath(__file__)))
-    for path in glob.glob(
-        os.path.join(os.path.dirname(os.path.abspath(__file__)), "tf_xent_ops/cc/kernels/*.h")
-    )
+    os.path.relpath(path, ROOT)
+    for path in glob.glob(os.path.join(ROOT, "tf_xent_ops/cc/kernels/*.h"))
 )
 LIBRARY_NAME = "tf_xent_ops._xent_ops"
+# Each x86-64 level's compiler flags (the names xent_cpu_levels.h knows).
+# Generic tuning: the portable levels run on any vendor's CPUs. TensorFlow
+# 2.21's bundled Eigen does not compile with AVX512-FP16, which no level but
+# native could enable.
+X86_CPU_LEVEL_FLAGS = {
+    "baseline": ["-march=x86-64", "-mtune=generic"],
+    "avx2": ["-march=x86-64-v3", "-mtune=generic"],
+    "avx512": ["-march=x86-64-v4", "-mtune=generic"],
+    "native": ["-march=native", "-mno-avx512fp16"],
+}
+PORTABLE_CPU_LEVELS = ("baseline", "avx2", "avx512")
+
+
+def cpu_level_flags(environ=os.environ, machine=None):
+    """{level: compiler flags} of the CPU levels to build: $TFXENT_CPU_LEVELS
+    (space-separated; "native" alone builds for this machine only), by default
+    the portable three on x86-64 and the compiler's default elsewhere."""
+    machine = machine or platform.machine()
+    if machine not in ("x86_64", "AMD64"):
+        return {"baseline": []}
+    levels = environ.get("TFXENT_CPU_LEVELS", " ".join(PORTABLE_CPU_LEVELS)).split()
+    unknown = [level for level in levels if level not in X86_CPU_LEVEL_FLAGS]
+    if unknown or not levels:
+        raise ValueError(
+            f"TFXENT_CPU_LEVELS={environ.get('TFXENT_CPU_LEVELS')!r}: each level must be one of "
+            f"{', '.join(X86_CPU_LEVEL_FLAGS)}"
+        )
+    return {level: X86_CPU_LEVEL_FLAGS[level] for level in levels}
+
+
+def _version():
+    with open(os.path.join(ROOT, "python", "tf_xent_ops", "__init__.py")) as f:
+        match = re.search(r'^__version__ = "([^"]+)"', f.read(), re.M)
+    return match.group(1)
+
+
+def _tensorflow_series():
+    """The installed TensorFlow's major.minor: the library loads in that
+    series only (its C++ ABI changes between minor releases)."""
+    import tensorflow as tf
+
+    return ".".join(tf.__version__.split(".")[:2])
 
 
 def _write_build_info(package_dir, tf_version, cuda_version):
@@ -111,9 +165,12 @@ def nvcc_flags(include_root, environ=os.environ):
     archs = environ.get("TFXENT_CUDA_ARCHS", "80;90").split(";")
     gencode = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs]
     gencode.append(f"-gencode=arch=compute_{archs[-1]},code=compute_{archs[-1]}")
+    # The host code goes into the op library, built for the x86-64 baseline
+    # whatever the host compiler's default.
+    host = ["-Xcompiler", "-march=x86-64"] if platform.machine() in ("x86_64", "AMD64") else []
     return [
         *("-x", "cu", "-std=c++17", "-O3", "-I" + include_root, "--expt-relaxed-constexpr"),
-        *("-Xcompiler", "-fPIC", *gencode),
+        *("-Xcompiler", "-fPIC", *host, *gencode),
     ]
 
 
@@ -142,7 +199,8 @@ def cuda_build_config(environ=os.environ, search_path=sys.path):
 
 
 class BuildTfOps(build_ext):
-    """Compiles the C++ sources with tf.sysconfig's flags, passed verbatim."""
+    """Compiles the C++ sources with tf.sysconfig's flags, passed verbatim:
+    the op library, then one library per CPU level (cpu_level_flags)."""
 
     user_options = build_ext.user_options + [
         ("extra-cflags=", None, "extra flags for the C++ compiler"),
@@ -152,22 +210,6 @@ class BuildTfOps(build_ext):
         super().initialize_options()
         self.extra_cflags = os.environ.get("TFXENT_EXTRA_CFLAGS", "")
 
-    def _arch_flags(self, cxx):
-        """SIMD for the CPU kernels (Eigen's packet exp/log). The library is built
-        on the machine that runs it, so the default is that machine's ISA; set
-        TFXENT_ARCH_FLAGS (e.g. to "" for SSE2 only) for a portable build."""
-        flags = shlex.split(os.environ.get("TFXENT_ARCH_FLAGS", "-march=native"))
-        # TensorFlow 2.21's bundled Eigen does not compile with AVX512-FP16.
-        probe = subprocess.run(
-            [cxx, "-mno-avx512fp16", "-x", "c++", "-E", "-", "-o", os.devnull],
-            input="",
-            capture_output=True,
-            text=True,
-        )
-        if flags and probe.returncode == 0:
-            flags.append("-mno-avx512fp16")
-        return flags
-
     def get_ext_filename(self, fullname):
         # A plain op library, not a Python extension: no ABI tag.
         return os.path.join(*fullname.split(".")) + ".so"
@@ -175,35 +217,34 @@ class BuildTfOps(build_ext):
     def build_extension(self, ext):
         import tensorflow as tf
 
-        root = os.path.dirname(os.path.abspath(__file__))
         out = self.get_ext_fullpath(ext.name)
-        objdir = os.path.join(self.build_temp, "objs")
-        os.makedirs(objdir, exist_ok=True)
-        os.makedirs(os.path.dirname(out), exist_ok=True)
+        package_dir = os.path.dirname(out)
+        os.makedirs(package_dir, exist_ok=True)
+        for old in glob.glob(os.path.join(package_dir, "_xent_cpu_*.so")):
+            os.remove(old)  # A level no longer built must not be loaded.
+        prebuilt = os.environ.get("TFXENT_PREBUILT_LIBRARIES")
+        if prebuilt:  # Bazel's outputs, packaged as they are.
+            for name in os.listdir(prebuilt):
+                if name.endswith(".so") or name == "_build_info.py":
+                    shutil.copy(os.path.join(prebuilt, name), package_dir)
+            return
         cxx = os.environ.get("CXX", "g++")
+        levels = cpu_level_flags()
         cflags = (
             tf.sysconfig.get_compile_flags()
-            + ["-I" + root, "-O3", "-fPIC", "-Wall", "-Wno-sign-compare"]
+            + ["-I" + ROOT, "-O3", "-fPIC", "-Wall", "-Wno-sign-compare"]
             # TensorFlow's own headers trip these.
             + ["-Wno-deprecated-declarations"]
-            + self._arch_flags(cxx)
             + shlex.split(self.extra_cflags)
         )
-        headers = [os.path.join(root, h) for h in HEADERS]
-
-        def compile_one(src):
-            path = os.path.join(root, src)
-            obj = os.path.join(objdir, src.replace("/", "_") + ".o")
-            newest_input = max(os.path.getmtime(p) for p in [path, *headers])
-            if self.force or not os.path.exists(obj) or os.path.getmtime(obj) < newest_input:
-                self._run([cxx, *cflags, "-c", path, "-o", obj])
-            return obj
-
         cuda = cuda_build_config()
+        # The op library: the baseline's flags, so that nothing outside the
+        # levels' libraries needs more than the baseline CPU.
+        library_flags = cflags + levels.get("baseline", X86_CPU_LEVEL_FLAGS["baseline"])
         link_flags = tf.sysconfig.get_link_flags() + shlex.split(self.extra_cflags)
         if cuda:
             # GPU kernels, registered by xent_op.cc.
-            cflags.append("-DTFXENT_WITH_CUDA")
+            library_flags.append("-DTFXENT_WITH_CUDA")
             link_flags = [
                 f"-L{cuda['cudart_static_dir']}",
                 CUDART_HIDDEN,
@@ -211,34 +252,71 @@ class BuildTfOps(build_ext):
                 *link_flags,
                 *CUDART_DEPENDENCIES,
             ]
+        sources = {"library": [(src, library_flags) for src in ext.sources]}
+        for level, flags in levels.items():
+            # Hidden and bound to itself: its copies of Eigen's and the
+            # standard library's inline functions serve it alone.
+            level_flags = cflags + flags + [f'-DTFXENT_CPU_LEVEL="{level}"']
+            level_flags += ["-fvisibility=hidden", "-fvisibility-inlines-hidden"]
+            sources[level] = [(src, level_flags) for src in CPU_LEVEL_SOURCES]
         with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
-            objs = list(pool.map(compile_one, ext.sources))
+            futures = {
+                group: [pool.submit(self._compile, cxx, src, group, flags) for src, flags in jobs]
+                for group, jobs in sources.items()
+            }
             if cuda:
-                objs += list(
-                    pool.map(
-                        lambda src: self._compile_cuda(cuda["nvcc"], root, objdir, src, headers),
-                        CUDA_SOURCES,
-                    )
-                )
-        self._run([cxx, "-shared", *objs, "-o", out, *link_flags])
-        _write_build_info(os.path.dirname(out), tf.__version__, cuda and cuda["version"])
+                futures["library"] += [
+                    pool.submit(self._compile_cuda, cuda["nvcc"], src) for src in CUDA_SOURCES
+                ]
+            objs = {
+                group: [f.result() for f in group_futures]
+                for group, group_futures in futures.items()
+            }
+        self._run([cxx, "-shared", *objs["library"], "-o", out, *link_flags, "-ldl"])
+        for level in levels:
+            level_library = os.path.join(package_dir, f"_xent_cpu_{level}.so")
+            self._run(
+                [cxx, "-shared", *objs[level], "-o", level_library, "-Wl,-Bsymbolic"]
+                + ["-lpthread", *shlex.split(self.extra_cflags)]
+            )
+        _write_build_info(package_dir, tf.__version__, cuda and cuda["version"])
 
-    def _compile_cuda(self, nvcc, root, objdir, src, headers):
-        path = os.path.join(root, src)
-        obj = os.path.join(objdir, src.replace("/", "_") + ".o")
-        newest_input = max(os.path.getmtime(p) for p in [path, *headers])
-        if not self.force and os.path.exists(obj) and os.path.getmtime(obj) >= newest_input:
-            return obj
-        self._run([nvcc, *nvcc_flags(root), "-c", path, "-o", obj])
+    def _object(self, src, group):
+        objdir = os.path.join(self.build_temp, "objs", group)
+        os.makedirs(objdir, exist_ok=True)
+        return os.path.join(objdir, src.replace("/", "_") + ".o")
+
+    def _stale(self, src, obj):
+        newest_input = max(os.path.getmtime(p) for p in [os.path.join(ROOT, src), *self._headers()])
+        return self.force or not os.path.exists(obj) or os.path.getmtime(obj) < newest_input
+
+    @staticmethod
+    def _headers():
+        return [os.path.join(ROOT, h) for h in HEADERS]
+
+    def _compile(self, cxx, src, group, flags):
+        obj = self._object(src, group)
+        if self._stale(src, obj):
+            self._run([cxx, *flags, "-c", os.path.join(ROOT, src), "-o", obj])
+        return obj
+
+    def _compile_cuda(self, nvcc, src):
+        obj = self._object(src, "library")
+        if self._stale(src, obj):
+            self._run([nvcc, *nvcc_flags(ROOT), "-c", os.path.join(ROOT, src), "-o", obj])
         return obj
 
     def run(self):
         inplace = self.inplace  # setuptools clears it while building.
         super().run()
-        if inplace:  # setuptools copies only the library back
+        if inplace:  # setuptools copies only the op library back
             package_dir = self.get_finalized_command("build_py").get_package_dir("tf_xent_ops")
-            info = os.path.join(self.build_lib, "tf_xent_ops", "_build_info.py")
-            shutil.copy(info, package_dir)
+            for old in glob.glob(os.path.join(package_dir, "_xent_cpu_*.so")):
+                os.remove(old)
+            built = os.path.join(self.build_lib, "tf_xent_ops")
+            for name in ["_build_info.py", *os.listdir(built)]:
+                if name == "_build_info.py" or name.startswith("_xent_cpu_"):
+                    shutil.copy(os.path.join(built, name), package_dir)
 
     @staticmethod
     def _run(cmd):
@@ -246,13 +324,28 @@ class BuildTfOps(build_ext):
         subprocess.check_call(cmd)
 
 
+class PlatformWheel(bdist_wheel):
+    """Tagged for the platform and any Python 3: the libraries call
+    TensorFlow's C++ API, not Python's."""
+
+    def get_tag(self):
+        _, _, platform_tag = super().get_tag()
+        return "py3", "none", platform_tag
+
+
 # Guarded so that the tests can import the toolkit lookup above; pip's build
 # backend runs this file as __main__.
 if __name__ == "__main__":
+    tf_series = _tensorflow_series()
+    # The local label names the TensorFlow series the libraries are for, and a
+    # build for its build machine's CPU alone.
+    native = ".native" if "native" in cpu_level_flags() else ""
     setup(
+        version=f"{_version()}+tf{tf_series}{native}",
+        install_requires=[f"tensorflow=={tf_series}.*", "keras==3.15.1", "numpy"],
         package_dir={"": "python"},
         packages=["tf_xent_ops", "tf_xent_ops.tf_keras"],
         ext_modules=[Extension(LIBRARY_NAME, sources=CC_SOURCES)],
-        cmdclass={"build_ext": BuildTfOps},
+        cmdclass={"build_ext": BuildTfOps, "bdist_wheel": PlatformWheel},
         zip_safe=False,
     )

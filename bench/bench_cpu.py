@@ -16,6 +16,9 @@ predictions, and dense labels, once; write the gradient once) over the copy
 bandwidth measured in this run. Peak
 memory of forward + backward is measured per case in a fresh subprocess: the
 peak resident set (VmHWM, reset after setup) over the resident set before it.
+Our kernels are timed at every instruction-set level the build has and the
+CPU runs (tf_xent_ops.cpu_isa(); switched call by call, in the same turns);
+the main columns are the best level's, and each other level gets its own.
 
     python bench/bench_cpu.py                 # default grid, writes bench/results/
     python bench/bench_cpu.py --quick         # a few cases
@@ -185,6 +188,26 @@ def compiled(loss_fn, direction):
     return call
 
 
+def cpu_levels():
+    """Our CPU kernels' instruction-set levels this build has and this CPU
+    runs, best first."""
+    from tf_xent_ops import _load
+
+    return _load.available_cpu_isas()
+
+
+def at_level(fn, level):
+    """`fn`, run with our CPU kernels at `level`."""
+    from tf_xent_ops import _load
+
+    def call(*args):
+        if _load.cpu_isa() != level:  # an atomic read; switching takes a lock
+            _load.use_cpu_isa(level)
+        return fn(*args)
+
+    return call
+
+
 def time_ms(fns, *args, min_runs=10, min_seconds=0.7, max_runs=100, batch=5):
     """Median milliseconds of each of `fns` on `args`. They run in turns, a
     batch of calls each (the first untimed: it meets the memory the other
@@ -247,12 +270,14 @@ def run_timing(cases, passes=3):
     measurement."""
     import tensorflow as tf
 
+    levels = cpu_levels()
     bandwidths, samples = [], [[] for _ in cases]
     for pass_index in range(passes):
         bandwidths.append(copy_bandwidth())
         print(
             f"pass {pass_index + 1}/{passes}: copy bandwidth "
-            f"{bandwidths[-1] / 1e9:.1f} GB/s; threads: {os.cpu_count()}",
+            f"{bandwidths[-1] / 1e9:.1f} GB/s; threads: {os.cpu_count()}; "
+            f"our levels: {', '.join(levels)}",
             flush=True,
         )
         rng = np.random.default_rng(0)
@@ -260,24 +285,28 @@ def run_timing(cases, passes=3):
             y, p = make_inputs(k, rng)
             y, p = tf.constant(y), tf.constant(p)
             ours, theirs = (compiled(f, k["direction"]) for f in loss_fns(k))
+            ours_at = [at_level(ours, level) for level in levels]
             if pass_index == 0:
-                check_agree(k, ours(y, p), theirs(y, p))
+                for ours_at_level in ours_at:
+                    check_agree(k, ours_at_level(y, p), theirs(y, p))
             # fwd+bwd steps make the logits (p * 1) first, for both losses:
             # that producer's time, measured alone, is taken off to give the
             # loss's.
-            fns = [ours, theirs]
+            fns = [*ours_at, theirs]
             if k["direction"] == "fwd+bwd":
                 fns.append(compiled(None, "producer"))
             times = time_ms(fns, y, p)
-            case_samples.append(times + [0.0] * (3 - len(times)))
+            case_samples.append(times + [0.0] * (len(levels) + 2 - len(times)))
             print(
-                f"{k['n']:>6}x{k['c']:<6} {case_name(k):<36} ours {times[0]:8.2f} ms"
-                f"  built-in {times[1]:8.2f} ms",
+                f"{k['n']:>6}x{k['c']:<6} {case_name(k):<36} ours "
+                + " ".join(f"{lv} {t:8.2f} ms" for lv, t in zip(levels, times, strict=False))
+                + f"  built-in {times[len(levels)]:8.2f} ms",
                 flush=True,
             )
+    at_level(lambda: None, levels[0])()  # back to the default level
     bandwidth = statistics.median(bandwidths)
     rows = [
-        timing_row(k, case_samples, bandwidth)
+        timing_row(k, case_samples, bandwidth, levels)
         for k, case_samples in zip(cases, samples, strict=True)
     ]
     for row in rows:
@@ -285,32 +314,51 @@ def run_timing(cases, passes=3):
             f"{row['n']:>6}x{row['c']:<6} {row['name']:<36} ours {row['ours_ms']:8.2f} ms"
             f"  built-in {row['builtin_ms']:8.2f} ms  producer {row['producer_ms']:6.2f} ms"
             f"  speed-up: step {row['step_speedup']:5.2f}x loss {row['speedup']:5.2f}x"
-            f"  ours/floor {row['ours_x_floor']:5.2f}"
+            f"  ours/floor {row['ours_x_floor']:5.2f}  loss speed-up by level: "
+            + " ".join(f"{lv} {x:5.2f}x" for lv, x in row["speedup_by_isa"].items())
         )
     return rows, bandwidth
 
 
-def timing_row(k, samples, bandwidth):
-    """A table row from a case's (ours, built-in, producer) ms of each pass.
-    The ms columns are medians over passes; the speed-ups are the medians of
-    each pass's own ratios, whose three timings ran in turns in the same
-    minute, so that a slow spell of the machine falls on both sides of a
-    ratio (a ratio of medians can pair our time from one pass with the
-    built-in's from another)."""
-    ours_ms, theirs_ms, producer_ms = (statistics.median(col) for col in zip(*samples, strict=True))
-    ours_net, theirs_net = ours_ms - producer_ms, theirs_ms - producer_ms
+def timing_row(k, samples, bandwidth, levels):
+    """A table row from a case's (ours at each of `levels`, built-in,
+    producer) ms of each pass. The ms columns are medians over passes; the
+    speed-ups are the medians of each pass's own ratios, whose timings ran in
+    turns in the same minute, so that a slow spell of the machine falls on
+    both sides of a ratio (a ratio of medians can pair our time from one pass
+    with the built-in's from another). The unsuffixed columns are the best
+    level's."""
+    medians = [statistics.median(col) for col in zip(*samples, strict=True)]
+    theirs_ms, producer_ms = medians[-2], medians[-1]
     floor_ms = floor_bytes(k) / bandwidth * 1e3
+    by_level = dict(
+        ours_ms_by_isa={},
+        step_speedup_by_isa={},
+        speedup_by_isa={},
+        ours_x_floor_by_isa={},
+    )
+    for i, level in enumerate(levels):
+        by_level["ours_ms_by_isa"][level] = medians[i]
+        by_level["step_speedup_by_isa"][level] = statistics.median(s[-2] / s[i] for s in samples)
+        by_level["speedup_by_isa"][level] = statistics.median(
+            (s[-2] - s[-1]) / (s[i] - s[-1]) for s in samples
+        )
+        by_level["ours_x_floor_by_isa"][level] = (medians[i] - producer_ms) / floor_ms
+    best = levels[0]
     return dict(
         k,
         name=case_name(k),
-        ours_ms=ours_ms,
+        ours_ms=medians[0],
         builtin_ms=theirs_ms,
         producer_ms=producer_ms,
-        step_speedup=statistics.median(t / o for o, t, _ in samples),
-        speedup=statistics.median((t - p) / (o - p) for o, t, p in samples),
-        ours_x_floor=ours_net / floor_ms,
-        builtin_x_floor=theirs_net / floor_ms,
-        passes=[list(sample) for sample in samples],
+        step_speedup=by_level["step_speedup_by_isa"][best],
+        speedup=by_level["speedup_by_isa"][best],
+        ours_x_floor=by_level["ours_x_floor_by_isa"][best],
+        builtin_x_floor=(theirs_ms - producer_ms) / floor_ms,
+        levels=list(levels),
+        passes=[[s[0], s[-2], s[-1]] for s in samples],
+        passes_by_isa=[list(s) for s in samples],
+        **by_level,
     )
 
 
@@ -366,23 +414,36 @@ def memory_cases(cases):
 
 def write_outputs(rows, memory, bandwidth):
     os.makedirs(OUT_DIR, exist_ok=True)
+    levels = rows[0]["levels"] if rows else []
+    others = levels[1:]
     lines = [
         f"Copy bandwidth measured in the run: {bandwidth / 1e9:.1f} GB/s. "
         "Floor = bytes that must move / that bandwidth. Step: the whole timed step; "
         "producer: the fwd+bwd step without the loss (making the logits), taken off "
         "the step to give the loss's own time, on which the loss speed-up and the "
         "floor multiples are computed. Times: medians over the passes; speed-ups: "
-        "medians of each pass's own ratio (its three timings ran in turns).",
+        "medians of each pass's own ratio (its timings ran in turns). Ours at "
+        + (
+            f"the {levels[0]} level (the default here); then each other level's ms and "
+            "loss speed-up."
+            if levels
+            else "the default level."
+        ),
         "",
         "| N x C | case | ours ms | built-in ms | producer ms | speed-up (step) "
-        "| speed-up (loss) | ours x floor | built-in x floor |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| speed-up (loss) | ours x floor | built-in x floor |"
+        + "".join(f" {lv} ms | {lv} speed-up (loss) |" for lv in others),
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|" + "---:|---:|" * len(others),
     ]
     for r in rows:
         lines.append(
             f"| {r['n']} x {r['c']} | {r['name']} | {r['ours_ms']:.2f} | {r['builtin_ms']:.2f}"
             f" | {r['producer_ms']:.2f} | {r['step_speedup']:.2f}x | {r['speedup']:.2f}x"
             f" | {r['ours_x_floor']:.1f} | {r['builtin_x_floor']:.1f} |"
+            + "".join(
+                f" {r['ours_ms_by_isa'][lv]:.2f} | {r['speedup_by_isa'][lv]:.2f}x |"
+                for lv in others
+            )
         )
     if memory:
         lines += [
@@ -415,8 +476,12 @@ def plot(rows):
     labels = [f"{r['n']}x{r['c']}\n{r['name'].replace(' float32 fwd+bwd', '')}" for r in rows]
     x = np.arange(len(rows))
     fig, ax = plt.subplots(figsize=(max(8, 0.6 * len(rows)), 5))
-    ax.bar(x - 0.2, [r["builtin_x_floor"] for r in rows], 0.4, label="Keras built-in")
-    ax.bar(x + 0.2, [r["ours_x_floor"] for r in rows], 0.4, label="tf_xent_ops")
+    series = [("Keras built-in", [r["builtin_x_floor"] for r in rows])]
+    for level in rows[0].get("levels", []) if rows else []:
+        series.append((f"tf_xent_ops, {level}", [r["ours_x_floor_by_isa"][level] for r in rows]))
+    width = 0.8 / len(series)
+    for i, (label, values) in enumerate(series):
+        ax.bar(x + (i - (len(series) - 1) / 2) * width, values, width, label=label)
     ax.axhline(1.0, color="k", lw=0.8)
     ax.set_yscale("log")
     ax.set_ylabel("time / memory-bandwidth floor (lower is better)")

@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# Turns the Bazel outputs into a wheel:
-#   bazel build //tf_xent_ops:_xent_ops.so //tf_xent_ops:build_info
+# Turns the Bazel outputs into a wheel through setup.py, which packages them
+# as they are (TFXENT_PREBUILT_LIBRARIES) instead of compiling:
+#   bazel build //tf_xent_ops:_xent_ops.so //tf_xent_ops:build_info \
+#     //tf_xent_ops:cpu_levels_list
 #   pip_package/build_pip_package.sh OUTPUT_DIR [PYTHON]
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
@@ -10,16 +12,15 @@ if [[ "$python" == */* ]]; then  # absolute, keeping a venv's interpreter path
   python="$(cd "$(dirname "$python")" && pwd)/$(basename "$python")"
 fi
 bin="$root/bazel-bin/tf_xent_ops"
-for f in _xent_ops.so _build_info.py; do
+for f in _xent_ops.so _build_info.py cpu_levels.txt; do
   [ -f "$bin/$f" ] || { echo "missing $bin/$f: run the bazel build first" >&2; exit 1; }
 done
 stage="$(mktemp -d)"
 trap 'rm -rf "$stage"' EXIT
-mkdir -p "$stage/tf_xent_ops/tf_keras"
-cp "$root"/python/tf_xent_ops/*.py "$stage/tf_xent_ops/"
-cp "$root"/python/tf_xent_ops/tf_keras/*.py "$stage/tf_xent_ops/tf_keras/"
-cp "$bin/_xent_ops.so" "$bin/_build_info.py" "$stage/tf_xent_ops/"
-chmod -R u+w "$stage"/tf_xent_ops
-cp "$root/pip_package/setup.py" "$stage/"
-(cd "$stage" && "$python" -m pip wheel --no-deps --no-build-isolation -q -w "$out" .)
+cp "$bin/_xent_ops.so" "$bin/_build_info.py" "$stage/"
+# The CPU levels this configuration ships (bazel-bin may hold others).
+while read -r library; do cp "$bin/$library" "$stage/"; done < "$bin/cpu_levels.txt"
+chmod u+w "$stage"/*
+(cd "$root" && TFXENT_PREBUILT_LIBRARIES="$stage" \
+  "$python" -m pip wheel --no-deps --no-build-isolation -q -w "$out" .)
 ls "$out"/tf_xent_ops-*.whl

@@ -8,6 +8,8 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
+from tf_xent_ops import _load  # noqa: E402
+
 # Two logical CPUs for the tf.distribute tests: set before the runtime starts.
 tf.config.set_logical_device_configuration(
     tf.config.list_physical_devices("CPU")[0],
@@ -40,3 +42,14 @@ def _ops_on_the_cpu(request):
         return
     with tf.device("/cpu:0"):
         yield
+
+
+@pytest.fixture(params=_load.available_cpu_isas())
+def each_cpu_isa(request):
+    """Runs a test once at every instruction-set level of the CPU kernels
+    that the build has and this CPU runs (switched in this process)."""
+    before = _load.use_cpu_isa(request.param)
+    try:
+        yield request.param
+    finally:
+        _load.use_cpu_isa(before)

@@ -239,6 +239,7 @@ def main():
         total += examples
         print(f"{name}: {examples} examples passed", flush=True)
     print(f"fuzz: {total} examples passed")
+    print(f"CPU kernels: {txo.cpu_isa()}")
     return 0
 
 

@@ -50,8 +50,12 @@ def test_timing_rows(bench, labels, from_logits):
     assert bandwidth > 0
     fwd, fwd_bwd = rows
     assert fwd["producer_ms"] == 0.0 and fwd_bwd["producer_ms"] > 0.0
+    levels = bench.cpu_levels()
     for row in rows:
         assert row["ours_ms"] > 0 and row["builtin_ms"] > 0
+        # A column per instruction-set level; the main one is the best's.
+        assert list(row["ours_ms_by_isa"]) == levels == row["levels"]
+        assert row["ours_ms"] == row["ours_ms_by_isa"][levels[0]]
         assert len(row["passes"]) == 3
         step = sorted(theirs / ours for ours, theirs, _ in row["passes"])[1]
         loss = sorted((t - p) / (o - p) for o, t, p in row["passes"])[1]

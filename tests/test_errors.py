@@ -10,6 +10,9 @@ from tf_xent_ops._load import library
 
 import tf_xent_ops as txo
 
+# The CPU kernels of every instruction-set level this machine runs.
+pytestmark = pytest.mark.usefixtures("each_cpu_isa")
+
 
 def test_sparse_label_out_of_range_names_value_and_range(rng):
     p = ref.logits(rng, (4, 5), "float32")

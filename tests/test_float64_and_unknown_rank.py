@@ -10,6 +10,9 @@ import tensorflow as tf
 
 import tf_xent_ops as txo
 
+# The CPU kernels of every instruction-set level this machine runs.
+pytestmark = pytest.mark.usefixtures("each_cpu_isa")
+
 
 @pytest.mark.parametrize("sparse", [True, False])
 @pytest.mark.parametrize("from_logits", [True, False])

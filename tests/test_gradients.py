@@ -8,6 +8,9 @@ import tensorflow as tf
 
 import tf_xent_ops as txo
 
+# The CPU kernels of every instruction-set level this machine runs.
+pytestmark = pytest.mark.usefixtures("each_cpu_isa")
+
 
 def _max_error(f, *xs):
     # float64 inputs: a small step keeps the finite-difference error below 1e-8.

@@ -7,12 +7,16 @@ import zipfile
 
 import pytest
 import setup_script
+import tensorflow as tf
+
+import tf_xent_ops as txo
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 CHECK = """
 import numpy as np
 import tf_xent_ops
+assert tf_xent_ops.cpu_isa() in ("avx512", "avx2", "baseline"), tf_xent_ops.cpu_isa()
 assert tf_xent_ops.__file__.startswith({target!r}), tf_xent_ops.__file__
 loss = tf_xent_ops.losses.SparseCategoricalCrossentropy()([1, 2], [[.05, .95, 0], [.1, .8, .1]])
 np.testing.assert_allclose(float(loss), 1.1769392, rtol=1e-6)
@@ -29,8 +33,16 @@ def test_pip_wheel_builds_installs_and_imports(tmp_path):
         check=True,
     )
     (wheel,) = wheel_dir.glob("tf_xent_ops-*.whl")
+    # Any Python 3; this platform; the TensorFlow series in the local label.
+    series = ".".join(tf.__version__.split(".")[:2])
+    assert wheel.name.startswith(f"tf_xent_ops-{txo.__version__}+tf{series}-py3-none-linux_")
     names = zipfile.ZipFile(wheel).namelist()
-    assert "tf_xent_ops/_xent_ops.so" in names and "tf_xent_ops/_build_info.py" in names
+    for name in ["_xent_ops.so", "_build_info.py", *setup_script.load().PORTABLE_CPU_LEVELS]:
+        library = name if "." in name else f"_xent_cpu_{name}.so"
+        assert f"tf_xent_ops/{library}" in names, library
+    metadata = next(n for n in names if n.endswith(".dist-info/METADATA"))
+    requires = zipfile.ZipFile(wheel).read(metadata).decode()
+    assert f"Requires-Dist: tensorflow=={series}.*" in requires
     subprocess.run(
         [sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(target)]
         + [str(wheel)],
@@ -46,6 +58,17 @@ def test_pip_wheel_builds_installs_and_imports(tmp_path):
         text=True,
     )
     assert out.stdout.strip().endswith("ok")
+
+
+def test_cpu_levels_to_build():
+    cpu_level_flags = setup_script.load().cpu_level_flags
+    portable = cpu_level_flags({}, "x86_64")
+    assert list(portable) == ["baseline", "avx2", "avx512"]
+    assert portable["avx512"][0] == "-march=x86-64-v4"
+    assert list(cpu_level_flags({"TFXENT_CPU_LEVELS": "native"}, "x86_64")) == ["native"]
+    assert cpu_level_flags({}, "aarch64") == {"baseline": []}
+    with pytest.raises(ValueError, match="avx3"):
+        cpu_level_flags({"TFXENT_CPU_LEVELS": "avx3"}, "x86_64")
 
 
 def test_import_error_names_the_tensorflow_mismatch(tmp_path):

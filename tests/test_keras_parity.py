@@ -10,6 +10,9 @@ import tensorflow as tf
 
 import tf_xent_ops as txo
 
+# The CPU kernels of every instruction-set level this machine runs.
+pytestmark = pytest.mark.usefixtures("each_cpu_isa")
+
 REDUCTIONS = ["sum_over_batch_size", "sum", "mean", "mean_with_sample_weight", None, "none"]
 RTOL, ATOL = 2e-5, 2e-6
 

@@ -16,6 +16,9 @@ import tensorflow as tf
 from raw_ops import coefficients
 from tf_xent_ops._load import library
 
+# The CPU kernels of every instruction-set level this machine runs.
+pytestmark = pytest.mark.usefixtures("each_cpu_isa")
+
 # Our AVX-512 exp and log are within 2 ulp; Eigen's, which builds without
 # AVX-512 use (the Bazel build's default is portable), are within 2 (exp) and
 # 4 (log).

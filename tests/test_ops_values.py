@@ -7,6 +7,9 @@ import tensorflow as tf
 
 import tf_xent_ops as txo
 
+# The CPU kernels of every instruction-set level this machine runs.
+pytestmark = pytest.mark.usefixtures("each_cpu_isa")
+
 DTYPES = ["float16", "bfloat16", "float32", "float64"]
 
 

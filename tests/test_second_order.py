@@ -12,6 +12,9 @@ from training_util import hessian_vector_product
 
 import tf_xent_ops as txo
 
+# The CPU kernels of every instruction-set level this machine runs.
+pytestmark = pytest.mark.usefixtures("each_cpu_isa")
+
 
 def _second_order(loss_fn, labels, predictions, v, u=None):
     """d<v, g_z>/dz, and where `u` is given d<v, g_z>/dy and d<u, g_y>/dz, for

@@ -10,6 +10,9 @@ import tensorflow as tf
 
 import tf_xent_ops as txo
 
+# The CPU kernels of every instruction-set level this machine runs.
+pytestmark = pytest.mark.usefixtures("each_cpu_isa")
+
 DTYPES = ["float16", "bfloat16", "float32", "float64"]
 # Gradient tolerances relative to the size of the terms (ref.Gradient.scale):
 # float32 accumulation, rounded once to 16 bits for 16-bit predictions.

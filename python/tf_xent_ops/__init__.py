@@ -9,15 +9,17 @@ from tf_xent_ops import backend
 from tf_xent_ops import losses
 from tf_xent_ops import metrics
 from tf_xent_ops import ops
+from tf_xent_ops._load import cpu_isa
 from tf_xent_ops.fused_head import fuse_head
 from tf_xent_ops.losses import categorical_crossentropy
 from tf_xent_ops.losses import sparse_categorical_crossentropy
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "backend",
     "categorical_crossentropy",
+    "cpu_isa",
     "fuse_head",
     "losses",
     "metrics",

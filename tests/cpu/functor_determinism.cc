@@ -12,9 +12,12 @@ which splits a reduction at the first aligned address, sums it in another
 order. Prints one line per functor and
 configuration that ever gave other bits, then "mismatches: N".
 
-Built and run by tests/test_determinism.py against the op library's own
-functors (linked from _xent_ops.so).
+Built and run by tests/test_determinism.py with the library of each CPU
+level (_xent_cpu_<level>.so, the first argument), whose functors it calls
+through the level's table, as the op library does.
 */
+#include <dlfcn.h>
+
 #include <atomic>
 #include <cstddef>
 #include <cstdint>
@@ -29,6 +32,7 @@ functors (linked from _xent_ops.so).
 
 #include "Eigen/Core"
 #include "tests/cpu/threads_device.h"
+#include "tf_xent_ops/cc/kernels/xent_cpu_kernels.h"
 #include "tf_xent_ops/cc/kernels/xent_functor.h"
 
 // The replaceable global allocation functions: every allocation lands 16,
@@ -67,6 +71,14 @@ using tf_xent_ops::AccumulatorType;
 using tf_xent_ops::CpuDevice;
 using tf_xent_ops::DenseRowStats;
 using tf_xent_ops::XentParams;
+
+// The table of the level's library under test.
+const tf_xent_ops::CpuKernels* kernels = nullptr;
+
+template <typename Functor, typename... Args>
+void Run(Args... args) {
+  tf_xent_ops::CpuFunction<Functor> (*kernels)(args...);
+}
 
 // Buffers as TensorFlow's CPU allocator gives them: 64-byte aligned.
 template <typename T>
@@ -153,21 +165,21 @@ void CheckType(const char* type, int64_t n, int64_t c, std::mt19937* rng) {
         Buffer<DenseRowStats<Tacc>> row_stats(n);
         {
           Buffer<Tacc> loss(n);
-          tf_xent_ops::SparseXentForward<CpuDevice, T, int64_t>()(
+          Run<tf_xent_ops::SparseXentForward<CpuDevice, T, int64_t>>(
               d, p, x.data(), labels.data(), loss.data(), normalizer.data());
-          tf_xent_ops::DenseXentForward<CpuDevice, T>()(
+          Run<tf_xent_ops::DenseXentForward<CpuDevice, T>>(
               d, p, x.data(), soft.data(), loss.data(), row_stats.data());
         }
         Report(SameEveryCall([&] {
                  Buffer<Tacc> loss(n), stat(n);
-                 tf_xent_ops::SparseXentForward<CpuDevice, T, int64_t>()(
+                 Run<tf_xent_ops::SparseXentForward<CpuDevice, T, int64_t>>(
                      d, p, x.data(), labels.data(), loss.data(), stat.data());
                  return Bytes(loss) + Bytes(stat);
                }),
                "sparse forward", type, threads, p);
         Report(SameEveryCall([&] {
                  Buffer<T> grad(n * c);
-                 tf_xent_ops::SparseXentBackward<CpuDevice, T, int64_t>()(
+                 Run<tf_xent_ops::SparseXentBackward<CpuDevice, T, int64_t>>(
                      d, p, x.data(), labels.data(), normalizer.data(),
                      grad_loss.data(), grad.data());
                  return Bytes(grad);
@@ -176,14 +188,14 @@ void CheckType(const char* type, int64_t n, int64_t c, std::mt19937* rng) {
         Report(SameEveryCall([&] {
                  Buffer<Tacc> loss(n);
                  Buffer<DenseRowStats<Tacc>> stats(n);
-                 tf_xent_ops::DenseXentForward<CpuDevice, T>()(
+                 Run<tf_xent_ops::DenseXentForward<CpuDevice, T>>(
                      d, p, x.data(), soft.data(), loss.data(), stats.data());
                  return Bytes(loss) + Bytes(stats);
                }),
                "dense forward", type, threads, p);
         Report(SameEveryCall([&] {
                  Buffer<T> grad(n * c);
-                 tf_xent_ops::DenseXentBackward<CpuDevice, T>()(
+                 Run<tf_xent_ops::DenseXentBackward<CpuDevice, T>>(
                      d, p, x.data(), soft.data(), row_stats.data(),
                      grad_loss.data(), grad.data());
                  return Bytes(grad);
@@ -191,7 +203,7 @@ void CheckType(const char* type, int64_t n, int64_t c, std::mt19937* rng) {
                "dense backward", type, threads, p);
         Report(SameEveryCall([&] {
                  Buffer<Tacc> grad(n * c);
-                 tf_xent_ops::DenseXentLabelsBackward<CpuDevice, T>()(
+                 Run<tf_xent_ops::DenseXentLabelsBackward<CpuDevice, T>>(
                      d, p, x.data(), row_stats.data(), grad_loss.data(),
                      grad.data());
                  return Bytes(grad);
@@ -205,7 +217,21 @@ void CheckType(const char* type, int64_t n, int64_t c, std::mt19937* rng) {
 }  // namespace
 
 int main(int argc, char** argv) {
-  std::mt19937 rng(argc > 1 ? std::atoi(argv[1]) : 1);
+  if (argc < 2) {
+    std::fprintf(stderr, "usage: %s _xent_cpu_<level>.so [seed]\n", argv[0]);
+    return 2;
+  }
+  void* library = dlopen(argv[1], RTLD_NOW | RTLD_LOCAL);
+  const auto entry = library
+                         ? reinterpret_cast<tf_xent_ops::CpuKernelsEntryPoint>(
+                               dlsym(library, TFXENT_CPU_KERNELS_SYMBOL))
+                         : nullptr;
+  if (entry == nullptr) {
+    std::fprintf(stderr, "cannot load %s: %s\n", argv[1], dlerror());
+    return 2;
+  }
+  kernels = entry();
+  std::mt19937 rng(argc > 2 ? std::atoi(argv[2]) : 1);
   // Rows in transposed chunks (C < 32), single rows, several sum blocks.
   for (const auto& [n, c] : std::vector<std::pair<int64_t, int64_t>>{
            {300, 7}, {28, 629}, {9, 33}, {5, 2051}}) {

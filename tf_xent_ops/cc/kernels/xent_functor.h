@@ -3,8 +3,9 @@ License 2.0.
 
 The functor contract of the fused cross-entropy ops: the per-call parameters,
 the row statistics a forward saves for its backward, the devices, and one
-functor declaration per op. The OpKernels (xent_op.cc) call these; the CPU
-(xent_functor_cpu_*.cc) and CUDA (xent_functor_gpu.cu.h) files specialize
+functor declaration per op. The OpKernels (xent_op.cc) call these, the CPU
+ones through the table of an instruction-set level (xent_cpu_kernels.h); the
+CPU (xent_functor_cpu_*.cc) and CUDA (xent_functor_gpu.cu.h) files specialize
 them. No TensorFlow header: the standalone GPU harness (tests/gpu) and the
 CPU functor benchmark build against it too. Both nvcc and the host compiler
 accept this header.
@@ -165,11 +166,6 @@ struct DenseXentLabelsBackward {
                   const DenseRowStats<Tacc>* row_stats, const Tacc* grad_loss,
                   Tacc* grad_labels) const;
 };
-
-// Index of the first label outside [0, num_classes) that is not the ignored
-// class, or -1 if all are valid (the CPU op's check, on the host).
-template <typename Tidx>
-int64_t FindInvalidLabel(const XentParams& p, const Tidx* labels);
 
 }  // namespace tf_xent_ops
 

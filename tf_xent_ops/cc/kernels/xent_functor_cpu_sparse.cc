@@ -15,16 +15,6 @@ CPU specializations of the sparse (integer label) cross-entropy functors.
 
 namespace tf_xent_ops {
 
-template <typename Tidx>
-int64_t FindInvalidLabel(const XentParams& p, const Tidx* labels) {
-  for (int64_t i = 0; i < p.num_rows; ++i) {
-    const int64_t y = static_cast<int64_t>(labels[i]);
-    if (IsIgnored(p, labels[i])) continue;
-    if (y < 0 || y >= p.num_classes) return i;
-  }
-  return -1;
-}
-
 template <typename T, typename Tidx>
 struct SparseXentForward<CpuDevice, T, Tidx> {
   using Tacc = typename AccumulatorType<T>::type;
@@ -235,8 +225,5 @@ TFXENT_INSTANTIATE_CPU(Eigen::bfloat16)
 TFXENT_INSTANTIATE_CPU(float)
 TFXENT_INSTANTIATE_CPU(double)
 #undef TFXENT_INSTANTIATE_CPU
-
-template int64_t FindInvalidLabel<int32_t>(const XentParams&, const int32_t*);
-template int64_t FindInvalidLabel<int64_t>(const XentParams&, const int64_t*);
 
 }  // namespace tf_xent_ops

@@ -1,19 +1,23 @@
 /* Copyright 2026 The tf_xent_ops Authors. Licensed under the Apache
 License 2.0.
 
-OpKernels of the fused cross-entropy ops: validate, allocate, call the functor.
-Every check lives in XentOpKernel; each op's Compute names its inputs.
+OpKernels of the fused cross-entropy ops: validate, allocate, call the functor
+(on the CPU, the functor of the instruction-set level in use). Every check
+lives in XentOpKernel; each op's Compute names its inputs.
 */
 #include <cmath>
 #include <cstdint>
 #include <initializer_list>
 #include <string>
+#include <utility>
 
 #include "tensorflow/core/framework/op_kernel.h"
 #include "tensorflow/core/framework/tensor.h"
 #include "tensorflow/core/framework/tensor_shape.h"
 #include "tensorflow/core/lib/core/threadpool.h"
+#include "tf_xent_ops/cc/kernels/xent_cpu_dispatch.h"
 #include "tf_xent_ops/cc/kernels/xent_functor.h"
+#include "tf_xent_ops/cc/kernels/xent_row_math.h"
 
 #ifdef TFXENT_WITH_CUDA
 #include "xla/stream_executor/stream.h"
@@ -93,6 +97,20 @@ template <>
 struct KernelType<GpuDevice, ::tensorflow::bfloat16> {
   using type = __nv_bfloat16;
 };
+#endif
+
+// Runs a functor: the CPU's through the table of the level in use (the
+// kernel's construction checked that there is one), the GPU's directly.
+template <typename Functor, typename... Args>
+void Run(const CpuDevice& d, Args&&... args) {
+  CpuFunction<Functor> (*CpuKernelsInUse(nullptr))(d,
+                                                   std::forward<Args>(args)...);
+}
+#ifdef TFXENT_WITH_CUDA
+template <typename Functor, typename... Args>
+void Run(const GpuDevice& d, Args&&... args) {
+  Functor()(d, std::forward<Args>(args)...);
+}
 #endif
 
 // The data of `t` as the functors' element type for T.
@@ -192,6 +210,12 @@ class XentOpKernel : public OpKernel {
           ctx, ctx->GetAttr("use_ignore_class", &params_.use_ignore_class));
       OP_REQUIRES_OK(ctx, ctx->GetAttr("ignore_class", &params_.ignore_class));
     }
+    if (ctx->device_type() == DEVICE_CPU) {
+      std::string error;
+      OP_REQUIRES(
+          ctx, CpuKernelsInUse(&error) != nullptr,
+          ::tensorflow::errors::FailedPrecondition("tf_xent_ops: ", error));
+    }
   }
 
   // The parameters of this call: input 0, the predictions, must be [N, C]
@@ -275,7 +299,7 @@ class SparseXentOp : public XentOpKernel {
     Tensor *loss = nullptr, *normalizer = nullptr;
     OP_REQUIRES_OK(ctx, ctx->allocate_output(0, labels.shape(), &loss));
     OP_REQUIRES_OK(ctx, ctx->allocate_output(1, labels.shape(), &normalizer));
-    SparseXentForward<Device, typename KernelType<Device, T>::type, Tidx>()(
+    Run<SparseXentForward<Device, typename KernelType<Device, T>::type, Tidx>>(
         DeviceTraits<Device>::Make(ctx), p, Data<Device, T>(predictions),
         labels.flat<Tidx>().data(), loss->flat<Tacc>().data(),
         normalizer->flat<Tacc>().data());
@@ -305,7 +329,7 @@ class SparseXentGradOp : public XentOpKernel {
     Tensor* grad = nullptr;
     OP_REQUIRES_OK(ctx, ctx->forward_input_or_allocate_output(
                             {0}, 0, predictions.shape(), &grad));
-    SparseXentBackward<Device, typename KernelType<Device, T>::type, Tidx>()(
+    Run<SparseXentBackward<Device, typename KernelType<Device, T>::type, Tidx>>(
         DeviceTraits<Device>::Make(ctx), p, Data<Device, T>(predictions),
         labels.flat<Tidx>().data(), ctx->input(2).flat<Tacc>().data(),
         ctx->input(3).flat<Tacc>().data(), MutableData<Device, T>(grad));
@@ -329,7 +353,7 @@ class DenseXentOp : public XentOpKernel {
                    ctx->allocate_output(0, ShapeOf(Extent::kRows, p), &loss));
     OP_REQUIRES_OK(ctx, ctx->allocate_output(1, ShapeOf(Extent::kRowStats, p),
                                              &row_stats));
-    DenseXentForward<Device, typename KernelType<Device, T>::type>()(
+    Run<DenseXentForward<Device, typename KernelType<Device, T>::type>>(
         DeviceTraits<Device>::Make(ctx), p, Data<Device, T>(predictions),
         ctx->input(1).flat<Tacc>().data(), loss->flat<Tacc>().data(),
         MutableRowStats<Tacc>(row_stats));
@@ -357,7 +381,7 @@ class DenseXentGradOp : public XentOpKernel {
     Tensor* grad = nullptr;
     OP_REQUIRES_OK(ctx, ctx->forward_input_or_allocate_output(
                             {0}, 0, predictions.shape(), &grad));
-    DenseXentBackward<Device, typename KernelType<Device, T>::type>()(
+    Run<DenseXentBackward<Device, typename KernelType<Device, T>::type>>(
         DeviceTraits<Device>::Make(ctx), p, Data<Device, T>(predictions),
         ctx->input(1).flat<Tacc>().data(), RowStats<Tacc>(ctx->input(2)),
         ctx->input(3).flat<Tacc>().data(), MutableData<Device, T>(grad));
@@ -384,7 +408,7 @@ class DenseXentLabelsGradOp : public XentOpKernel {
 
     Tensor* grad = nullptr;
     OP_REQUIRES_OK(ctx, ctx->allocate_output(0, predictions.shape(), &grad));
-    DenseXentLabelsBackward<Device, typename KernelType<Device, T>::type>()(
+    Run<DenseXentLabelsBackward<Device, typename KernelType<Device, T>::type>>(
         DeviceTraits<Device>::Make(ctx), p, Data<Device, T>(predictions),
         RowStats<Tacc>(ctx->input(1)), ctx->input(2).flat<Tacc>().data(),
         grad->flat<Tacc>().data());

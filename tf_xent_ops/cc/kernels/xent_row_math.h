@@ -187,6 +187,18 @@ TFXENT_HOST_DEVICE bool IsIgnored(const XentParams& p, Tidx label) {
   return p.use_ignore_class && static_cast<int64_t>(label) == p.ignore_class;
 }
 
+// Index of the first label outside [0, num_classes) that is not the ignored
+// class, or -1 if all are valid (the CPU op's check, on the host).
+template <typename Tidx>
+int64_t FindInvalidLabel(const XentParams& p, const Tidx* labels) {
+  for (int64_t i = 0; i < p.num_rows; ++i) {
+    const int64_t y = static_cast<int64_t>(labels[i]);
+    if (IsIgnored(p, labels[i])) continue;
+    if (y < 0 || y >= p.num_classes) return i;
+  }
+  return -1;
+}
+
 // Compensated (Kahan) sum. A plain float running sum that adds many terms far
 // smaller than itself (clipped probabilities at eps, smoothing mass ls / C,
 // exp of far-below-max logits) rounds the same way every time: a bias that
