@@ -17,6 +17,7 @@ for any one of the levels.
 #define TF_XENT_OPS_CC_KERNELS_XENT_CPU_KERNELS_H_
 
 #include <cstdint>
+#include <cstring>
 #include <tuple>
 #include <utility>
 
@@ -69,15 +70,9 @@ struct CpuKernels {
 
 inline bool CpuKernels::Matches(const char* expected_level) const {
   const CpuKernels here;
-  if (version != here.version || size != here.size ||
-      params_size != here.params_size || device_size != here.device_size ||
-      level == nullptr) {
-    return false;
-  }
-  for (const char *a = level, *b = expected_level;; ++a, ++b) {
-    if (*a != *b) return false;
-    if (*a == '\0') return true;
-  }
+  return version == here.version && size == here.size &&
+         params_size == here.params_size && device_size == here.device_size &&
+         level != nullptr && std::strcmp(level, expected_level) == 0;
 }
 
 // The function that runs `Functor` at the level of `kernels`.
