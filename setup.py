@@ -54,15 +54,16 @@ X86_CPU_LEVEL_FLAGS = {
     "baseline": ["-march=x86-64", "-mtune=generic"],
     "avx2": ["-march=x86-64-v3", "-mtune=generic"],
     "avx512": ["-march=x86-64-v4", "-mtune=generic"],
+    "avx512bf16": ["-march=x86-64-v4", "-mavx512bf16", "-mtune=generic"],
     "native": ["-march=native", "-mno-avx512fp16"],
 }
-PORTABLE_CPU_LEVELS = ("baseline", "avx2", "avx512")
+PORTABLE_CPU_LEVELS = ("baseline", "avx2", "avx512", "avx512bf16")
 
 
 def cpu_level_flags(environ=os.environ, machine=None):
     """{level: compiler flags} of the CPU levels to build: $TFXENT_CPU_LEVELS
     (space-separated; "native" alone builds for this machine only), by default
-    the portable three on x86-64 and the compiler's default elsewhere."""
+    the portable four on x86-64 and the compiler's default elsewhere."""
     machine = machine or platform.machine()
     if machine not in ("x86_64", "AMD64"):
         return {"baseline": []}

@@ -18,7 +18,7 @@ from tf_xent_ops import _load
 
 LEVELS = _load.available_cpu_isas()
 PACKAGE_DIR = os.path.dirname(_load._LIBRARY_PATH)
-PORTABLE = ["avx512", "avx2", "baseline"]
+PORTABLE = ["avx512bf16", "avx512", "avx2", "baseline"]
 
 _REPORT = """
 import numpy as np, tensorflow as tf, tf_xent_ops as txo
@@ -54,7 +54,11 @@ def test_the_environment_chooses_each_level_with_the_same_results():
 @pytest.mark.parametrize(
     "value, message",
     [
-        ("avx3", 'TFXENT_CPU_ISA="avx3" is not a CPU level: use auto, avx512, avx2 or baseline'),
+        (
+            "avx3",
+            'TFXENT_CPU_ISA="avx3" is not a CPU level: use auto, avx512bf16, avx512, avx2 or '
+            "baseline",
+        ),
         ("native", "TFXENT_CPU_ISA=native, but this build of tf_xent_ops has no native kernels"),
     ],
 )
@@ -98,14 +102,20 @@ def test_the_choice_on_other_cpus_and_builds(tmp_path):
         + ["-o", program],
         check=True,
     )
-    portable = "avx512 avx2 baseline"
+    portable = "avx512bf16 avx512 avx2 baseline"
     cases = {
         # requested, built, supported by the CPU: the level, or the error.
+        ("auto", portable, portable): "avx512bf16",
+        ("auto", portable, "avx512 avx2 baseline"): "avx512",
         ("auto", portable, "avx2 baseline"): "avx2",
         ("", portable, "baseline"): "baseline",
         ("auto", "native", "native baseline"): "native",
         ("avx512", portable, "avx512 avx2 baseline"): "avx512",
         ("baseline", portable, "avx512 avx2 baseline"): "baseline",
+        ("avx512bf16", portable, "avx512 avx2 baseline"): (
+            "TFXENT_CPU_ISA=avx512bf16, but this CPU lacks AVX-512 F, CD, BW, DQ, VL and BF16 "
+            "(x86-64-v4 and AVX512-BF16) (levels it runs: avx512, avx2, baseline)"
+        ),
         ("avx512", portable, "avx2 baseline"): (
             "TFXENT_CPU_ISA=avx512, but this CPU lacks AVX-512 F, CD, BW, DQ and VL "
             "(x86-64-v4) (levels it runs: avx2, baseline)"
@@ -132,7 +142,7 @@ def test_the_choice_on_other_cpus_and_builds(tmp_path):
 
 def _avx_instructions(library):
     """{function: number of AVX (VEX- or EVEX-encoded) instructions} in
-    `library`'s code, and whether any uses a zmm register."""
+    `library`'s code, whether any uses a zmm register, and their mnemonics."""
     objdump = shutil.which("objdump")
     if objdump is None:
         pytest.skip("no objdump (binutils) on this machine")
@@ -143,7 +153,7 @@ def _avx_instructions(library):
     not_avx = re.compile(
         r"vm(call|launch|resume|xoff|xon|read|write|ptrld|ptrst|clear|func)$|ver[rw]$"
     )
-    counts, function, zmm = {}, None, False
+    counts, function, zmm, mnemonics = {}, None, False, set()
     for line in listing.splitlines():
         header = re.match(r"[0-9a-f]+ <(.+)>:$", line)
         if header:
@@ -156,21 +166,28 @@ def _avx_instructions(library):
         if mnemonic.startswith("v") and not not_avx.match(mnemonic):
             counts[function] = counts.get(function, 0) + 1
             zmm = zmm or "%zmm" in line
-    return counts, zmm
+            mnemonics.add(mnemonic)
+    return counts, zmm, mnemonics
 
 
 def test_only_the_dispatched_libraries_hold_avx_instructions():
     # The op library (ops, OpKernels, dispatch, the GPU kernels' host code and
     # CUDA runtime) and the baseline level run on any x86-64 CPU.
     for name in ["_xent_ops.so", "_xent_cpu_baseline.so"]:
-        counts, _ = _avx_instructions(os.path.join(PACKAGE_DIR, name))
+        counts, _, _ = _avx_instructions(os.path.join(PACKAGE_DIR, name))
         assert not counts, f"{name}: AVX instructions in " + ", ".join(sorted(counts)[:10])
-    # The check can fail: the dispatched levels do hold them.
-    for name, wants_zmm in [("_xent_cpu_avx2.so", False), ("_xent_cpu_avx512.so", True)]:
-        path = os.path.join(PACKAGE_DIR, name)
+    # The check can fail: the dispatched levels do hold them, and only the
+    # avx512bf16 level rounds to bfloat16 with AVX512-BF16's instruction.
+    for level, wants_zmm, wants_bf16 in [
+        ("avx2", False, False),
+        ("avx512", True, False),
+        ("avx512bf16", True, True),
+    ]:
+        path = os.path.join(PACKAGE_DIR, f"_xent_cpu_{level}.so")
         if os.path.exists(path):
-            counts, zmm = _avx_instructions(path)
-            assert sum(counts.values()) > 1000 and zmm == wants_zmm, name
+            counts, zmm, mnemonics = _avx_instructions(path)
+            assert sum(counts.values()) > 1000 and zmm == wants_zmm, level
+            assert ("vcvtneps2bf16" in mnemonics) == wants_bf16, level
 
 
 def test_level_libraries_export_only_their_table():

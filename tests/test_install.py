@@ -16,7 +16,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CHECK = """
 import numpy as np
 import tf_xent_ops
-assert tf_xent_ops.cpu_isa() in ("avx512", "avx2", "baseline"), tf_xent_ops.cpu_isa()
+assert tf_xent_ops.cpu_isa() in ("avx512bf16", "avx512", "avx2", "baseline"), tf_xent_ops.cpu_isa()
 assert tf_xent_ops.__file__.startswith({target!r}), tf_xent_ops.__file__
 loss = tf_xent_ops.losses.SparseCategoricalCrossentropy()([1, 2], [[.05, .95, 0], [.1, .8, .1]])
 np.testing.assert_allclose(float(loss), 1.1769392, rtol=1e-6)
@@ -63,8 +63,9 @@ def test_pip_wheel_builds_installs_and_imports(tmp_path):
 def test_cpu_levels_to_build():
     cpu_level_flags = setup_script.load().cpu_level_flags
     portable = cpu_level_flags({}, "x86_64")
-    assert list(portable) == ["baseline", "avx2", "avx512"]
+    assert list(portable) == ["baseline", "avx2", "avx512", "avx512bf16"]
     assert portable["avx512"][0] == "-march=x86-64-v4"
+    assert "-mavx512bf16" in portable["avx512bf16"]
     assert list(cpu_level_flags({"TFXENT_CPU_LEVELS": "native"}, "x86_64")) == ["native"]
     assert cpu_level_flags({}, "aarch64") == {"baseline": []}
     with pytest.raises(ValueError, match="avx3"):

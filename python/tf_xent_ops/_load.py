@@ -55,15 +55,16 @@ def _cpu_api():
 
 
 def cpu_isa():
-    """The instruction-set level of the CPU kernels in use: "avx512", "avx2" or
-    "baseline" (or "native" for a library built for its build machine alone).
+    """The instruction-set level of the CPU kernels in use: "avx512bf16",
+    "avx512", "avx2" or "baseline" (or "native" for a library built for its
+    build machine alone).
 
     The best level the CPU supports, unless the environment variable
-    `TFXENT_CPU_ISA` (auto, avx512, avx2 or baseline), read when the package is
-    imported, asks for another.
+    `TFXENT_CPU_ISA` (auto, avx512bf16, avx512, avx2 or baseline), read when
+    the package is imported, asks for another.
 
     >>> import tf_xent_ops
-    >>> tf_xent_ops.cpu_isa() in ("avx512", "avx2", "baseline", "native")
+    >>> tf_xent_ops.cpu_isa() in ("avx512bf16", "avx512", "avx2", "baseline", "native")
     True
     """
     level = _cpu.TfXentCpuIsa()

@@ -22,6 +22,10 @@ bool CpuSupports(int level) {
   const std::string name = kCpuLevels[level].name;
 #if defined(__x86_64__)
   __builtin_cpu_init();
+  if (name == "avx512bf16") {
+    return __builtin_cpu_supports("x86-64-v4") &&
+           __builtin_cpu_supports("avx512bf16");
+  }
   if (name == "avx512") return __builtin_cpu_supports("x86-64-v4");
   if (name == "avx2") return __builtin_cpu_supports("x86-64-v3");
 #endif

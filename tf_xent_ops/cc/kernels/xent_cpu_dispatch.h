@@ -22,7 +22,7 @@ const CpuKernels* CpuKernelsInUse(std::string* error);
 }  // namespace tf_xent_ops
 
 extern "C" {
-// The level in use ("avx512", "avx2", "baseline" or "native"), or NULL if
+// The level in use ("avx512bf16", "avx2", ... or "native"), or NULL if
 // none can be (the reason in TfXentCpuIsaError()).
 const char* TfXentCpuIsa();
 const char* TfXentCpuIsaError();

@@ -61,7 +61,7 @@ struct CpuKernels {
   int32_t size = sizeof(CpuKernels);
   int32_t params_size = sizeof(XentParams);
   int32_t device_size = sizeof(CpuDevice);
-  const char* level = nullptr;  // "baseline", "avx2", "avx512" or "native"
+  const char* level = nullptr;  // A name in kCpuLevels.
   CpuEntries entries;
 
   // Whether a table another library made is one this build can call.

@@ -23,6 +23,8 @@ struct CpuLevel {
 // build ships, each in a library of its own.
 inline constexpr CpuLevel kCpuLevels[] = {
     {"native", "the instruction set of the machine that built it"},
+    {"avx512bf16",
+     "AVX-512 F, CD, BW, DQ, VL and BF16 (x86-64-v4 and AVX512-BF16)"},
     {"avx512", "AVX-512 F, CD, BW, DQ and VL (x86-64-v4)"},
     {"avx2", "AVX2, FMA, F16C, BMI1 and BMI2 (x86-64-v3)"},
     {"baseline", "x86-64"},
@@ -88,8 +90,8 @@ CpuLevelChoice ChooseCpuLevel(const std::string& requested, Built built,
     return choice;
   }
   choice.error = "TFXENT_CPU_ISA=\"" + requested +
-                 "\" is not a CPU level: use auto, avx512, avx2 or baseline "
-                 "(native in a native build)";
+                 "\" is not a CPU level: use auto, avx512bf16, avx512, avx2 or "
+                 "baseline (native in a native build)";
   return choice;
 }
 
