@@ -30,6 +30,15 @@ def _dense_model(seed, bias=True):
     return keras.Model(inputs, keras.layers.Dense(V, use_bias=bias, name="logits")(hidden))
 
 
+def _regularized_head_model():
+    """A model whose head carries a regularization loss."""
+    keras.utils.set_random_seed(1)
+    inputs = keras.Input((T,), dtype="int32")
+    hidden = keras.layers.Embedding(V, D)(inputs)
+    head = keras.layers.Dense(V, kernel_regularizer=keras.regularizers.L2(1e-2))
+    return keras.Model(inputs, head(hidden))
+
+
 class TiedModel(keras.Model):
     """A subclassed model whose head is its tied, capped embedding."""
 
@@ -182,14 +191,7 @@ def test_accuracy_with_labels_out_of_range(rng, compiled_loss):
     loss (a regularization loss alone), from a pass of its own."""
     x, y, sample_weight = _data(rng)
     y[:, -3:] = -100
-
-    def build():
-        keras.utils.set_random_seed(1)
-        inputs = keras.Input((T,), dtype="int32")
-        hidden = keras.layers.Embedding(V, D)(inputs)
-        head = keras.layers.Dense(V, kernel_regularizer=keras.regularizers.L2(1e-2))
-        return keras.Model(inputs, head(hidden))
-
+    build = _regularized_head_model
     if compiled_loss == "no_loss":
         compile_kwargs = _compile(loss=lambda: None)
     else:
@@ -243,14 +245,7 @@ def test_reversible_embedding_head_with_soft_cap(rng, tie_weights):
 
 
 def test_regularization_losses_are_added(rng):
-    def build():
-        keras.utils.set_random_seed(1)
-        inputs = keras.Input((T,), dtype="int32")
-        hidden = keras.layers.Embedding(V, D)(inputs)
-        head = keras.layers.Dense(V, kernel_regularizer=keras.regularizers.L2(1e-2))
-        return keras.Model(inputs, head(hidden))
-
-    _assert_same_training(_train_both(build, _compile(), _data(rng)))
+    _assert_same_training(_train_both(_regularized_head_model, _compile(), _data(rng)))
 
 
 def test_mirrored_strategy_trains_as_single_device(rng):
