@@ -281,39 +281,55 @@ struct CappedLogitsGradOf {
   }
 };
 
-// Calls fn(x, grad) with a row of logits as its gradient needs it: the
-// logits (widened where T is 16-bit) and LogitsGradOf, or, where the op has
-// a soft cap, tanh(z / cap) and CappedLogitsGradOf.
+// Calls fn(x, grad, begin) with a row of logits as its gradient needs it,
+// x holding classes [begin, begin + x.size()): the whole row of logits
+// (widened where T is 16-bit) and LogitsGradOf, or, where the op has a soft
+// cap, t = tanh(z / cap) and CappedLogitsGradOf for a block of kSumBlock
+// classes at a time (so the block's t is in L1 while its gradient is
+// written, and the reads of the row overlap the exp).
 template <typename T, typename Tacc, typename Fn>
 void WithLogitsGrad(RowReader<T, Tacc>& reader, const T* row,
-                    const XentConstants<Tacc>& c, Tacc g_sum_t, Tacc lse,
-                    const Fn& fn) {
+                    int64_t num_classes, const XentConstants<Tacc>& c,
+                    Tacc g_sum_t, Tacc lse, const Fn& fn) {
   if (c.capped) {
-    fn(reader.ReadCapTanh(row, c), CappedLogitsGradOf<Tacc>{c, g_sum_t, lse});
+    const CappedLogitsGradOf<Tacc> grad{c, g_sum_t, lse};
+    for (int64_t begin = 0; begin < num_classes; begin += kSumBlock) {
+      const int64_t count = std::min<int64_t>(kSumBlock, num_classes - begin);
+      fn(reader.ReadCapTanh(row + begin, c, count), grad, begin);
+    }
   } else {
-    fn(reader.Read(row), LogitsGradOf<Tacc>{g_sum_t, lse});
+    fn(reader.Read(row), LogitsGradOf<Tacc>{g_sum_t, lse}, int64_t{0});
   }
 }
 
-// Writes the logits gradient grad(x, g_t) of a row whose scaled targets g_t
-// are g_off but at class k, g_off + g_on_k: the row with g_off throughout,
-// then dx_k. dx may alias the predictions (the op reuses their buffer), and
+// Writes the logits gradient grad(x, g_t) of classes [begin, begin +
+// x.size()) of a row whose scaled targets g_t are g_off but at class k,
+// g_off + g_on_k: those classes with g_off throughout, then dx_k if k is
+// among them. dx may alias the predictions (the op reuses their buffer), and
 // reading x_k before the row is written would wait on memory once per row.
-// Where T is 16-bit, x is the row widened into the reader's buffer, so x_k
-// is still there to form dx_k from; float and double logits without a cap
-// move dx_k by -g_on_k.
+// Where T is 16-bit or the logits are capped, x is the row (or block)
+// transformed into the reader's buffer, so x_k is still there to form dx_k
+// from; float and double logits without a cap move dx_k by -g_on_k.
+// Flattened: else GCC may build the gradient's Eigen expression in a call of
+// its own, which copies it through the stack once per block.
 template <typename T, typename Tacc, typename X, typename GradOf>
-void WriteOneTargetLogitsGrad(T* dx, const X& x, int64_t num_classes,
-                              const GradOf& grad, Tacc g_off, int64_t k,
-                              Tacc g_on_k) {
-  if constexpr (std::is_same_v<T, Tacc> &&
-                std::is_same_v<GradOf, LogitsGradOf<Tacc>>) {
-    WriteRow(dx, num_classes, grad(x, g_off));
-    dx[k] -= g_on_k;
+__attribute__((flatten)) void WriteOneTargetLogitsGrad(T* dx, const X& x,
+                                                       int64_t begin,
+                                                       const GradOf& grad,
+                                                       Tacc g_off, int64_t k,
+                                                       Tacc g_on_k) {
+  const int64_t n = x.size(), at = k - begin;
+  T* out = dx + begin;
+  if (at < 0 || at >= n) {
+    WriteRow(out, n, grad(x, g_off));
+  } else if constexpr (std::is_same_v<T, Tacc> &&
+                       std::is_same_v<GradOf, LogitsGradOf<Tacc>>) {
+    WriteRow(out, n, grad(x, g_off));
+    out[at] -= g_on_k;
   } else {
-    const Tacc at_k = grad(static_cast<Tacc>(x[k]), g_off + g_on_k);
-    WriteRow(dx, num_classes, grad(x, g_off));
-    dx[k] = static_cast<T>(at_k);
+    const Tacc at_k = grad(static_cast<Tacc>(x[at]), g_off + g_on_k);
+    WriteRow(out, n, grad(x, g_off));
+    out[at] = static_cast<T>(at_k);
   }
 }
 

@@ -69,8 +69,9 @@ typename Expr::Scalar BlockedSum(const Expr& e) {
 // 16-bit rows are widened into a buffer of one row per thread (never [N, C]).
 // Soft-capped logits are transformed into that buffer (for every T): the
 // forwards read z' = cap * tanh(z / cap), the backwards t = tanh(z / cap),
-// one tanh per element either way. (A pass of its own over a row in L1 is
-// faster than the tanh inside the passes that reduce or write the row.)
+// one tanh per element either way, a block of kSumBlock classes (or a chunk
+// of rows with few classes) at a time. (A pass of its own over a block in L1
+// is faster than the tanh inside the passes that reduce or write it.)
 template <typename T, typename Tacc>
 class RowReader {
  public:
@@ -98,10 +99,10 @@ class RowReader {
                                 const XentConstants<Tacc>& c) {
     return Store(c.SoftCap(Widened(data, count)));
   }
-  // t = tanh(z / cap) of `count` logits (a row by default).
+  // t = tanh(z / cap) of `count` logits.
   ConstRow<Tacc> ReadCapTanh(const T* data, const XentConstants<Tacc>& c,
-                             int64_t count = -1) {
-    return Store(c.CapTanh(Widened(data, count < 0 ? size_ : count)));
+                             int64_t count) {
+    return Store(c.CapTanh(Widened(data, count)));
   }
 
  private:

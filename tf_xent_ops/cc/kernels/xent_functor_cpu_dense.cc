@@ -159,13 +159,16 @@ struct DenseXentBackward<CpuDevice, T> {
         const Tacc g_sum_t = g * c.SoftmaxWeight(stats.target_mass, lse);
         const int64_t j = stats.SingleLabel(num_classes);
         WithLogitsGrad(
-            reader, row, c, g_sum_t, lse, [&](const auto& x, const auto& grad) {
+            reader, row, num_classes, c, g_sum_t, lse,
+            [&](const auto& x, const auto& grad, int64_t begin) {
               if (j >= 0) {  // The targets are known: no labels read.
                 WriteOneTargetLogitsGrad(
-                    dx, x, num_classes, grad, g * c.off_weight, j,
+                    dx, x, begin, grad, g * c.off_weight, j,
                     (g * c.on_weight) * stats.single_label_value);
               } else {
-                WriteRow(dx, num_classes, grad(x, c.ScaledDenseTarget(g, y)));
+                const int64_t n = x.size();
+                WriteRow(dx + begin, n,
+                         grad(x, c.ScaledDenseTarget(g, y.segment(begin, n))));
               }
             });
         return;

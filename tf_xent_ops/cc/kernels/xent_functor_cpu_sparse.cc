@@ -192,12 +192,12 @@ struct SparseXentBackward<CpuDevice, T, Tidx> {
       const Tacc g = grad_loss[r];
       const Tacc stat = normalizer[r];  // log-sum-exp, or the row sum Q
       if (p.from_logits) {
-        WithLogitsGrad(reader, row, c, g * c.SoftmaxWeight(Tacc(1), stat), stat,
-                       [&](const auto& x, const auto& grad) {
-                         WriteOneTargetLogitsGrad(dx, x, num_classes, grad,
-                                                  g * c.off_weight, label,
-                                                  g * c.on_weight);
-                       });
+        WithLogitsGrad(
+            reader, row, num_classes, c, g * c.SoftmaxWeight(Tacc(1), stat),
+            stat, [&](const auto& x, const auto& grad, int64_t begin) {
+              WriteOneTargetLogitsGrad(dx, x, begin, grad, g * c.off_weight,
+                                       label, g * c.on_weight);
+            });
       } else {
         // dx may alias the predictions (the op reuses their buffer), so the
         // labelled element's gradient is formed before the row is written.
