@@ -68,10 +68,11 @@ typename Expr::Scalar BlockedSum(const Expr& e) {
 // Rows of T as arrays of Tacc: float and double rows are read in place;
 // 16-bit rows are widened into a buffer of one row per thread (never [N, C]).
 // Soft-capped logits are transformed into that buffer (for every T): the
-// forwards read z' = cap * tanh(z / cap), the backwards t = tanh(z / cap),
-// one tanh per element either way, a block of kSumBlock classes (or a chunk
-// of rows with few classes) at a time. (A pass of its own over a block in L1
-// is faster than the tanh inside the passes that reduce or write it.)
+// logits forwards read z' = cap * tanh(z / cap), the backwards
+// t = tanh(z / cap), one tanh per element either way, a block of kSumBlock
+// classes at a time (the backwards of rows with few classes: a chunk of
+// rows). (A pass of its own over a block in L1 is faster than the tanh inside
+// the passes that reduce or write it.)
 template <typename T, typename Tacc>
 class RowReader {
  public:
