@@ -16,7 +16,10 @@ names one already built), then:
             torch.nn.functional.cross_entropy and Liger-Kernel's cross
             entropy (sparse labels only; bench/gpu_requirements.txt,
             carried as a wheel), against
-            the copy bandwidth measured in the same run. Other harness builds
+            the copy bandwidth measured in the same run; then the large
+            shapes again with z-loss and soft cap (PyTorch's loss on the
+            capped logits plus its z-loss term, Liger's lse_square_scale and
+            softcap), and their cost over the plain loss. Other harness builds
             (--variant NAME=LIBRARY, an earlier version say) are timed beside.
             Writes gpu_results.md and gpu_results.json to --out.
   --emulated  the same on the CPU (the harness built against
@@ -72,17 +75,24 @@ TORCH_DTYPES = {
     "float32": torch.float32,
     "float16": torch.float16,
 }
-# The timed cases, (N, C, labels, dtypes). The target shapes: logits with sparse
-# labels at three vocabulary sizes; one-hot float32 labels (Keras's
+# Gemma 2's final-logit soft cap and PaLM's z-loss coefficient.
+OPTIONS = {"z_loss": 1e-4, "logit_soft_cap": 30.0}
+# The timed cases, (N, C, labels, dtypes, options). The target shapes: logits
+# with sparse labels at three vocabulary sizes; one-hot float32 labels (Keras's
 # CategoricalCrossentropy: the forward reads them, the backward reads none for
 # a one-hot row). Then rows of 2048 classes, the most a warp computes alone:
 # float16 too, whose warp sparse forward spilled in v3.2 (docs/performance.md).
+# Last, the large shapes with OPTIONS, each beside its plain row: the cost of
+# the z-loss and the soft cap's tanh.
 BENCH_CASES = (
-    (8192, 32000, "sparse", ("bfloat16", "float32")),
-    (8192, 128256, "sparse", ("bfloat16", "float32")),
-    (4096, 256000, "sparse", ("bfloat16", "float32")),
-    (8192, 128256, "dense", ("bfloat16", "float32")),
-    (65536, 2048, "sparse", ("bfloat16", "float32", "float16")),
+    (8192, 32000, "sparse", ("bfloat16", "float32"), None),
+    (8192, 128256, "sparse", ("bfloat16", "float32"), None),
+    (4096, 256000, "sparse", ("bfloat16", "float32"), None),
+    (8192, 128256, "dense", ("bfloat16", "float32"), None),
+    (65536, 2048, "sparse", ("bfloat16", "float32", "float16"), None),
+    (8192, 128256, "sparse", ("bfloat16", "float32"), OPTIONS),
+    (4096, 256000, "sparse", ("bfloat16", "float32"), OPTIONS),
+    (8192, 128256, "dense", ("bfloat16", "float32"), OPTIONS),
 )
 
 
@@ -158,22 +168,40 @@ class Device:
         return ctypes.c_void_p(torch.cuda.current_stream().cuda_stream)
 
 
+def torch_loss(x, labels, options=None, reduction="mean"):
+    """PyTorch's cross entropy of logits x, with the z-loss and soft cap of
+    `options` (OPTIONS' keys) as a PyTorch user writes them: the loss of
+    cap * tanh(x / cap) plus z_loss * logsumexp**2 per row."""
+    options = options or {}
+    cap, z_loss = options.get("logit_soft_cap"), options.get("z_loss", 0.0)
+    if not (cap or z_loss):
+        return functional.cross_entropy(x, labels, reduction=reduction)
+    if cap:
+        x = cap * torch.tanh(x / cap)
+    loss = functional.cross_entropy(x, labels, reduction="none")
+    if z_loss:
+        loss = loss + z_loss * torch.logsumexp(x, dim=1).square()
+    return loss.mean() if reduction == "mean" else loss
+
+
 class Ours:
     """Forward and forward+backward of one harness build, with sparse labels
     (int64 [N]) or dense ones (float32 [N, C]), on preallocated buffers (as
     TensorFlow's allocator hands them out), the C calls' argument lists formed
-    once."""
+    once. `options`: OPTIONS' keys, or None for the plain loss."""
 
-    def __init__(self, h, x, labels, stream):
+    def __init__(self, h, x, labels, stream, options=None):
         n, c = x.shape
         dense = labels.dim() == 2
         # Every tensor whose pointer is passed is kept alive here.
-        self.x, self.labels = x, labels
+        self.x, self.labels, self.options = x, labels, options
         self.loss, self.dx = x.new_empty(n, dtype=torch.float32), torch.empty_like(x)
         self.g = torch.full_like(self.loss, 1.0 / n)
         self.stats = x.new_empty((n, h.stats_per_row) if dense else n, dtype=torch.float32)
         dtype = str(x.dtype).removeprefix("torch.")
-        self.params = gpu_harness.KernelParams.make(n, c, from_logits=True)
+        # The coefficients in the loss type (float32), as the op passes them.
+        coefficients = {k: float(np.float32(v)) for k, v in (options or {}).items()}
+        self.params = gpu_harness.KernelParams.make(n, c, from_logits=True, **coefficients)
         params = h.leading_args(dtype, self.params, None if dense else 64)
         kind = "dense" if dense else "sparse"
         # The sparse and dense calls take their buffers in the same order.
@@ -197,7 +225,8 @@ class Ours:
 
     def errors(self, torch_labels, chunk_elements=2**27):
         """The largest error, over rows, of our loss and of our gradient's row
-        against PyTorch's in float64, each relative to the size of its terms:
+        against PyTorch's in float64 (torch_loss, with the same options), each
+        relative to the size of its terms:
         |loss - ref| / max(|ref|, 1) and |dx - ref| / max(|ref|, g) (norms of
         the row; g, the upstream gradient, scales the terms softmax and 1).
         In chunks of rows, so that billions of elements fit."""
@@ -209,9 +238,8 @@ class Ours:
             rows = slice(start, start + step)
             xd = self.x[rows].double().requires_grad_(True)
             labels = torch_labels[rows]
-            ref = functional.cross_entropy(
-                xd, labels.double() if labels.is_floating_point() else labels, reduction="none"
-            )
+            labels = labels.double() if labels.is_floating_point() else labels
+            ref = torch_loss(xd, labels, self.options, reduction="none")
             g = self.g[rows].double()
             (ref * g).sum().backward()
             loss = self.loss[rows].double()
@@ -272,18 +300,19 @@ def _liger():
 
 
 def bench(device, h, variants, cases, out_dir):
-    """Times every build, PyTorch and Liger on each (N, C, labels, dtypes) of
-    `cases`; labels "sparse" or "dense" (one-hot)."""
+    """Times every build, PyTorch and Liger on each (N, C, labels, dtypes,
+    options) of `cases`; labels "sparse" or "dense" (one-hot); options
+    OPTIONS' keys or None."""
     liger_cross_entropy, liger_version = _liger()
     copy_gbs = device.copy_bandwidth_gbs()
     name = "CPU (emulated harness)" if device.emulated else torch.cuda.get_device_name()
     print(f"{name}; copy bandwidth {copy_gbs:.0f} GB/s (read + write)", flush=True)
     rows = []
     builds = {"ours": h, **variants}
-    for n, c, kind, dtype_names in cases:
+    for n, c, kind, dtype_names, options in cases:
         for dtype_name in dtype_names:
             x, y, ours_labels, torch_labels = _inputs(device, n, c, TORCH_DTYPES[dtype_name], kind)
-            ours = {b: Ours(builds[b], x, ours_labels, device.stream()) for b in builds}
+            ours = {b: Ours(builds[b], x, ours_labels, device.stream(), options) for b in builds}
             loss_err, grad_err = ours["ours"].errors(torch_labels)
             times = {}
             for b in builds:
@@ -291,13 +320,13 @@ def bench(device, h, variants, cases, out_dir):
                 times[f"{b} fwd+bwd"] = device.time_ms(ours[b].both)
             del ours
             times["torch fwd"] = device.time_ms(
-                lambda x=x, t=torch_labels: functional.cross_entropy(x, t)
+                lambda x=x, t=torch_labels, o=options: torch_loss(x, t, o)
             )
             xt = x.detach().clone().requires_grad_(True)
 
-            def torch_both(xt=xt, t=torch_labels):
+            def torch_both(xt=xt, t=torch_labels, o=options):
                 xt.grad = None
-                functional.cross_entropy(xt, t).backward()
+                torch_loss(xt, t, o).backward()
 
             times["torch fwd+bwd"] = device.time_ms(torch_both)
             del xt, torch_both
@@ -305,9 +334,16 @@ def bench(device, h, variants, cases, out_dir):
             if liger_cross_entropy is not None and not device.emulated and kind == "sparse":
                 xl = x.detach().clone().requires_grad_(True)
 
-                def liger_both(xl=xl, y=y):
+                liger_options = {}
+                if options:  # Liger's names for them
+                    liger_options = {
+                        "lse_square_scale": options["z_loss"],
+                        "softcap": options["logit_soft_cap"],
+                    }
+
+                def liger_both(xl=xl, y=y, o=liger_options):
                     xl.grad = None
-                    liger_cross_entropy(xl, y).backward()
+                    liger_cross_entropy(xl, y, **o).backward()
 
                 try:
                     times["liger fwd+bwd"] = device.time_ms(liger_both)
@@ -323,6 +359,7 @@ def bench(device, h, variants, cases, out_dir):
                 "shape": [n, c],
                 "labels": kind,
                 "dtype": dtype_name,
+                "options": options or {},
                 "times_ms": times,
                 # Floors at the measured copy bandwidth: one read of the
                 # logits (and dense labels) for the forward; forward+backward
@@ -358,16 +395,24 @@ def _write(out_dir, result):
     return table
 
 
+def _labels(row):
+    """The labels' kind, and the options where the row has them."""
+    names = {"z_loss": "z-loss", "logit_soft_cap": "cap"}
+    options = row.get("options") or {}
+    return ", ".join([row["labels"]] + [f"{names[k]} {v:g}" for k, v in options.items()])
+
+
 def _line(row):
     t = row["times_ms"]
-    parts = [f"{row['shape'][0]}x{row['shape'][1]} {row['labels']} {row['dtype']}:"]
+    parts = [f"{row['shape'][0]}x{row['shape'][1]} {_labels(row)} {row['dtype']}:"]
     parts += [f"{k} {v:.3f}" for k, v in t.items()]
     parts += [f"err loss {row['loss_rel_err']:.1e} grad {row['grad_rel_err']:.1e}"]
     return "  ".join(parts)
 
 
 def markdown(result):
-    """The table of docs/performance.md: times, multiples of the floor, speed-ups."""
+    """The tables of docs/performance.md: times, multiples of the floor,
+    speed-ups; then what the z-loss and soft cap add to each loss."""
     names = result["builds"]
     lines = [
         f"{result['device']}, copy bandwidth {result['copy_gbs']:.0f} GB/s (read + write), "
@@ -387,13 +432,42 @@ def markdown(result):
                 ("-", "-") if liger_ms is None else (f"{liger_ms:.3f}", f"{liger_ms / ours:.2f}x")
             )
             line = (
-                f"| {row['shape'][0]} x {row['shape'][1]} | {row['labels']} | {row['dtype']} "
+                f"| {row['shape'][0]} x {row['shape'][1]} | {_labels(row)} | {row['dtype']} "
                 f"| {op} | {ours:.3f} | {ours / floor:.2f} | {torch_ms:.3f} | {liger[0]} "
                 f"| {torch_ms / ours:.2f}x | {liger[1]} |"
             )
             line += "".join(f" {t[f'{n} {op}']:.3f} |" for n in names[1:])
             lines.append(line)
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + _options_cost(result["rows"])) + "\n"
+
+
+def _options_cost(rows):
+    """Table lines: each row with options beside the plain row of its shape,
+    labels and dtype, and what the options add to ours, PyTorch's and
+    Liger's times."""
+    plain = {(tuple(r["shape"]), r["labels"], r["dtype"]): r for r in rows if not r.get("options")}
+    lines = []
+    for row in rows:
+        base = plain.get((tuple(row["shape"]), row["labels"], row["dtype"]))
+        if not row.get("options") or base is None:
+            continue
+        for op in ("fwd", "fwd+bwd"):
+            n, c = row["shape"]
+            line = f"| {n} x {c} | {_labels(row)} | {row['dtype']} | {op} |"
+            for peer in ("ours", "torch", "liger"):
+                before = base["times_ms"].get(f"{peer} {op}")
+                after = row["times_ms"].get(f"{peer} {op}")
+                if before is None or after is None:
+                    line += " - | - | - |"
+                else:
+                    line += f" {before:.3f} | {after:.3f} | {after / before - 1:+.0%} |"
+            lines.append(line)
+    if not lines:
+        return []
+    head = "| N x C | labels | dtype | op |" + "".join(
+        f" {peer} plain ms | {peer} options ms | cost |" for peer in ("ours", "torch", "liger")
+    )
+    return ["", head, "|---|---|---|---|" + "---:|" * 9, *lines]
 
 
 def main():
@@ -437,9 +511,11 @@ def main():
         if args.emulated:
             both = ("bfloat16", "float32")
             cases = [
-                (16, 300, "sparse", (*both, "float16")),
-                (8, 1000, "sparse", both),
-                (8, 1000, "dense", both),
+                (16, 300, "sparse", (*both, "float16"), None),
+                (8, 1000, "sparse", both, None),
+                (8, 1000, "dense", both, None),
+                (8, 1000, "sparse", both, OPTIONS),
+                (8, 1000, "dense", both, OPTIONS),
             ]
         bench(device, h, variants, cases, args.out)
     print(f"done in {time.perf_counter() - start:.1f} s")
