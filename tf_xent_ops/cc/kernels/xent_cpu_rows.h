@@ -54,13 +54,45 @@ using Scratch = std::vector<Tacc, Eigen::aligned_allocator<Tacc>>;
 template <typename T>
 using MutableRow = Eigen::Map<Eigen::Array<T, Eigen::Dynamic, 1>>;
 
+// The sum of e's elements [begin, end), from its first element whatever its
+// address: Eigen's sum() of an expression with direct access (a row read in
+// place) starts its packets at the first aligned address and adds the
+// elements before it apart, so a row's sum, and its loss, would depend on
+// where the row lies in the batch; that of any other expression starts at
+// its first element.
+template <typename Expr>
+typename Expr::Scalar SegmentSum(const Expr& e, Eigen::Index begin,
+                                 Eigen::Index end) {
+  if constexpr (!(Expr::Flags & Eigen::DirectAccessBit)) {
+    return e.segment(begin, end - begin).sum();
+  } else {
+    namespace ei = Eigen::internal;
+    using Scalar = typename Expr::Scalar;
+    using Packet = typename ei::packet_traits<Scalar>::type;
+    constexpr Eigen::Index kSize = ei::packet_traits<Scalar>::size;
+    const Scalar* data = e.data();
+    const Eigen::Index full = begin + (end - begin) / kSize * kSize;
+    const Eigen::Index pairs = begin + (end - begin) / (2 * kSize) * 2 * kSize;
+    // Two chains of packets, so that their adds overlap.
+    Packet even = ei::pset1<Packet>(Scalar(0)), odd = even;
+    for (Eigen::Index i = begin; i < pairs; i += 2 * kSize) {
+      even = ei::padd(even, ei::ploadu<Packet>(data + i));
+      odd = ei::padd(odd, ei::ploadu<Packet>(data + i + kSize));
+    }
+    if (pairs < full) even = ei::padd(even, ei::ploadu<Packet>(data + pairs));
+    Scalar sum = ei::predux(ei::padd(even, odd));
+    for (Eigen::Index i = full; i < end; ++i) sum += data[i];
+    return sum;
+  }
+}
+
 template <typename Expr>
 typename Expr::Scalar BlockedSum(const Expr& e) {
   using Scalar = typename Expr::Scalar;
   const Eigen::Index n = e.size();
   CompensatedSum<Scalar> total;
   for (Eigen::Index b = 0; b < n; b += kSumBlock) {
-    total.Add(e.segment(b, std::min(kSumBlock, n - b)).sum());
+    total.Add(SegmentSum(e, b, std::min(n, b + kSumBlock)));
   }
   return total.Total();
 }
