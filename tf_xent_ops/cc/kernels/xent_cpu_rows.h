@@ -153,14 +153,51 @@ class RowReader {
   Scratch<Tacc> buffer_;
 };
 
+// Writes `value` to `row` in packets from its first element, the last
+// elements that fill no packet on the scalar path.
+template <typename Expr>
+void WriteFromFirstElement(typename Expr::Scalar* row, Eigen::Index size,
+                           const Expr& value) {
+  namespace ei = Eigen::internal;
+  using Packet = typename ei::packet_traits<typename Expr::Scalar>::type;
+  constexpr Eigen::Index kSize = ei::unpacket_traits<Packet>::size;
+  const ei::evaluator<Expr> eval(value);
+  const Eigen::Index full = size / kSize * kSize;
+  for (Eigen::Index i = 0; i < full; i += kSize) {
+    ei::pstoreu(row + i, eval.template packet<Eigen::Unaligned, Packet>(i));
+  }
+  for (Eigen::Index i = full; i < size; ++i) row[i] = eval.coeff(i);
+}
+
+// Writes an expression to a row of its scalar type. Eigen's assignment takes
+// the elements before the first aligned address and after the last whole
+// packet apart: as one masked packet where the packet type has masked forms
+// (float and double at avx2 and avx512, see xent_cpu_math.h), the same bits
+// as the packet path; else on the scalar path, whose functions' last bits
+// differ, so that a row's gradient would depend on where the row lies in the
+// batch. There the row is written in packets from its first element.
+template <typename Expr>
+void WriteInPlace(typename Expr::Scalar* row, Eigen::Index size,
+                  const Expr& value) {
+  namespace ei = Eigen::internal;
+  using Scalar = typename Expr::Scalar;
+  using Packet = typename ei::packet_traits<Scalar>::type;
+  if constexpr ((ei::evaluator<Expr>::Flags & Eigen::PacketAccessBit) &&
+                !ei::has_packet_segment<Packet>::value) {
+    WriteFromFirstElement(row, size, value);
+  } else {
+    MutableRow<Scalar>(row, size) = value;
+  }
+}
+
 // Writes an expression in Tacc to a row of T.
 template <typename T, typename Expr>
 void WriteRow(T* row, int64_t num_classes, const Expr& value) {
   using Tacc = typename Expr::Scalar;
   if constexpr (std::is_same_v<T, Tacc>) {
-    MutableRow<T>(row, num_classes) = value;
+    WriteInPlace(row, num_classes, value);
   } else {
-    MutableRow<T>(row, num_classes) = value.template cast<T>();
+    WriteInPlace(row, num_classes, value.template cast<T>());
   }
 }
 
