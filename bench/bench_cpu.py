@@ -320,6 +320,14 @@ def run_timing(cases, passes=3):
     return rows, bandwidth
 
 
+def loss_speedup(ours_ms, theirs_ms, producer_ms):
+    """The built-in loss's time over ours, each the step's less its producer's;
+    infinite where our step took no longer than the producer alone (a loss
+    lost in the noise of a tiny case)."""
+    ours_loss_ms = ours_ms - producer_ms
+    return (theirs_ms - producer_ms) / ours_loss_ms if ours_loss_ms > 0 else float("inf")
+
+
 def timing_row(k, samples, bandwidth, levels):
     """A table row from a case's (ours at each of `levels`, built-in,
     producer) ms of each pass. The ms columns are medians over passes; the
@@ -341,7 +349,7 @@ def timing_row(k, samples, bandwidth, levels):
         by_level["ours_ms_by_isa"][level] = medians[i]
         by_level["step_speedup_by_isa"][level] = statistics.median(s[-2] / s[i] for s in samples)
         by_level["speedup_by_isa"][level] = statistics.median(
-            (s[-2] - s[-1]) / (s[i] - s[-1]) for s in samples
+            loss_speedup(s[i], s[-2], s[-1]) for s in samples
         )
         by_level["ours_x_floor_by_isa"][level] = (medians[i] - producer_ms) / floor_ms
     best = levels[0]

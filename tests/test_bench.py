@@ -58,9 +58,12 @@ def test_timing_rows(bench, labels, from_logits):
         assert row["ours_ms"] == row["ours_ms_by_isa"][levels[0]]
         assert len(row["passes"]) == 3
         step = sorted(theirs / ours for ours, theirs, _ in row["passes"])[1]
-        loss = sorted((t - p) / (o - p) for o, t, p in row["passes"])[1]
+        loss = sorted(bench.loss_speedup(o, t, p) for o, t, p in row["passes"])[1]
         assert row["step_speedup"] == pytest.approx(step)
         assert row["speedup"] == pytest.approx(loss)
+    # The loss's time is the step's less the producer's.
+    assert bench.loss_speedup(3.0, 9.0, 1.0) == 4.0
+    assert bench.loss_speedup(1.0, 9.0, 1.0) == float("inf")
     assert bench.floor_bytes(fwd_bwd) == 2 * bench.floor_bytes(fwd) - (
         64 * 40 * 4 if labels == "dense" else 0
     )
