@@ -137,10 +137,10 @@ def test_a_rows_bits_do_not_depend_on_where_it_lies_in_the_batch(
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
 def test_16_bit_gradients_do_not_depend_on_where_a_row_lies_in_the_batch(rng, dtype, each_cpu_isa):
     # A 16-bit gradient is computed in float32 and rounded: a row's first and
-    # last elements computed on other paths than the rest (scalar functions,
-    # last bits apart) show only where the rounding of the two falls apart,
-    # about one float32 ulp in 2^13 (float16) or 2^16 (bfloat16). Enough rows
-    # of a few classes to meet such an element on every run.
+    # last elements computed on another path than the rest (scalar functions,
+    # last bits apart) show only where the two float32 values round apart,
+    # for about one such element in 2^13 (float16) or 2^16 (bfloat16). Enough
+    # rows of a few classes to meet one on every run.
     shape = (40000, 51)
     p = tf.constant(ref.logits(rng, shape, dtype))
     labels = tf.constant(rng.integers(0, shape[1], size=shape[0]))
