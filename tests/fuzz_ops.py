@@ -83,9 +83,10 @@ def _common(draw):
         dtype=draw(st.sampled_from(DTYPES), label="dtype"),
         from_logits=draw(st.booleans(), label="from_logits"),
         label_smoothing=draw(st.sampled_from([0.0, 0.1, 1.0, -0.5, 1.5]), label="ls"),
-        z_loss=draw(st.sampled_from([0.0, 0.0, 1e-3, -1.0, float("nan")]), label="z_loss"),
+        # 1e39 and 1e35: beyond what float32 losses can carry, fine in float64.
+        z_loss=draw(st.sampled_from([0.0, 0.0, 1e-3, -1.0, float("nan"), 1e39]), label="z_loss"),
         logit_soft_cap=draw(
-            st.sampled_from([None, None, 5.0, 0.0, -2.0, float("inf")]), label="cap"
+            st.sampled_from([None, None, 5.0, 0.0, -2.0, float("inf"), 1e35]), label="cap"
         ),
     )
 
@@ -102,6 +103,11 @@ def _coefficient_error(c):
         return ["logit_soft_cap"]
     if not c["from_logits"] and (c["z_loss"] != 0.0 or cap is not None):
         return ["z_loss", "logit_soft_cap"]
+    if c["dtype"] != "float64":
+        if c["z_loss"] > np.finfo(np.float32).max:
+            return ["z_loss"]
+        if cap is not None and cap > 1e31:
+            return ["logit_soft_cap"]
     return None
 
 

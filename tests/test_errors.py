@@ -97,9 +97,29 @@ def test_string_labels():
         txo.ops.sparse_crossentropy(tf.constant(["a"]), [[0.5, 0.5]])
 
 
-def test_zero_classes():
+@pytest.mark.parametrize("form", ["dense", "sparse"])
+def test_zero_classes(form):
+    def call(p, z_loss=0.0):
+        if form == "dense":
+            return txo.ops.dense_crossentropy(tf.zeros_like(p), p, True, z_loss=z_loss)
+        return txo.ops.sparse_crossentropy(tf.zeros(tf.shape(p)[:1], tf.int32), p, True)
+
+    p = tf.zeros((2, 0))
+    # Where the shape tells, in Python; else the kernel; XLA's composite gives NaN.
+    with pytest.raises(ValueError, match="at least one class along axis 1"):
+        call(p)
+    unknown = tf.function(call, input_signature=[tf.TensorSpec([None, None])])
     with pytest.raises(tf.errors.InvalidArgumentError, match="at least one class"):
-        txo.ops.dense_crossentropy(np.zeros((2, 0)), np.zeros((2, 0)), from_logits=True)
+        unknown(p)
+    for z_loss in (0.0, 1e-3) if form == "dense" else (0.0,):
+        xla = tf.function(
+            lambda p, z_loss=z_loss: call(p, z_loss),
+            input_signature=[tf.TensorSpec([None, None])],
+            jit_compile=True,
+        )
+        assert np.isnan(xla(p).numpy()).all()
+    # No rows, no classes: an empty result, as Keras.
+    assert call(tf.zeros((0, 0))).shape == (0,)
 
 
 @pytest.mark.parametrize(
@@ -152,6 +172,14 @@ def test_zero_classes():
                 tf.zeros([2, 3]), tf.zeros([2], tf.int64), **coefficients(label_smoothing=2.0)
             ),
             r"label_smoothing must be in \[0, 1\]",
+        ),
+        (
+            # A cap whose reciprocal float32 flushes to 0 (it would make every
+            # logit 0); float64 takes it.
+            lambda: library.tf_xent_sparse_xent(
+                tf.zeros([2, 3]), tf.zeros([2], tf.int64), **coefficients(logit_soft_cap=1e38)
+            ),
+            r"logit_soft_cap must be 0 or within \[2\^-126, 2\^103\] \(float32\)",
         ),
         (
             lambda: library.tf_xent_dense_xent(
@@ -249,3 +277,38 @@ def test_keras_objects_need_the_tensorflow_backend(cls, monkeypatch):
     # The functions and ops take TensorFlow tensors whatever Keras runs on.
     loss = txo.sparse_categorical_crossentropy([1], [[0.2, 0.8]])
     np.testing.assert_allclose(loss, [-np.log(0.8)], rtol=1e-6)
+
+
+@pytest.mark.parametrize("ignore_class", [1.5, True, "1"])
+def test_ignore_class_must_be_an_int(ignore_class):
+    # int() would truncate 1.5 (and True) to class 1 and ignore it.
+    p = [[1.0, 2.0, 0.5]]
+    with pytest.raises(TypeError, match="`ignore_class` must be an int"):
+        txo.ops.sparse_crossentropy([1], p, True, ignore_class=ignore_class)
+    for make in (
+        txo.losses.SparseCategoricalCrossentropy,
+        txo.metrics.SparseCategoricalCrossentropy,
+    ):
+        with pytest.raises(TypeError, match="`ignore_class` must be an int"):
+            make(from_logits=True, ignore_class=ignore_class)
+    with pytest.raises(ValueError, match="`ignore_class` must fit in int64"):
+        txo.losses.SparseCategoricalCrossentropy(ignore_class=2**70)
+
+
+@pytest.mark.parametrize("label_dtype", ["int32", "int64"])
+def test_ignore_class_beyond_int32_is_compared_in_int64(rng, label_dtype):
+    """An ignore_class beyond int32 never matches int32 labels; under XLA
+    too, where int32 would have wrapped 2^32 + 1 onto class 1."""
+    p = tf.constant(ref.logits(rng, (3, 4), "float32"))
+    labels = tf.constant([0, 1, 2], label_dtype)
+    loss = txo.losses.SparseCategoricalCrossentropy(
+        from_logits=True, ignore_class=2**32 + 1, reduction=None
+    )
+
+    def forms():
+        return txo.ops.sparse_crossentropy(labels, p, True, ignore_class=2**32 + 1), loss(labels, p)
+
+    expected = txo.ops.sparse_crossentropy(labels, p, True)
+    for values in (forms(), tf.function(forms, jit_compile=True)()):
+        for value in values:
+            np.testing.assert_allclose(value, expected, rtol=1e-5, atol=1e-5)

@@ -92,9 +92,42 @@ def test_sparse_with_unknown_ranks(rng, with_class_dim):
     np.testing.assert_allclose(loss, ref.sparse(labels, p, True, 0.1), rtol=2e-5, atol=2e-5)
     expected = ref.sparse_gradient(labels.reshape(-1), p.reshape(-1, 6), True, 0.1)
     np.testing.assert_allclose(grad.numpy().reshape(-1, 6), expected.value, rtol=1e-4, atol=1e-6)
-    # Valid values fed, then labels of the wrong shape: the op says so.
-    with pytest.raises(tf.errors.InvalidArgumentError, match="labels must have shape"):
-        loss_and_grad(tf.constant(labels[:2]), tf.constant(p))
+    # Valid values fed, then labels of the wrong shape, also of as many
+    # elements: an error that says so.
+    for wrong in (labels[:2], labels.T, labels.reshape(2, 6)):
+        with pytest.raises(tf.errors.InvalidArgumentError, match="labels must have the shape"):
+            loss_and_grad(tf.constant(wrong), tf.constant(p))
+
+
+@pytest.mark.parametrize("sparse", [True, False])
+@pytest.mark.parametrize("jit_compile", [False, True])
+def test_label_shape_checked_where_only_the_rank_is_known(rng, sparse, jit_compile):
+    """[None, None] batches (sequences in `fit`): labels of the transposed
+    shape hold as many positions but are refused, as tf.nn's ops refuse them."""
+    label_spec = tf.TensorSpec([None, None], tf.int64 if sparse else tf.float32)
+    if not sparse:
+        label_spec = tf.TensorSpec([None, None, 5])
+
+    @tf.function(
+        input_signature=[label_spec, tf.TensorSpec([None, None, 5])], jit_compile=jit_compile
+    )
+    def f(y, p):
+        if sparse:
+            return txo.ops.sparse_crossentropy(y, p, from_logits=True)
+        return txo.ops.dense_crossentropy(y, p, from_logits=True)
+
+    p = ref.logits(rng, (2, 3, 5), "float32")
+    labels = rng.integers(0, 5, size=(2, 3))
+    y = labels if sparse else np.eye(5, dtype=np.float32)[labels]
+    expected = ref.sparse(labels, p, True) if sparse else ref.dense(y, p, True)
+    np.testing.assert_allclose(f(tf.constant(y), tf.constant(p)), expected, rtol=2e-5, atol=2e-5)
+    if jit_compile:
+        return  # XLA drops the check: it cannot raise.
+    wrong = labels.T if sparse else np.swapaxes(y, 0, 1)
+    with pytest.raises(
+        tf.errors.InvalidArgumentError, match="must have the same shape|labels must have the shape"
+    ):
+        f(tf.constant(wrong), tf.constant(p))
 
 
 def test_dense_with_unknown_ranks(rng):

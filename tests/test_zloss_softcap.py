@@ -2,6 +2,8 @@
 float64 references written from the definitions, the XLA composite, higher
 orders, the log-sum-exp output, the Keras classes and their argument checks."""
 
+import re
+
 import keras
 import numpy as np
 import pytest
@@ -183,6 +185,35 @@ def test_xla_composite_matches_the_op(rng, sparse, num_classes):
         np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-6)
 
 
+@pytest.mark.parametrize("from_logits", [True, False])
+@pytest.mark.parametrize("cap", [None, 4.0])
+def test_garbage_in_ignored_rows_gets_zero_gradient_on_every_path(rng, from_logits, cap):
+    """An ignored row of NaN, inf or all -inf (padding) costs 0 and gets a 0
+    gradient from the op, from XLA's composite and at second order."""
+    p = ref.smooth_predictions(rng, (5, 4), from_logits)
+    p[0] = -np.inf if from_logits else 0.0
+    p[1, 1], p[2, 0] = np.nan, np.inf
+    labels = tf.constant([-1, -1, -1, 2, 0])
+    options = dict(z_loss=1e-2, logit_soft_cap=cap) if from_logits else {}
+
+    def gradients(p):
+        with tf.GradientTape() as outer:
+            outer.watch(p)
+            with tf.GradientTape() as inner:
+                inner.watch(p)
+                loss = txo.ops.sparse_crossentropy(labels, p, from_logits, 0.1, -1, **options)
+            gradient = inner.gradient(loss, p)
+            penalty = tf.reduce_sum(gradient**2)
+        return loss, gradient, outer.gradient(penalty, p)
+
+    p = tf.constant(p)
+    eager, xla = gradients(p), tf.function(gradients, jit_compile=True)(p)
+    for op, composite in zip(eager, xla, strict=True):
+        assert np.all(op.numpy()[:3] == 0.0) and np.all(composite.numpy()[:3] == 0.0)
+        assert np.isfinite(op.numpy()[3:]).all()
+        np.testing.assert_allclose(op.numpy()[3:], composite.numpy()[3:], rtol=1e-4, atol=1e-6)
+
+
 @pytest.mark.parametrize("sparse", [True, False])
 def test_gradients_of_gradients_match_finite_differences(rng, sparse):
     # Beyond the first order the composite is differentiated: its Hessian-vector
@@ -283,6 +314,48 @@ def test_bad_arguments_fail_when_the_object_is_made(kwargs, name):
             make(**(kwargs if "z_loss" in kwargs else metric_kwargs))
     with pytest.raises(ValueError, match=f"`{name}`"):
         txo.losses.SparseCategoricalCrossentropy.from_config(kwargs)
+
+
+def test_bools_are_not_coefficients():
+    # float(True) is 1.0: a cap of True would silently be a cap of 1.
+    for kwargs, name in (
+        (dict(logit_soft_cap=True), "logit_soft_cap"),
+        (dict(z_loss=True), "z_loss"),
+    ):
+        with pytest.raises(ValueError, match=f"`{name}` must be a number"):
+            txo.losses.SparseCategoricalCrossentropy(from_logits=True, **kwargs)
+
+
+@pytest.mark.parametrize("sparse", [True, False])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_coefficients_the_loss_dtype_cannot_carry(rng, sparse, dtype):
+    """float32 losses (also those of 16-bit predictions) take caps within
+    [2^-126, 2^103] and a z-loss that float32 holds; beyond, a ValueError at
+    the call (the dtype is not known before), not a cap that silently drops
+    to 0 or to none. float64 takes them and computes them."""
+    p = tf.constant(ref.logits(rng, (3, 5), "float64").astype(ref.NUMPY_DTYPES[dtype]))
+    labels = rng.integers(0, 5, size=3)
+    y = labels if sparse else np.eye(5)[labels]
+    fn = txo.ops.sparse_crossentropy if sparse else txo.ops.dense_crossentropy
+    for kwargs in (dict(logit_soft_cap=1e38), dict(logit_soft_cap=1e-39), dict(z_loss=1e39)):
+        ((name, value),) = kwargs.items()
+        if dtype != "float64":
+            with pytest.raises(ValueError, match=re.escape(f"`{name}`={value}")):
+                fn(y, p, True, **kwargs)
+            continue
+        expected = getattr(ref, "sparse" if sparse else "dense")(y, p.numpy(), True, **kwargs)
+        np.testing.assert_allclose(fn(y, p, True, **kwargs), expected, rtol=1e-12, atol=1e-13)
+    # The ends of float32's range work, and a huge cap is no cap: z' = z
+    # to within an ulp of 1 for logits near 0, exactly further out.
+    if dtype != "float64":
+        for cap in (1.2e-38, 1e31):
+            expected = getattr(ref, "sparse" if sparse else "dense")(
+                y, p.numpy().astype(np.float64), True, logit_soft_cap=cap
+            )
+            tolerance = 1e-2 if dtype in ("float16", "bfloat16") else 1e-5
+            np.testing.assert_allclose(
+                fn(y, p, True, logit_soft_cap=cap), expected, rtol=tolerance, atol=tolerance
+            )
 
 
 @pytest.mark.parametrize("sparse", [True, False])

@@ -412,7 +412,7 @@ def _with_ignore_mask(rows, labels, options):
     if options["ignore_class"] is None:
         return rows
     rows = tf.identity(rows)
-    rows._keras_mask = tf.not_equal(labels, tf.cast(options["ignore_class"], labels.dtype))
+    rows._keras_mask = tf.logical_not(txo_ops.is_ignored(labels, options["ignore_class"]))
     return rows
 
 
@@ -430,6 +430,6 @@ def _mask(hidden, labels, ignore_class):
     whose label is not ignore_class."""
     mask = getattr(hidden, "_keras_mask", None)
     if ignore_class is not None:
-        valid = tf.not_equal(labels, tf.cast(ignore_class, labels.dtype))
+        valid = tf.logical_not(txo_ops.is_ignored(labels, ignore_class))
         mask = valid if mask is None else tf.logical_and(tf.cast(mask, tf.bool), valid)
     return mask

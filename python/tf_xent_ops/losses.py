@@ -102,7 +102,7 @@ def _sparse_categorical(
         logit_soft_cap=logit_soft_cap,
     )
     if ignore_class is not None:
-        valid = tf.not_equal(tf.reshape(tf.cast(y_true, tf.int64), tf.shape(loss)), ignore_class)
+        valid = tf.logical_not(ops.is_ignored(tf.reshape(y_true, tf.shape(loss)), ignore_class))
         _set_keras_mask(loss, valid)
     return loss
 
@@ -209,8 +209,9 @@ def sparse_categorical_crossentropy(
 
 
 def _check_arguments(fn_kwargs):
-    """Raises ValueError for a bad float argument of a loss or metric when it
-    is made, not first inside `fit`."""
+    """Raises ValueError (TypeError for a non-integer `ignore_class`) for a bad
+    argument of a loss or metric when it is made, not first inside `fit`."""
+    ops.check_ignore_class(fn_kwargs.get("ignore_class"))
     ops.check_coefficients(
         fn_kwargs["from_logits"],
         fn_kwargs.get("label_smoothing", 0.0),

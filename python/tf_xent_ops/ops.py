@@ -7,8 +7,10 @@ float32 (float64 for float64 predictions), whatever the prediction dtype:
 """
 
 import math
+import numbers
 
 import keras
+import numpy as np
 import tensorflow as tf
 
 # No public API tells whether a trace is being compiled by XLA (jit_compile=True,
@@ -40,10 +42,17 @@ def canonicalize_axis(axis, rank):
     return axis % rank
 
 
-def check_coefficients(from_logits, label_smoothing=0.0, z_loss=0.0, logit_soft_cap=None):
+def check_coefficients(
+    from_logits, label_smoothing=0.0, z_loss=0.0, logit_soft_cap=None, dtype=None
+):
     """Checks the float arguments of every form, raising ValueError that names
     the argument; returns them as Python floats (`logit_soft_cap` 0.0 for
-    None). The loss and metric classes call this when they are made."""
+    None). The loss and metric classes call this when they are made, the ops
+    with `dtype`, the loss dtype, which bounds `z_loss` and `logit_soft_cap`."""
+    for name, value in (("z_loss", z_loss), ("logit_soft_cap", logit_soft_cap)):
+        # float(True) is 1.0: a cap of True would silently be a cap of 1.
+        if isinstance(value, bool):
+            raise ValueError(f"`{name}` must be a number, not a bool. Received: {name}={value}")
     try:
         label_smoothing, z_loss = float(label_smoothing), float(z_loss)
         cap = None if logit_soft_cap is None else float(logit_soft_cap)
@@ -69,7 +78,29 @@ def check_coefficients(from_logits, label_smoothing=0.0, z_loss=0.0, logit_soft_
                     f"`{name}` applies to logits only, but `from_logits=False`. "
                     f"Received: {name}={value}"
                 )
+    if dtype is not None:
+        _check_range(tf.as_dtype(dtype), z_loss, cap)
     return label_smoothing, z_loss, cap or 0.0
+
+
+def check_ignore_class(ignore_class):
+    """`ignore_class` as a Python int (or None): TypeError for anything but an
+    integer (1.5 or True would be truncated to a class), ValueError outside
+    int64, where the op's attribute and the labels live."""
+    if ignore_class is None:
+        return None
+    if isinstance(ignore_class, bool) or not isinstance(ignore_class, numbers.Integral):
+        raise TypeError(f"`ignore_class` must be an int or None. Received: {ignore_class!r}")
+    if not -(2**63) <= ignore_class < 2**63:
+        raise ValueError(f"`ignore_class` must fit in int64. Received: {ignore_class}")
+    return int(ignore_class)
+
+
+def is_ignored(labels, ignore_class):
+    """Where integer `labels` equal `ignore_class`, compared in int64 as the
+    kernels compare: int32 labels never equal an ignore_class beyond int32
+    (which, cast to int32, would wrap onto a real class)."""
+    return tf.equal(tf.cast(labels, tf.int64), ignore_class)
 
 
 def _epsilon(epsilon):
@@ -79,6 +110,29 @@ def _epsilon(epsilon):
     if not 0.0 <= epsilon <= 0.5:
         raise ValueError(f"`epsilon` must be in [0, 0.5]. Received: epsilon={epsilon}")
     return epsilon
+
+
+def soft_cap_range(dtype):
+    """The caps that losses computed in `dtype` can apply: normal, with
+    `z / cap` flushed to 0 (as subnormals are) only for logits within an ulp
+    of 1 of 0."""
+    info = np.finfo(dtype.as_numpy_dtype)
+    return float(info.tiny), float(info.eps / info.tiny)
+
+
+def _check_range(dtype, z_loss, logit_soft_cap):
+    """ValueError for coefficients that `dtype`, the loss dtype, cannot carry."""
+    if z_loss > float(dtype.max):
+        raise ValueError(
+            f"`z_loss`={z_loss} overflows {dtype.name}, the dtype of these losses "
+            f"(at most {dtype.max:.4g}; float64 predictions take more)."
+        )
+    low, high = soft_cap_range(dtype)
+    if logit_soft_cap and not low <= logit_soft_cap <= high:
+        raise ValueError(
+            f"`logit_soft_cap`={logit_soft_cap} is outside [{low:.4g}, {high:.4g}], the caps "
+            f"that {dtype.name} losses can apply (float64 predictions take a wider range)."
+        )
 
 
 def _coefficients(dtype, label_smoothing, epsilon, z_loss, logit_soft_cap):
@@ -110,6 +164,19 @@ def _check_predictions(predictions, axis):
     if rank < 1:
         raise ValueError(f"Predictions must have a rank of at least 1. Received shape: {rank}")
     return predictions, canonicalize_axis(axis, rank)
+
+
+def _check_has_classes(predictions, axis):
+    """ValueError for rows of no classes, where the shape tells (the kernels
+    raise it too; XLA's composite cannot)."""
+    shape = predictions.shape
+    if shape.rank is None:
+        return
+    rows = shape[:axis].concatenate(shape[axis + 1 :]).num_elements()
+    if shape[axis] == 0 and rows:
+        raise ValueError(
+            f"Predictions must have at least one class along axis {axis}. Received shape: {shape}"
+        )
 
 
 def in_xla_context():
@@ -193,7 +260,7 @@ def dense_crossentropy(
     """
     predictions, axis = _check_predictions(predictions, axis)
     label_smoothing, z_loss, cap = check_coefficients(
-        from_logits, label_smoothing, z_loss, logit_soft_cap
+        from_logits, label_smoothing, z_loss, logit_soft_cap, loss_dtype(predictions.dtype)
     )
     _check_return_lse(return_lse, from_logits)
     acc_dtype = loss_dtype(predictions.dtype)
@@ -207,15 +274,21 @@ def dense_crossentropy(
             "Labels and predictions must have the same shape. "
             f"Received: labels.shape={labels.shape}, predictions.shape={predictions.shape}"
         )
+    _check_has_classes(predictions, axis)
     pred_rows, batch_shape = _as_rows(_class_axis_last(predictions, axis))
-    if known:
-        label_rows, _ = _as_rows(_class_axis_last(labels, axis))
-    else:
+    # The op checks [N, C] against [N, C]; rows flattened from more axes
+    # need a check at run time where the shapes are not known before.
+    fully_defined = labels.shape.is_fully_defined() and predictions.shape.is_fully_defined()
+    if not (fully_defined or known and predictions.shape.rank <= 2):
         check = _assert_same_shape(
             labels, predictions, "Labels and predictions must have the same shape."
         )
         with tf.control_dependencies([check]):
-            label_rows = tf.reshape(labels, tf.shape(pred_rows))
+            labels = tf.identity(labels)
+    if known:
+        label_rows, _ = _as_rows(_class_axis_last(labels, axis))
+    else:
+        label_rows = tf.reshape(labels, tf.shape(pred_rows))
     coefficients = _coefficients(acc_dtype, label_smoothing, epsilon, z_loss, cap)
     if in_xla_context():
         loss, lse = _composite_dense(
@@ -289,7 +362,7 @@ def sparse_crossentropy(
     """
     predictions, axis = _check_predictions(predictions, axis)
     label_smoothing, z_loss, cap = check_coefficients(
-        from_logits, label_smoothing, z_loss, logit_soft_cap
+        from_logits, label_smoothing, z_loss, logit_soft_cap, loss_dtype(predictions.dtype)
     )
     _check_return_lse(return_lse, from_logits)
     labels = as_sparse_labels(labels)
@@ -305,16 +378,56 @@ def sparse_crossentropy(
                 f"(axis={axis}). Received: labels.shape={labels.shape}, "
                 f"predictions.shape={predictions.shape}"
             )
+        # One label per row is what the op checks: enough for [N] labels.
+        if rank > 2 and not (labels.shape.is_fully_defined() and expected.is_fully_defined()):
+            labels = _checked_label_positions(labels, predictions, axis, size_one_axis=False)
         label_rows = labels if labels.shape.rank == 1 else tf.reshape(labels, [-1])
     else:
         # Labels of [..., 1] hold as many elements as [...]: flat, both are
-        # one label per row, which the op checks ([N]).
+        # one label per row.
+        labels = _checked_label_positions(labels, predictions, axis, size_one_axis=True)
         label_rows = tf.reshape(labels, [-1])
+    _check_has_classes(predictions, axis)
     config = sparse_config(
         from_logits, ignore_class, predictions.dtype, label_smoothing, epsilon, z_loss, cap
     )
     loss, lse = sparse_rows(pred_rows, label_rows, config)
     return _per_position(loss, lse, return_lse, batch_shape, predictions.shape, axis)
+
+
+def _shapes_equal(a, b):
+    """Whether shape vectors `a` and `b` are equal, lengths too (padded with
+    different values, vectors of different lengths never compare equal)."""
+    length = tf.maximum(tf.size(a), tf.size(b))
+    a = tf.pad(a, [[0, length - tf.size(a)]], constant_values=-1)
+    b = tf.pad(b, [[0, length - tf.size(b)]], constant_values=-2)
+    return tf.reduce_all(tf.equal(a, b))
+
+
+def _checked_label_positions(labels, predictions, axis, size_one_axis):
+    """`labels`, after a runtime check that they have the shape of the
+    predictions without the class axis (or with it of size 1, if
+    `size_one_axis`), where the shapes do not tell when the graph is built."""
+    shape = tf.shape(predictions, out_type=tf.int64)
+    index = axis if axis >= 0 else tf.size(shape) - 1
+    before, after = shape[:index], shape[index + 1 :]
+    label_shape = tf.shape(labels, out_type=tf.int64)
+    matches = _shapes_equal(label_shape, tf.concat([before, after], 0))
+    if size_one_axis:
+        with_one = tf.concat([before, tf.ones([1], tf.int64), after], 0)
+        matches = tf.logical_or(matches, _shapes_equal(label_shape, with_one))
+    check = tf.debugging.Assert(
+        matches,
+        [
+            "Sparse labels must have the shape of the predictions without the class axis. "
+            "Labels' shape:",
+            label_shape,
+            "predictions' shape:",
+            shape,
+        ],
+    )
+    with tf.control_dependencies([check]):
+        return tf.identity(labels)
 
 
 def as_sparse_labels(labels):
@@ -331,9 +444,10 @@ def as_sparse_labels(labels):
 def sparse_config(from_logits, ignore_class, dtype, label_smoothing, epsilon, z_loss, cap):
     """The attributes and coefficient inputs of the sparse ops, for
     `sparse_rows` and `sparse_rows_gradient` (checked arguments)."""
+    ignore_class = check_ignore_class(ignore_class)
     return dict(
         from_logits=bool(from_logits),
-        ignore_class=0 if ignore_class is None else int(ignore_class),
+        ignore_class=0 if ignore_class is None else ignore_class,
         use_ignore_class=ignore_class is not None,
         **_coefficients(loss_dtype(dtype), label_smoothing, epsilon, z_loss, cap),
     )
@@ -401,6 +515,8 @@ def _composite_dense(
     loss = tf.reduce_sum(tf.math.multiply_no_nan(neg_log_softmax, t), axis=-1)
     if from_logits:
         loss += _z_loss_term(lse, z_loss)
+    # Rows without classes, which the op refuses: NaN, since XLA cannot raise.
+    loss = tf.where(num_classes > 0, loss, tf.constant(float("nan"), loss.dtype))
     return loss, lse
 
 
@@ -419,13 +535,17 @@ def _composite_sparse(
     log-sum-exp (for logits; 0 where ignored). XLA cannot raise on a bad
     label, so such rows get NaN (never an out-of-bounds read)."""
     acc_dtype = loss_dtype(predictions.dtype)
-    z = tf.cast(predictions, acc_dtype)
+    ignored = (
+        is_ignored(labels, ignore_class) if use_ignore_class else tf.zeros_like(labels, tf.bool)
+    )
+    # Ignored rows read as zeros, as the op never reads them: NaN or inf there
+    # would make the masked loss's gradient 0 * NaN.
+    z = tf.where(ignored[:, None], tf.zeros([], acc_dtype), tf.cast(predictions, acc_dtype))
     if from_logits:
         z = _capped_logits(z, logit_soft_cap)
     else:
         z = tf.math.log(tf.clip_by_value(z, epsilon, 1.0 - epsilon))
     num_classes = tf.shape(z, out_type=labels.dtype)[-1]
-    ignored = tf.equal(labels, ignore_class) if use_ignore_class else tf.zeros_like(labels, tf.bool)
     in_range = (labels >= 0) & (labels < num_classes)
     safe_labels = tf.where(in_range, labels, tf.zeros_like(labels))
     lse = tf.reduce_logsumexp(z, axis=-1)

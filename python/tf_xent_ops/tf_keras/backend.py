@@ -35,10 +35,7 @@ def _check_options(options):
         raise ValueError(f"`label_smoothing` must be in [0, 1]. Received: {label_smoothing}")
     if isinstance(axis, bool) or not isinstance(axis, numbers.Integral):
         raise ValueError(f"`axis` must be of type `int`. Received: axis={axis!r}")
-    if ignore_class is not None and (
-        isinstance(ignore_class, bool) or not isinstance(ignore_class, numbers.Integral)
-    ):
-        raise TypeError(f"`ignore_class` must be an int or None. Received: {ignore_class!r}")
+    ops.check_ignore_class(ignore_class)
     # The float options' ranges, as the Keras 3 forms check them.
     ops.check_coefficients(
         options.get("from_logits", False),
@@ -84,7 +81,7 @@ def _sparse_loss(target, output, from_logits, axis, ignore_class, **options):
     )
     loss = tf.cast(loss, output.dtype)
     if ignore_class is not None:
-        loss._keras_mask = tf.not_equal(target, tf.cast(ignore_class, target.dtype))
+        loss._keras_mask = tf.logical_not(ops.is_ignored(target, ignore_class))
     return loss
 
 

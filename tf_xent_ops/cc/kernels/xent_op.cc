@@ -8,6 +8,7 @@ lives in XentOpKernel; each op's Compute names its inputs.
 #include <cmath>
 #include <cstdint>
 #include <initializer_list>
+#include <limits>
 #include <string>
 #include <utility>
 
@@ -178,6 +179,13 @@ bool ReadCoefficients(OpKernelContext* ctx, XentParams* p) {
     }
     *values[i] = static_cast<double>(t.scalar<Tacc>()());
   }
+  // The caps Tacc can apply: normal, with z / cap flushed to 0 only for
+  // logits within an ulp of 1 of 0 (as ops.soft_cap_range).
+  constexpr double kMinCap = std::numeric_limits<Tacc>::min();
+  constexpr double kMaxCap = std::numeric_limits<Tacc>::epsilon() / kMinCap;
+  const bool cap_in_range =
+      p->logit_soft_cap == 0.0 ||
+      (p->logit_soft_cap >= kMinCap && p->logit_soft_cap <= kMaxCap);
   const char* bad = nullptr;
   if (!(p->label_smoothing >= 0.0 && p->label_smoothing <= 1.0)) {
     bad = "label_smoothing must be in [0, 1]";
@@ -187,6 +195,10 @@ bool ReadCoefficients(OpKernelContext* ctx, XentParams* p) {
     bad = "z_loss must be finite and >= 0";
   } else if (!(p->logit_soft_cap >= 0.0 && std::isfinite(p->logit_soft_cap))) {
     bad = "logit_soft_cap must be finite and >= 0 (0: no cap)";
+  } else if (!cap_in_range) {
+    bad =
+        "logit_soft_cap must be 0 or within [2^-126, 2^103] (float32) or "
+        "[2^-1022, 2^970] (float64)";
   } else if (!p->from_logits &&
              (p->z_loss != 0.0 || p->logit_soft_cap != 0.0)) {
     bad = "z_loss and logit_soft_cap apply to logits only (from_logits=true)";
