@@ -282,10 +282,11 @@ def test_kernel_variable_gets_its_gradient(rng):
 
 @pytest.mark.parametrize("batch_shape", [(), (0,), (0, 3)], ids=str)
 @pytest.mark.parametrize("form", ["per_position", "sum_recompute", "sum_in_forward"])
-def test_edge_shapes(rng, batch_shape, form):
+@pytest.mark.parametrize("jit_compile", [False, True])
+def test_edge_shapes(rng, batch_shape, form, jit_compile):
     """One position (rank-1 hidden, a scalar label) and no positions at all:
     the loss of the shape of the labels (a scalar sum, 0 without positions),
-    gradients of the inputs' shapes."""
+    gradients of the inputs' shapes; also under XLA."""
     hidden, kernel, bias, labels = _inputs(rng, batch_shape, "float64")
     if form == "per_position":
         fn = txo.ops.linear_crossentropy
@@ -296,7 +297,10 @@ def test_edge_shapes(rng, batch_shape, form):
                 *args, gradient_in_forward=form == "sum_in_forward", **kwargs
             )
 
-    loss, grads = _run(fn, hidden, kernel, labels, bias, chunk_size=4, **FULL_OPTIONS)
+    def run():
+        return _run(fn, hidden, kernel, labels, bias, chunk_size=4, **FULL_OPTIONS)
+
+    loss, grads = tf.function(run, jit_compile=True)() if jit_compile else run()
     expected, _, expected_grads = _reference(hidden, kernel, labels, bias, **FULL_OPTIONS)
     if form != "per_position":
         expected = expected.sum()
@@ -483,10 +487,13 @@ def test_sample_weight_shapes(rng):
         )
     with pytest.raises(ValueError, match="more axes"):
         txo.ops.linear_crossentropy_sum(
-            hidden, kernel, labels, sample_weight=np.ones((4, 6, 1)), chunk_size=5
-        )
+            hidden, kernel, labels, sample_weight=np.ones((4, 6, 1)), chunk_size=5,
+            ignore_class=-1,
+        )  # fmt: skip
     with pytest.raises(ValueError, match="denominator"):
-        txo.ops.linear_crossentropy_sum(hidden, kernel, labels, denominator=[1.0, 2.0])
+        txo.ops.linear_crossentropy_sum(
+            hidden, kernel, labels, denominator=[1.0, 2.0], ignore_class=-1
+        )
 
 
 def test_unknown_rank_sample_weight_and_denominator(rng):
@@ -1008,7 +1015,10 @@ def test_bad_dtype_pairs(fn, hidden_dtype, kernel_dtype):
 def test_labels_out_of_range_raise_eagerly(fn, bad_label, options):
     hidden, kernel, bias, labels = _args(n=20)
     labels[13] = bad_label
-    with pytest.raises(tf.errors.InvalidArgumentError, match=f"label value of {bad_label}"):
+    # The position in the batch, not in the chunk of 4 rows that holds it.
+    with pytest.raises(
+        tf.errors.InvalidArgumentError, match=f"label value of {bad_label} at position 13 "
+    ):
         fn(hidden, kernel, labels, bias=bias, chunk_size=4, **options)
 
 
@@ -1020,7 +1030,9 @@ def test_labels_out_of_range_raise_in_graph_mode():
     def call(h):
         return txo.ops.linear_crossentropy(h, kernel, labels, bias=bias, chunk_size=4)
 
-    with pytest.raises(tf.errors.InvalidArgumentError, match=f"label value of {VOCABULARY}"):
+    with pytest.raises(
+        tf.errors.InvalidArgumentError, match=f"label value of {VOCABULARY} at position 13 "
+    ):
         call(tf.constant(hidden))
 
 

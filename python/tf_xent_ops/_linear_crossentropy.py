@@ -273,10 +273,10 @@ class _Head:
                 f"Received: kernel_layout={kernel_layout!r}"
             )
         check_chunk_size(chunk_size)
-        label_smoothing, z_loss, cap = ops.check_coefficients(
-            True, label_smoothing, z_loss, logit_soft_cap
-        )
         hidden, kernel = tf.convert_to_tensor(hidden), tf.convert_to_tensor(kernel)
+        label_smoothing, z_loss, cap = ops.check_coefficients(
+            True, label_smoothing, z_loss, logit_soft_cap, ops.loss_dtype(hidden.dtype)
+        )
         bias = None if bias is None else tf.convert_to_tensor(bias)
         labels = ops.as_sparse_labels(labels)
         _check_dtypes(hidden, kernel, bias)
@@ -290,6 +290,7 @@ class _Head:
         self.config = ops.sparse_config(
             True, ignore_class, hidden.dtype, label_smoothing, None, z_loss, cap
         )
+        checks += _check_labels(labels, kernel, kernel_layout, ignore_class)
         with tf.control_dependencies(checks):
             self.batch_shape = tf.shape(labels)
         self.labels_shape = labels.shape
@@ -421,6 +422,28 @@ def _check_shapes(hidden, kernel, bias, labels, kernel_layout):
             message=f"`kernel` ({kernel_layout!r}) must match hidden.shape[-1].",
         ),
     ]
+
+
+def _check_labels(labels, kernel, kernel_layout, ignore_class):
+    """A runtime check of the labels' range as a whole (none under XLA, which
+    cannot raise; the op's check of each chunk would name a position in the
+    chunk)."""
+    if ops.in_xla_context():
+        return []
+    vocabulary = tf.shape(kernel, out_type=tf.int64)[1 if kernel_layout == "dv" else 0]
+    # A valid label after the last, so that an empty batch has a first "bad" one.
+    flat = tf.concat([tf.cast(tf.reshape(labels, [-1]), tf.int64), tf.zeros([1], tf.int64)], 0)
+    bad = (flat < 0) | (flat >= vocabulary)
+    if ignore_class is not None:
+        bad &= tf.logical_not(ops.is_ignored(flat, ignore_class))
+    first = tf.argmax(tf.cast(bad, tf.int32), output_type=tf.int64)
+    template = (
+        "Received a label value of {} at position {} which is outside the valid range of [0, {})"
+    )
+    if ignore_class is not None:
+        template += f" and is not ignore_class={ignore_class}"
+    message = tf.strings.format(template, (tf.gather(flat, first), first, vocabulary))
+    return [tf.debugging.Assert(tf.logical_not(tf.reduce_any(bad)), [message])]
 
 
 def _per_position(head, want_argmax):
@@ -611,6 +634,10 @@ def _chunk_loop(
             state["d_bias"] += tf.cast(_column_sum(d_logits, chunk), head.acc_dtype)
         return i + 1, state
 
+    if isinstance(head.num_chunks, int) and head.num_chunks == 0:
+        # No rows: nothing to add to the zeros, and no body to build (XLA
+        # would compile it, with a chunk's slice of an empty tensor).
+        return state
     _, state = tf.while_loop(
         lambda i, _: i < head.num_chunks, body, (tf.constant(0), state), parallel_iterations=1
     )
