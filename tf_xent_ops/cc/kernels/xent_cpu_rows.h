@@ -102,9 +102,9 @@ typename Expr::Scalar BlockedSum(const Expr& e) {
 // Soft-capped logits are transformed into that buffer (for every T): the
 // logits forwards read z' = cap * tanh(z / cap), the backwards
 // t = tanh(z / cap), one tanh per element either way, a block of kSumBlock
-// classes at a time (the backwards of rows with few classes: a chunk of
-// rows). (A pass of its own over a block in L1 is faster than the tanh inside
-// the passes that reduce or write it.)
+// classes at a time (rows of few classes: see Chunk). (A pass of its own over
+// a block in L1 is faster than the tanh inside the passes that reduce or
+// write it.)
 template <typename T, typename Tacc>
 class RowReader {
  public:
@@ -153,20 +153,31 @@ class RowReader {
   Scratch<Tacc> buffer_;
 };
 
-// Writes `value` to `row` in packets from its first element, the last
-// elements that fill no packet on the scalar path.
-template <typename Expr>
+// Writes `value` to `row` in packets from its first element. The last
+// elements that fill no packet take the scalar path; or, where `value`'s
+// operands can be read to the next whole packet (kReadablePastEnd), a whole
+// packet of which only they are stored.
+template <bool kReadablePastEnd = false, typename Expr>
 void WriteFromFirstElement(typename Expr::Scalar* row, Eigen::Index size,
                            const Expr& value) {
   namespace ei = Eigen::internal;
-  using Packet = typename ei::packet_traits<typename Expr::Scalar>::type;
+  using Scalar = typename Expr::Scalar;
+  using Packet = typename ei::packet_traits<Scalar>::type;
   constexpr Eigen::Index kSize = ei::unpacket_traits<Packet>::size;
   const ei::evaluator<Expr> eval(value);
   const Eigen::Index full = size / kSize * kSize;
   for (Eigen::Index i = 0; i < full; i += kSize) {
     ei::pstoreu(row + i, eval.template packet<Eigen::Unaligned, Packet>(i));
   }
-  for (Eigen::Index i = full; i < size; ++i) row[i] = eval.coeff(i);
+  if constexpr (kReadablePastEnd) {
+    if (full < size) {
+      EIGEN_ALIGN_MAX Scalar tail[kSize];
+      ei::pstoreu(tail, eval.template packet<Eigen::Unaligned, Packet>(full));
+      std::copy(tail, tail + (size - full), row + full);
+    }
+  } else {
+    for (Eigen::Index i = full; i < size; ++i) row[i] = eval.coeff(i);
+  }
 }
 
 // Writes an expression to a row of its scalar type. Eigen's assignment takes

@@ -9,6 +9,7 @@ packets one row at a time, so they are processed in chunks of kChunkRows.
 
 #include <algorithm>
 #include <cstdint>
+#include <type_traits>
 #include <vector>
 
 #include "tf_xent_ops/cc/kernels/xent_cpu_math.h"
@@ -24,9 +25,21 @@ namespace {
 // wise already, take the chunk as one flat array with the per-row values
 // repeated. Either way exp, log and the arithmetic run on full SIMD packets.
 // Chunk boundaries do not depend on the thread count, and a row's result
-// does not depend on its chunk.
+// does not depend on its chunk or its place in it: a chunk's rows are padded
+// (with zeros) to a multiple of kRowPacket in aligned scratch, so that no
+// element falls in the part Eigen takes apart (before the first aligned
+// address, after the last whole packet), whose scalar functions' last bits
+// differ from the packets'.
 constexpr int64_t kSmallClasses = 32;
 constexpr int64_t kChunkRows = 256;
+// A multiple of every level's packet size (16 floats at avx512).
+constexpr int64_t kRowPacket = 16;
+static_assert(kChunkRows % kRowPacket == 0);
+
+// A chunk of `rows` rows as the kernels compute it.
+inline int64_t PaddedRows(int64_t rows) {
+  return (rows + kRowPacket - 1) / kRowPacket * kRowPacket;
+}
 
 template <typename Tacc>
 using Columns = Eigen::Map<Eigen::Array<Tacc, Eigen::Dynamic, Eigen::Dynamic>>;
@@ -41,24 +54,39 @@ class Chunk {
   explicit Chunk(const XentParams& p)
       : c_(p),
         num_classes_(p.num_classes),
-        reader_(kChunkRows * num_classes_, c_.capped),
+        reader_(kChunkRows * num_classes_),
         x_(kChunkRows * num_classes_),
         t_(kChunkRows * num_classes_),
         work_(kChunkRows * num_classes_) {
     for (auto& e : expanded_) e.resize(kChunkRows * num_classes_);
   }
 
-  // `rows` rows of predictions as one flat array, in place where T is Tacc.
-  // Element-wise passes (the backward ones) need no transposition.
+  // Flat arrays, for the element-wise passes (the backward ones): each is
+  // [PaddedRows(rows) * C], and WriteChunk writes the first rows * C.
+
+  // `rows` rows of predictions, in place where T is Tacc and no padding is
+  // needed.
   ConstRow<Tacc> FlatPredictions(const T* data, int64_t rows) {
-    return reader_.Read(data, rows * num_classes_);
+    if constexpr (std::is_same_v<T, Tacc>) {
+      if (rows == PaddedRows(rows))
+        return ConstRow<Tacc>(data, rows * num_classes_);
+    }
+    return Flat(data, rows, reader_.data());
   }
   // The same for soft-capped logits, as t = tanh(z / cap).
   ConstRow<Tacc> FlatCapTanh(const T* data, int64_t rows) {
-    return reader_.ReadCapTanh(data, c_, rows * num_classes_);
+    ConstRow<Tacc> z = Flat(data, rows, reader_.data());
+    MutableRow<Tacc>(reader_.data(), z.size()) = c_.CapTanh(z);
+    return z;
   }
-  // A flat [rows * C] array of per-row values (`per_row[i * stride]`), each
-  // repeated C times, in expansion buffer `slot`.
+  // `rows` rows of dense labels, in place where no padding is needed.
+  ConstRow<Tacc> FlatLabels(const Tacc* data, int64_t rows) {
+    if (rows == PaddedRows(rows))
+      return ConstRow<Tacc>(data, rows * num_classes_);
+    return Flat(data, rows, t_.data());
+  }
+  // Per-row values (`per_row[i * stride]`), each repeated C times, in
+  // expansion buffer `slot`.
   ConstRow<Tacc> Expand(int slot, const Tacc* per_row, int64_t stride,
                         int64_t rows) {
     Tacc* out = expanded_[slot].data();
@@ -66,8 +94,12 @@ class Chunk {
       std::fill(out + i * num_classes_, out + (i + 1) * num_classes_,
                 per_row[i * stride]);
     }
-    return ConstRow<Tacc>(out, rows * num_classes_);
+    const int64_t size = PaddedRows(rows) * num_classes_;
+    std::fill(out + rows * num_classes_, out + size, Tacc(0));
+    return ConstRow<Tacc>(out, size);
   }
+
+  // Columns: [PaddedRows(rows), C], the rows after `rows` zeros.
 
   // `rows` rows of predictions, transposed and widened to Tacc; logits
   // soft-capped where the op has a cap.
@@ -80,25 +112,57 @@ class Chunk {
   Columns<Tacc> Labels(const Tacc* data, int64_t rows) {
     return Transposed(data, rows, t_.data());
   }
-  // A [rows, C] buffer for intermediate values.
-  Columns<Tacc> Work(int64_t rows) {
-    return Columns<Tacc>(work_.data(), rows, num_classes_);
+  // A buffer for intermediate values of the shape of `x`.
+  Columns<Tacc> Work(const Columns<Tacc>& x) {
+    return Columns<Tacc>(work_.data(), x.rows(), num_classes_);
   }
 
  private:
   template <typename S>
+  ConstRow<Tacc> Flat(const S* data, int64_t rows, Tacc* buffer) {
+    const int64_t n = rows * num_classes_;
+    const int64_t size = PaddedRows(rows) * num_classes_;
+    MutableRow<Tacc>(buffer, n) =
+        Eigen::Map<const Eigen::Array<S, Eigen::Dynamic, 1>>(data, n)
+            .template cast<Tacc>();
+    std::fill(buffer + n, buffer + size, Tacc(0));
+    return ConstRow<Tacc>(buffer, size);
+  }
+  template <typename S>
   Columns<Tacc> Transposed(const S* data, int64_t rows, Tacc* buffer) {
-    Columns<Tacc> out(buffer, rows, num_classes_);
-    out = ConstRowMajorRows<S>(data, rows, num_classes_).template cast<Tacc>();
+    Columns<Tacc> out(buffer, PaddedRows(rows), num_classes_);
+    out.topRows(rows) =
+        ConstRowMajorRows<S>(data, rows, num_classes_).template cast<Tacc>();
+    out.bottomRows(out.rows() - rows).setZero();
     return out;
   }
 
   const XentConstants<Tacc> c_;
   int64_t num_classes_;
-  RowReader<T, Tacc> reader_;
-  Scratch<Tacc> x_, t_, work_;
+  Scratch<Tacc> reader_, x_, t_, work_;
   Scratch<Tacc> expanded_[3];
 };
+
+// Writes the first `size` elements of `value`, an expression in Tacc over a
+// chunk's flat arrays, to `out` in T: in packets from the first element, the
+// last elements that fill no packet in a whole packet too (the padding makes
+// the arrays readable that far), so that every element takes the packet path
+// wherever its row lies.
+template <typename T, typename Expr>
+void WriteChunk(T* out, Eigen::Index size, const Expr& value) {
+  namespace ei = Eigen::internal;
+  const auto as_t = value.template cast<T>();
+  using AsT = std::decay_t<decltype(as_t)>;
+  constexpr Eigen::Index kSize =
+      ei::unpacket_traits<typename ei::packet_traits<T>::type>::size;
+  static_assert(kRowPacket % kSize == 0);
+  if constexpr (ei::evaluator<AsT>::Flags & Eigen::PacketAccessBit) {
+    WriteFromFirstElement</*kReadablePastEnd=*/true>(out, size, as_t);
+  } else {  // No packets of T at this level: every element is scalar.
+    const ei::evaluator<AsT> eval(as_t);
+    for (Eigen::Index i = 0; i < size; ++i) out[i] = eval.coeff(i);
+  }
+}
 
 // A per-row vector of a chunk ([rows]) as a [rows, C] expression.
 template <typename Vector>
@@ -130,7 +194,7 @@ using ChunkVector = Eigen::Array<Tacc, Eigen::Dynamic, 1>;
 template <typename T, typename Tacc>
 void ShiftedLogits(Chunk<T, Tacc>& chunk, const Columns<Tacc>& x,
                    ChunkVector<Tacc>* row_max, ChunkVector<Tacc>* log_s) {
-  Columns<Tacc> shifted = chunk.Work(x.rows());
+  Columns<Tacc> shifted = chunk.Work(x);
   *row_max = x.rowwise().maxCoeff();
   shifted = x - PerRow(*row_max, x.cols());
   *log_s = LogOf(ExpUpTo88(shifted).rowwise().sum());

@@ -35,7 +35,7 @@ struct DenseXentForward<CpuDevice, T> {
             if (p.from_logits) {
               ChunkVector<Tacc> row_max, log_s;
               ShiftedLogits(chunk, x, &row_max, &log_s);
-              const auto z = chunk.Work(rows);  // z - max
+              const auto z = chunk.Work(x);  // z - max
               target_mass = t.rowwise().sum();
               loss_c = DenseLogitsLoss(
                   log_s, target_mass,
@@ -46,7 +46,7 @@ struct DenseXentForward<CpuDevice, T> {
               }
             } else {
               normalizer = x.rowwise().sum();
-              Columns<Tacc> q = chunk.Work(rows);
+              Columns<Tacc> q = chunk.Work(x);
               q = x / PerRow(normalizer, num_classes);
               loss_c = -(t * LogOf(c.Clip(q))).rowwise().sum();
               target_mass = c.WhereInClipRange(q, t, Tacc(0)).rowwise().sum();
@@ -109,8 +109,8 @@ struct DenseXentBackward<CpuDevice, T> {
             // The predictions, or tanh(z / cap) of soft-capped logits.
             const auto x = c.capped ? chunk.FlatCapTanh(data, rows)
                                     : chunk.FlatPredictions(data, rows);
-            const auto t =
-                c.DenseTarget(ConstRow<Tacc>(labels + first * num_classes, n));
+            const auto t = c.DenseTarget(
+                chunk.FlatLabels(labels + first * num_classes, rows));
             const auto g = chunk.Expand(0, grad_loss + first, 1, rows);
             constexpr int64_t kStride = DenseRowStats<Tacc>::kColumns;
             const auto normalizer =
@@ -126,11 +126,11 @@ struct DenseXentBackward<CpuDevice, T> {
               }
               const auto g_w_each = chunk.Expand(2, g_w.data(), 1, rows);
               if (c.capped) {
-                WriteRow(dx, n,
-                         CappedLogitsGrad(c, g_w_each, x, normalizer, g * t));
+                WriteChunk(dx, n,
+                           CappedLogitsGrad(c, g_w_each, x, normalizer, g * t));
               } else {
-                WriteRow(dx, n,
-                         ScaledLogitsGrad(g_w_each, x, normalizer, g * t));
+                WriteChunk(dx, n,
+                           ScaledLogitsGrad(g_w_each, x, normalizer, g * t));
               }
             } else {
               ChunkVector<Tacc> a_over_s(rows);
@@ -140,7 +140,7 @@ struct DenseXentBackward<CpuDevice, T> {
               }
               const ClipRangeByDivision<Tacc, ConstRow<Tacc>> range{c,
                                                                     normalizer};
-              WriteRow(
+              WriteChunk(
                   dx, n,
                   DenseProbsGrad(g, x, range,
                                  chunk.Expand(2, a_over_s.data(), 1, rows), t));

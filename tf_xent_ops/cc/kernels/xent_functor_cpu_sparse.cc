@@ -36,9 +36,9 @@ struct SparseXentForward<CpuDevice, T, Tidx> {
             if (p.from_logits) {
               ChunkVector<Tacc> row_max;
               ShiftedLogits(chunk, x, &row_max, &log_s);
-              z = chunk.Work(rows).data();  // z - max
+              z = chunk.Work(x).data();  // z - max
               stat = row_max + log_s;
-              if (smoothing) sum_z = chunk.Work(rows).rowwise().sum();
+              if (smoothing) sum_z = chunk.Work(x).rowwise().sum();
             } else {
               stat = c.Clip(x).rowwise().sum();
               if (smoothing) sum_z = LogOf(c.Clip(x)).rowwise().sum();
@@ -51,7 +51,7 @@ struct SparseXentForward<CpuDevice, T, Tidx> {
                 continue;
               }
               const int64_t label = static_cast<int64_t>(labels[r]);
-              const Tacc at_label = z[label * rows + i];
+              const Tacc at_label = z[label * x.rows() + i];
               const Tacc sum = smoothing ? sum_z[i] : Tacc(0);
               normalizer[r] = stat[i];
               loss[r] =
@@ -157,14 +157,14 @@ struct SparseXentBackward<CpuDevice, T, Tidx> {
               const auto g_off =
                   chunk.Expand(2, g.data(), 1, rows) * c.off_weight;
               if (c.capped) {
-                WriteRow(dx, n,
-                         CappedLogitsGrad(c, g_w_each, x, stat_each, g_off));
+                WriteChunk(dx, n,
+                           CappedLogitsGrad(c, g_w_each, x, stat_each, g_off));
               } else {
-                WriteRow(dx, n,
-                         ScaledLogitsGrad(g_w_each, x, stat_each, g_off));
+                WriteChunk(dx, n,
+                           ScaledLogitsGrad(g_w_each, x, stat_each, g_off));
               }
             } else {
-              WriteRow(
+              WriteChunk(
                   dx, n,
                   SparseProbsGrad(c, g_w_each, x, stat_each, c.off_weight));
             }
