@@ -485,15 +485,13 @@ def test_sample_weight_shapes(rng):
         np.testing.assert_allclose(
             float(loss), np.sum(full * per_position) / 3.0, rtol=1e-10, err_msg=kind
         )
+    # Before the labels (some -1, which only ignore_class=-1 allows) are checked.
     with pytest.raises(ValueError, match="more axes"):
         txo.ops.linear_crossentropy_sum(
-            hidden, kernel, labels, sample_weight=np.ones((4, 6, 1)), chunk_size=5,
-            ignore_class=-1,
-        )  # fmt: skip
-    with pytest.raises(ValueError, match="denominator"):
-        txo.ops.linear_crossentropy_sum(
-            hidden, kernel, labels, denominator=[1.0, 2.0], ignore_class=-1
+            hidden, kernel, labels, sample_weight=np.ones((4, 6, 1)), chunk_size=5
         )
+    with pytest.raises(ValueError, match="denominator"):
+        txo.ops.linear_crossentropy_sum(hidden, kernel, labels, denominator=[1.0, 2.0])
 
 
 def test_unknown_rank_sample_weight_and_denominator(rng):
@@ -1106,3 +1104,32 @@ def test_second_order_through_the_weight_gradient(rng, mode, form):
     assert result is not None, "no gradient: the weight gradient was cut off from the inputs"
     _, _, expected = _reference(hidden.numpy(), kernel.numpy(), labels.numpy(), bias.numpy())
     _assert_gradient(result.numpy(), expected["hidden"], "float64", "hidden")
+
+
+@pytest.mark.parametrize("fn", [txo.ops.linear_crossentropy, txo.ops.linear_crossentropy_sum])
+def test_empty_batch_of_unknown_size_under_xla(fn):
+    # As `fit` traces: the batch size unknown when the graph is built.
+    @tf.function(
+        input_signature=[tf.TensorSpec([None, 4]), tf.TensorSpec([None], tf.int32)],
+        jit_compile=True,
+    )
+    def call(hidden, labels):
+        with tf.GradientTape() as tape:
+            tape.watch(hidden)
+            loss = fn(hidden, tf.ones([4, 5]), labels)
+        return loss, tape.gradient(loss, hidden)
+
+    loss, grad = call(tf.zeros([0, 4]), tf.zeros([0], tf.int32))
+    assert np.sum(loss) == 0.0 and np.shape(loss) in ((), (0,)) and grad.shape == (0, 4)
+
+
+def test_ignore_class_beyond_the_labels_dtype():
+    """An ignore_class that int32 labels cannot hold matches none of them,
+    and the rows padded to whole chunks still take a valid label."""
+    hidden, kernel, bias, labels = _args(n=5)
+    labels = tf.constant(labels, tf.int32)
+    expected = txo.ops.linear_crossentropy(hidden, kernel, labels, bias=bias)
+    actual = txo.ops.linear_crossentropy(
+        hidden, kernel, labels, bias=bias, ignore_class=2**31, chunk_size=2
+    )
+    np.testing.assert_allclose(actual, expected, rtol=1e-6)

@@ -290,7 +290,6 @@ class _Head:
         self.config = ops.sparse_config(
             True, ignore_class, hidden.dtype, label_smoothing, None, z_loss, cap
         )
-        checks += _check_labels(labels, kernel, kernel_layout, ignore_class)
         with tf.control_dependencies(checks):
             self.batch_shape = tf.shape(labels)
         self.labels_shape = labels.shape
@@ -306,10 +305,18 @@ class _Head:
             chunk = max(1, min(chunk, num_rows))
         self.chunk, self.num_rows = chunk, num_rows
         self.num_chunks = (num_rows + self.chunk - 1) // self.chunk
+        if not isinstance(num_rows, int):
+            # At least one chunk (one padded row for an empty batch): XLA
+            # compiles the loop's body even when it runs no chunk.
+            self.num_chunks = tf.maximum(1, self.num_chunks)
         self._padding = self.num_chunks * self.chunk - num_rows
         hidden_dim = self.hidden_dim or tf.shape(kernel)[0 if kernel_layout == "dv" else 1]
         self.hidden = self.pad_rows(tf.reshape(hidden, [-1, hidden_dim]))
-        pad_label = 0 if ignore_class is None else int(ignore_class)
+        # Padded rows have weight 0; ignored, where the labels' dtype holds
+        # ignore_class, they cost nothing either.
+        pad_label = self.config["ignore_class"] if self.config["use_ignore_class"] else 0
+        if not labels.dtype.min <= pad_label <= labels.dtype.max:
+            pad_label = 0
         self.labels = self.pad_rows(tf.reshape(labels, [-1]), pad_label)
 
     def pad_rows(self, rows, value=0):
@@ -424,26 +431,31 @@ def _check_shapes(hidden, kernel, bias, labels, kernel_layout):
     ]
 
 
-def _check_labels(labels, kernel, kernel_layout, ignore_class):
-    """A runtime check of the labels' range as a whole (none under XLA, which
-    cannot raise; the op's check of each chunk would name a position in the
-    chunk)."""
-    if ops.in_xla_context():
+def _check_labels(head):
+    """Checks the labels' range over the whole batch, before the chunks: the
+    op checks each chunk's on the CPU and would name a position in the chunk.
+    None under XLA, which cannot raise, nor where a GPU may run the chunks (the
+    GPU kernels give a bad label's row NaN, without a check on the host)."""
+    if ops.in_xla_context() or tf.config.list_logical_devices("GPU"):
         return []
-    vocabulary = tf.shape(kernel, out_type=tf.int64)[1 if kernel_layout == "dv" else 0]
-    # A valid label after the last, so that an empty batch has a first "bad" one.
-    flat = tf.concat([tf.cast(tf.reshape(labels, [-1]), tf.int64), tf.zeros([1], tf.int64)], 0)
-    bad = (flat < 0) | (flat >= vocabulary)
-    if ignore_class is not None:
-        bad &= tf.logical_not(ops.is_ignored(flat, ignore_class))
-    first = tf.argmax(tf.cast(bad, tf.int32), output_type=tf.int64)
+    labels = tf.cast(head.labels, tf.int64)
+    vocabulary = tf.shape(head.kernel, out_type=tf.int64)[1 if head.layout == "dv" else 0]
+    bad = (labels < 0) | (labels >= vocabulary)
     template = (
         "Received a label value of {} at position {} which is outside the valid range of [0, {})"
     )
-    if ignore_class is not None:
-        template += f" and is not ignore_class={ignore_class}"
-    message = tf.strings.format(template, (tf.gather(flat, first), first, vocabulary))
-    return [tf.debugging.Assert(tf.logical_not(tf.reduce_any(bad)), [message])]
+    if head.config["use_ignore_class"]:
+        bad &= tf.logical_not(ops.is_ignored(labels, head.config["ignore_class"]))
+        template += f" and is not ignore_class={head.config['ignore_class']}"
+
+    def fail():
+        first = tf.argmax(tf.cast(bad, tf.int32), output_type=tf.int64)
+        message = tf.strings.format(template, (labels[first], first, vocabulary))
+        with tf.control_dependencies([tf.debugging.Assert(False, [message])]):
+            return tf.constant(False)
+
+    # The message is formed only for a bad label.
+    return [tf.cond(tf.reduce_any(bad), fail, lambda: tf.constant(True))]
 
 
 def _per_position(head, want_argmax):
@@ -638,8 +650,11 @@ def _chunk_loop(
         # No rows: nothing to add to the zeros, and no body to build (XLA
         # would compile it, with a chunk's slice of an empty tensor).
         return state
+    # The forwards check the labels first.
+    with tf.control_dependencies(_check_labels(head) if loss else []):
+        first_chunk = tf.identity(0)
     _, state = tf.while_loop(
-        lambda i, _: i < head.num_chunks, body, (tf.constant(0), state), parallel_iterations=1
+        lambda i, _: i < head.num_chunks, body, (first_chunk, state), parallel_iterations=1
     )
     return state
 

@@ -51,7 +51,7 @@ def check_coefficients(
     with `dtype`, the loss dtype, which bounds `z_loss` and `logit_soft_cap`."""
     for name, value in (("z_loss", z_loss), ("logit_soft_cap", logit_soft_cap)):
         # float(True) is 1.0: a cap of True would silently be a cap of 1.
-        if isinstance(value, bool):
+        if isinstance(value, (bool, np.bool_)):
             raise ValueError(f"`{name}` must be a number, not a bool. Received: {name}={value}")
     try:
         label_smoothing, z_loss = float(label_smoothing), float(z_loss)
@@ -205,9 +205,22 @@ def _as_rows(x):
     return rows, batch_shape
 
 
+def _positions(shape, axis):
+    """The shape of the positions: `shape` without the class axis."""
+    return shape[:axis].concatenate(shape[axis + 1 :])
+
+
+def _unsettled_positions(a, b):
+    """Whether compatible position shapes `a` and `b` may still differ once
+    the op has checked that they hold as many positions: where two or more
+    axes are unknown (the count settles one)."""
+    unknown = sum(x is None or y is None for x, y in zip(a.as_list(), b.as_list(), strict=True))
+    return unknown > 1
+
+
 def _assert_same_shape(a, b, message):
-    """A runtime check that `a` and `b` have the same shape, where a rank is
-    unknown when the graph is built (known ranks are checked then)."""
+    """A runtime check that `a` and `b` have the same shape, where the shapes
+    known when the graph is built do not tell."""
     return tf.debugging.assert_equal(
         tf.shape(a, out_type=tf.int64), tf.shape(b, out_type=tf.int64), message=message
     )
@@ -276,10 +289,12 @@ def dense_crossentropy(
         )
     _check_has_classes(predictions, axis)
     pred_rows, batch_shape = _as_rows(_class_axis_last(predictions, axis))
-    # The op checks [N, C] against [N, C]; rows flattened from more axes
-    # need a check at run time where the shapes are not known before.
-    fully_defined = labels.shape.is_fully_defined() and predictions.shape.is_fully_defined()
-    if not (fully_defined or known and predictions.shape.rank <= 2):
+    # The op checks [N, C] against [N, C], which settles one unknown axis
+    # of the positions, not two.
+    unsettled = not known or _unsettled_positions(
+        _positions(labels.shape, axis), _positions(predictions.shape, axis)
+    )
+    if unsettled and not in_xla_context():  # XLA drops checks
         check = _assert_same_shape(
             labels, predictions, "Labels and predictions must have the same shape."
         )
@@ -378,14 +393,14 @@ def sparse_crossentropy(
                 f"(axis={axis}). Received: labels.shape={labels.shape}, "
                 f"predictions.shape={predictions.shape}"
             )
-        # One label per row is what the op checks: enough for [N] labels.
-        if rank > 2 and not (labels.shape.is_fully_defined() and expected.is_fully_defined()):
+        if _unsettled_positions(labels.shape, expected) and not in_xla_context():
             labels = _checked_label_positions(labels, predictions, axis, size_one_axis=False)
         label_rows = labels if labels.shape.rank == 1 else tf.reshape(labels, [-1])
     else:
         # Labels of [..., 1] hold as many elements as [...]: flat, both are
         # one label per row.
-        labels = _checked_label_positions(labels, predictions, axis, size_one_axis=True)
+        if not in_xla_context():
+            labels = _checked_label_positions(labels, predictions, axis, size_one_axis=True)
         label_rows = tf.reshape(labels, [-1])
     _check_has_classes(predictions, axis)
     config = sparse_config(
@@ -538,9 +553,11 @@ def _composite_sparse(
     ignored = (
         is_ignored(labels, ignore_class) if use_ignore_class else tf.zeros_like(labels, tf.bool)
     )
-    # Ignored rows read as zeros, as the op never reads them: NaN or inf there
-    # would make the masked loss's gradient 0 * NaN.
-    z = tf.where(ignored[:, None], tf.zeros([], acc_dtype), tf.cast(predictions, acc_dtype))
+    z = tf.cast(predictions, acc_dtype)
+    if use_ignore_class:
+        # Ignored rows read as zeros, as the op never reads them: NaN or inf
+        # there would make the masked loss's gradient 0 * NaN.
+        z = tf.where(ignored[:, None], tf.zeros([], acc_dtype), z)
     if from_logits:
         z = _capped_logits(z, logit_soft_cap)
     else:

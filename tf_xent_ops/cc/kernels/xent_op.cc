@@ -10,6 +10,7 @@ lives in XentOpKernel; each op's Compute names its inputs.
 #include <initializer_list>
 #include <limits>
 #include <string>
+#include <type_traits>
 #include <utility>
 
 #include "tensorflow/core/framework/op_kernel.h"
@@ -195,13 +196,16 @@ bool ReadCoefficients(OpKernelContext* ctx, XentParams* p) {
     bad = "z_loss must be finite and >= 0";
   } else if (!(p->logit_soft_cap >= 0.0 && std::isfinite(p->logit_soft_cap))) {
     bad = "logit_soft_cap must be finite and >= 0 (0: no cap)";
-  } else if (!cap_in_range) {
-    bad =
-        "logit_soft_cap must be 0 or within [2^-126, 2^103] (float32) or "
-        "[2^-1022, 2^970] (float64)";
   } else if (!p->from_logits &&
              (p->z_loss != 0.0 || p->logit_soft_cap != 0.0)) {
     bad = "z_loss and logit_soft_cap apply to logits only (from_logits=true)";
+  }
+  if (bad == nullptr && !cap_in_range) {
+    ctx->CtxFailure(InvalidArgument(
+        "logit_soft_cap must be 0 or within [", kMinCap, ", ", kMaxCap,
+        "] for ", std::is_same_v<Tacc, double> ? "float64" : "float32",
+        " losses; got logit_soft_cap=", p->logit_soft_cap));
+    return false;
   }
   if (bad == nullptr) return true;
   ctx->CtxFailure(
