@@ -172,7 +172,7 @@ def _check_has_classes(predictions, axis):
     shape = predictions.shape
     if shape.rank is None:
         return
-    rows = shape[:axis].concatenate(shape[axis + 1 :]).num_elements()
+    rows = _positions(shape, axis).num_elements()
     if shape[axis] == 0 and rows:
         raise ValueError(
             f"Predictions must have at least one class along axis {axis}. Received shape: {shape}"
@@ -386,7 +386,7 @@ def sparse_crossentropy(
     if rank is not None and labels.shape.rank is not None:
         if labels.shape.rank == rank and labels.shape[axis] == 1:
             labels = tf.squeeze(labels, axis=axis)
-        expected = predictions.shape[:axis].concatenate(predictions.shape[axis + 1 :])
+        expected = _positions(predictions.shape, axis)
         if labels.shape.rank != rank - 1 or not labels.shape.is_compatible_with(expected):
             raise ValueError(
                 "Sparse labels must have the shape of the predictions without the class axis "
@@ -587,7 +587,7 @@ def _restore_batch_shape(loss, batch_shape, predictions_shape, axis):
     if batch_shape is not None:
         loss = tf.reshape(loss, batch_shape)
     if predictions_shape.rank is not None:
-        loss.set_shape(predictions_shape[:axis].concatenate(predictions_shape[axis + 1 :]))
+        loss.set_shape(_positions(predictions_shape, axis))
     return loss
 
 
