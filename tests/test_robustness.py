@@ -317,6 +317,27 @@ def test_dense_logits_rows_with_a_single_nonzero_label(rng, label_smoothing, dty
         assert np.isnan(loss[11]) and np.all(np.isnan(grad[11])), case
 
 
+def test_dense_logits_single_label_beyond_float32_integers():
+    # float32 holds integers exactly only up to 2^24, and the statistics hold
+    # the single label's class as a float: 2^24 + 3 would round to 2^24 + 4,
+    # where the gradient's -1 would land. (tests/gpu/kernel_checks.py checks
+    # the GPU kernels alike.)
+    c, k = 2**24 + 6, 2**24 + 3
+    p = np.zeros((1, c), np.float32)
+    p[0, k], p[0, k + 1] = 5.0, 3.0
+    y = np.zeros((1, c), np.float32)
+    y[0, k] = 1.0
+    p = tf.constant(p)
+    with tf.GradientTape() as tape:
+        tape.watch(p)
+        loss, stats = library.tf_xent_dense_xent(p, y, from_logits=True, **coefficients())
+    assert stats.numpy()[0, 2] == -1.0  # no single class: the labels are read
+    grad = tape.gradient(loss, p).numpy()[0, k : k + 2]
+    lse = np.log(np.exp(5.0) + np.exp(3.0) + (c - 2))
+    np.testing.assert_allclose(loss, [lse - 5.0], rtol=1e-6)
+    np.testing.assert_allclose(grad, [np.exp(5.0 - lse) - 1.0, np.exp(3.0 - lse)], atol=1e-6)
+
+
 def test_dense_logits_gradient_with_statistics_that_name_no_class(rng):
     # The statistics are an input of the gradient op: a recorded class that
     # is not one (out of range, NaN, huge) makes the kernel read the labels,

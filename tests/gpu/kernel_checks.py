@@ -348,23 +348,56 @@ def _check_single_labels(f, rng, run, stats, dense_labels, expected):
     f.within("gradient from statistics that name no class", grad, expected, run.case.dtype)
 
 
+def check_a_single_label_beyond_float_integers(h):
+    """The failures of a dense logits row of 2^24 + 6 classes, one-hot at
+    2^24 + 3, which float32 rounds to 2^24 + 4: the forward must not name that
+    class as the row's single label (statistics hold it as a float), and the
+    backward must put the label's -1 on its own class."""
+    c, k = 2**24 + 6, 2**24 + 3
+    x = np.zeros((1, c), np.float32)
+    x[0, k], x[0, k + 1] = 5.0, 3.0
+    y = np.zeros((1, c), np.float32)
+    y[0, k] = 1.0
+    m = h.memory
+    params = gpu_harness.KernelParams.make(1, c, True)
+    predictions, labels = m.put(x), m.put(y)
+    loss = m.full((1,), np.float32, np.nan)
+    stats = m.full((1, h.stats_per_row), np.float32, np.nan)
+    h.dense_forward("float32", params, predictions, labels, loss, stats)
+    grad = m.full((1, c), np.float32, np.nan)
+    grad_loss = m.put(np.ones(1, np.float32))
+    h.dense_backward("float32", params, predictions, labels, stats, grad_loss, grad)
+    lse = np.log(np.exp(5.0) + np.exp(3.0) + (c - 2))
+    expected = [np.exp(5.0 - lse) - 1.0, np.exp(3.0 - lse)]
+    f = _Failures()
+    f.close("loss", m.get(loss), [lse - 5.0], 1e-6, 0.0)
+    f.close("gradient at the label and after it", m.get(grad)[0, k : k + 2], expected, 0, 1e-6)
+    return f.messages
+
+
 def run(h, cases, seed=None, log=print):
-    """Runs `cases`; returns the number that failed. Inputs are drawn from
-    `seed` (fresh if None; printed, so a failure can be replayed)."""
+    """Runs `cases`, then check_a_single_label_beyond_float_integers; returns
+    the number that failed. Inputs are drawn from `seed` (fresh if None;
+    printed, so a failure can be replayed)."""
     seed = int(np.random.SeedSequence().entropy % 2**63) if seed is None else seed
-    log(f"kernel checks: {len(cases)} cases, seed {seed}")
+    log(f"kernel checks: {len(cases) + 1} cases, seed {seed}")
     rng = np.random.default_rng(seed)
     h.set_seed(seed)
     failed = 0
-    for case in cases:
+    checks = [(case, functools.partial(run_case, h, rng, case)) for case in cases]
+    checks.append(
+        ("dense one-hot row of 2^24 + 6 classes", functools.partial(
+            check_a_single_label_beyond_float_integers, h))
+    )  # fmt: skip
+    for name, check in checks:
         start = time.perf_counter()
-        messages = run_case(h, rng, case)
+        messages = check()
         failed += bool(messages)
         status = "FAIL" if messages else "ok  "
-        log(f"{status} {case}  ({time.perf_counter() - start:.2f} s)")
+        log(f"{status} {name}  ({time.perf_counter() - start:.2f} s)")
         for message in messages:
             log(f"       {message}")
-    log(f"kernel checks: {failed} of {len(cases)} cases failed (seed {seed})")
+    log(f"kernel checks: {failed} of {len(checks)} cases failed (seed {seed})")
     return failed
 
 

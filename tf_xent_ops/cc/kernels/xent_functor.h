@@ -66,16 +66,22 @@ struct DenseRowStats {
   // y_k / S lies inside the clip range.
   Tacc target_mass;
   // Logits: the class j of the row's only nonzero label, if it has exactly
-  // one (as a one-hot row has), and y_j; else -1 and 0. The logits backwards
-  // then read no labels for that row. Probabilities: always -1 and 0.
+  // one (as a one-hot row has) and Tacc holds j exactly, and y_j; else -1
+  // and 0. The logits backwards then read no labels for that row.
+  // Probabilities: always -1 and 0.
   Tacc single_label;
   Tacc single_label_value;
 
+  // A class Tacc would round (float beyond 2^24) is stored as -1: the
+  // backward would put the row's label on the neighbouring class.
   TFXENT_HOST_DEVICE static DenseRowStats Of(
       Tacc normalizer, Tacc target_mass, int64_t single_label = -1,
       Tacc single_label_value = Tacc(0)) {
-    return {normalizer, target_mass, static_cast<Tacc>(single_label),
-            single_label_value};
+    const Tacc j = static_cast<Tacc>(single_label);
+    const bool exact =
+        single_label >= 0 && static_cast<int64_t>(j) == single_label;
+    return {normalizer, target_mass, exact ? j : Tacc(-1),
+            exact ? single_label_value : Tacc(0)};
   }
 
   // The single label's class, or -1; also for anything that is not a class

@@ -71,13 +71,10 @@ struct DenseXentForward<CpuDevice, T> {
             const Tacc lse = row.max + row.log_s;
             loss[r] = DenseLogitsLoss(row.log_s, row.sum_w, row.sum_w_shifted) +
                       c.ZLoss(lse);
-            // The single label's class, where Tacc holds it exactly.
             const int64_t j = row.single_label;
-            const bool exact =
-                j >= 0 && static_cast<int64_t>(static_cast<Tacc>(j)) == j;
             row_stats[r] = DenseRowStats<Tacc>::Of(
-                lse, row.sum_w, exact ? j : -1,
-                exact ? labels[r * num_classes + j] : Tacc(0));
+                lse, row.sum_w, j,
+                j >= 0 ? labels[r * num_classes + j] : Tacc(0));
           });
       return;
     }
