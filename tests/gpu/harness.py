@@ -55,7 +55,7 @@ def build_emulated(out, sanitize=False, source=SOURCE):
     CUDA emulation; with AddressSanitizer and UndefinedBehaviorSanitizer if
     `sanitize` (load it with the runtimes preloaded: `sanitizer_preload`)."""
     api = os.path.join(EMULATION, "emulation_api.cc")
-    cmd = [os.environ.get("CXX", "g++"), "-std=c++17", "-O1", "-g", "-fPIC", "-shared"]
+    cmd = [os.environ.get("CXX", "g++"), "-std=c++17", "-O2", "-g", "-fPIC", "-shared"]
     cmd += ["-I" + EMULATION, "-I" + ROOT, "-Wall", "-Werror", "-Wno-unknown-pragmas"]
     if sanitize:
         cmd += ["-fsanitize=address,undefined", "-fno-sanitize-recover=all"]

@@ -171,19 +171,25 @@ struct RowPieces {
   }
 };
 
+// A piece's elements go through memcpy, not a T* into the uint4: that would
+// break the aliasing rules, which an optimizing compiler may act on.
 template <typename Tacc, typename T, int kVec>
 __device__ __forceinline__ void Unpack(const uint4& piece, Tacc (&v)[kVec]) {
-  const T* e = reinterpret_cast<const T*>(&piece);
+  static_assert(sizeof(T) * kVec == sizeof(uint4), "a piece is 16 bytes");
+  T e[kVec];
+  memcpy(e, &piece, sizeof(e));
 #pragma unroll
   for (int j = 0; j < kVec; ++j) v[j] = static_cast<Tacc>(e[j]);
 }
 
 template <typename T, typename Tacc, int kVec>
 __device__ __forceinline__ uint4 Pack(const Tacc (&v)[kVec]) {
-  uint4 piece;
-  T* e = reinterpret_cast<T*>(&piece);
+  static_assert(sizeof(T) * kVec == sizeof(uint4), "a piece is 16 bytes");
+  T e[kVec];
 #pragma unroll
   for (int j = 0; j < kVec; ++j) e[j] = static_cast<T>(v[j]);
+  uint4 piece;
+  memcpy(&piece, e, sizeof(e));
   return piece;
 }
 
