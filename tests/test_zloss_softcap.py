@@ -185,6 +185,32 @@ def test_xla_composite_matches_the_op(rng, sparse, num_classes):
         np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-6)
 
 
+@pytest.mark.parametrize("sparse", [True, False])
+def test_xla_gives_nan_where_the_op_does(rng, sparse):
+    """A +inf logit (off the label), NaN and all -inf rows: NaN loss, lse and
+    gradient for those rows only, from the op and from XLA's composite (where
+    reduce_logsumexp's inf would make a loss of inf)."""
+    p = ref.logits(rng, (6, 5), "float32")
+    p[0, 3], p[1, 2], p[2] = np.inf, np.nan, -np.inf
+    labels = np.array([1, 0, 4, 2, 3, 0])
+    y = labels if sparse else ref.soft_labels(rng, p.shape)
+    fn = txo.ops.sparse_crossentropy if sparse else txo.ops.dense_crossentropy
+
+    def step(y, p):
+        with tf.GradientTape() as tape:
+            tape.watch(p)
+            loss, lse = fn(y, p, True, 0.1, z_loss=1e-2, return_lse=True)
+        return loss, lse, tape.gradient(loss, p)
+
+    p, y = tf.constant(p), tf.constant(y)
+    op, composite = step(y, p), tf.function(step, jit_compile=True)(y, p)
+    for loss, lse, grad in (op, composite):
+        assert np.isnan(loss[:3]).all() and np.isnan(lse[:3]).all(), (loss, lse)
+        assert np.isnan(grad[:3]).any(axis=1).all(), grad
+    for a, b in zip(op, composite, strict=True):
+        np.testing.assert_allclose(a[3:], b[3:], rtol=2e-5, atol=2e-6)
+
+
 @pytest.mark.parametrize("from_logits", [True, False])
 @pytest.mark.parametrize("cap", [None, 4.0])
 def test_garbage_in_ignored_rows_gets_zero_gradient_on_every_path(rng, from_logits, cap):

@@ -505,6 +505,13 @@ def _capped_logits(z, logit_soft_cap):
     return tf.where(logit_soft_cap > 0, safe_cap * tf.tanh(z / safe_cap), z)
 
 
+def _nan_where_not_finite(lse):
+    """NaN where a row's log-sum-exp is +-inf (a +inf logit, or all -inf), else
+    0: added to the loss and the lse, as the op gives NaN there (reduce_logsumexp
+    gives inf, and lse - z a loss of inf). Carries no gradient."""
+    return tf.where(tf.math.is_finite(lse), tf.zeros_like(lse), tf.constant(np.nan, lse.dtype))
+
+
 def _z_loss_term(lse, z_loss):
     """z_loss * lse^2; 0 without a z-loss, even where lse is infinite."""
     return tf.where(z_loss > 0, z_loss * tf.square(lse), tf.zeros_like(lse))
@@ -521,6 +528,7 @@ def _composite_dense(
     if from_logits:
         z = _capped_logits(z, logit_soft_cap)
         lse = tf.reduce_logsumexp(z, axis=-1)
+        lse += _nan_where_not_finite(lse)
         neg_log_softmax = lse[:, None] - z
     else:
         q = tf.clip_by_value(z / tf.reduce_sum(z, axis=-1, keepdims=True), epsilon, 1.0 - epsilon)
@@ -529,7 +537,8 @@ def _composite_dense(
     # Zero targets contribute nothing, even against a -inf logit.
     loss = tf.reduce_sum(tf.math.multiply_no_nan(neg_log_softmax, t), axis=-1)
     if from_logits:
-        loss += _z_loss_term(lse, z_loss)
+        # NaN also where the row has no target mass.
+        loss += _z_loss_term(lse, z_loss) + _nan_where_not_finite(lse)
     # Rows without classes, which the op refuses: NaN, since XLA cannot raise.
     loss = tf.where(num_classes > 0, loss, tf.constant(float("nan"), loss.dtype))
     return loss, lse
@@ -566,6 +575,8 @@ def _composite_sparse(
     in_range = (labels >= 0) & (labels < num_classes)
     safe_labels = tf.where(in_range, labels, tf.zeros_like(labels))
     lse = tf.reduce_logsumexp(z, axis=-1)
+    if from_logits:
+        lse += _nan_where_not_finite(lse)
     neg_log_softmax = lse[:, None] - z
     loss = (1.0 - label_smoothing) * tf.gather(neg_log_softmax, safe_labels, batch_dims=1)
     # Other classes carry target mass only with smoothing (a -inf logit there

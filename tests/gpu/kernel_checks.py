@@ -132,6 +132,8 @@ def _special_logits(rng, z, labels, dense_labels):
         _one_hot_row(dense_labels, 6, k)
     if n > 7:
         z[7] *= 30.0
+    if n > 9:
+        z[9] = -np.inf  # no finite logit: NaN loss, log-sum-exp and gradient
     return z
 
 
@@ -300,10 +302,15 @@ def run_case(h, rng, case):
     args = (case.from_logits, case.label_smoothing)
     options = dict(z_loss=case.z_loss, logit_soft_cap=case.logit_soft_cap)
     rtol, atol = ref.tolerance(case.dtype)
+    c = case.num_classes
+    bad = (labels != IGNORE_CLASS) & ((labels < 0) | (labels >= c))
+    ignored = labels == IGNORE_CLASS
+    if case.from_logits:
+        lse = ref.log_sum_exp(predictions, logit_soft_cap=case.logit_soft_cap)
+        if case.sparse:
+            lse = np.where(ignored, 0.0, np.where(bad, np.nan, lse))
+        f.close("log-sum-exp", stats if case.sparse else stats[:, 0], lse, rtol, atol)
     if case.sparse:
-        c = case.num_classes
-        bad = (labels != IGNORE_CLASS) & ((labels < 0) | (labels >= c))
-        ignored = labels == IGNORE_CLASS
         safe = np.where(bad, IGNORE_CLASS, labels)
         expected = np.where(
             bad, np.nan, ref.sparse(safe, predictions, *args, IGNORE_CLASS, **options)

@@ -92,7 +92,8 @@ struct LogitSums {
   }
 
   // The row's totals, relative to shift = ShiftOf(row max), in every
-  // thread of the group (0 for what kKeep does not ask for).
+  // thread of the group (0 for what kKeep does not ask for). A row of -inf
+  // only has log_exp_sum NaN, not log(0): NaN lse, as the CPU gives.
   struct Totals {
     Tacc shift, log_exp_sum, shifted_sum, target_sum, target_shifted;
   };
@@ -104,7 +105,9 @@ struct LogitSums {
     Tacc v[4] = {exp_sum.Total(), shifted_sum.Total(), target_sum.Total(),
                  target_shifted.Total()};
     Group<kThreads>::Reduce(v, SumOp());
-    return {ShiftOf(row_max[0]), LogOf(v[0]), v[1], v[2], v[3]};
+    const Tacc log_exp_sum =
+        row_max[0] == -Infinity<Tacc>() ? static_cast<Tacc>(NAN) : LogOf(v[0]);
+    return {ShiftOf(row_max[0]), log_exp_sum, v[1], v[2], v[3]};
   }
 };
 
