@@ -16,9 +16,11 @@ pytestmark = pytest.mark.usefixtures("each_cpu_isa")
 
 @pytest.mark.parametrize("sparse", [True, False])
 @pytest.mark.parametrize("from_logits", [True, False])
-def test_float64_matches_keras_to_float64_precision(rng, sparse, from_logits):
+@pytest.mark.parametrize("predictions_dtype", ["float64", "float32"])
+def test_float64_matches_keras_to_float64_precision(rng, sparse, from_logits, predictions_dtype):
     # Keras computes with the Python floats in float64; so do the ops (float
-    # attributes would have rounded 0.35 and 1e-7 to float32: 1e-8 off).
+    # attributes would have rounded 0.35 and 1e-7 to float32: 1e-8 off). A
+    # float64 loss given float32 predictions computes in float64 too.
     shape = (16, 9)
     if from_logits:
         p = ref.logits(rng, shape, "float64")
@@ -26,6 +28,7 @@ def test_float64_matches_keras_to_float64_precision(rng, sparse, from_logits):
         p = ref.probabilities(rng, shape, "float64")
         p[:4, :3] = 1e-9  # clipped at epsilon
         ref.off_the_upper_clip_bound(p)
+    p = tf.constant(p.astype(predictions_dtype))
     labels = rng.integers(0, 9, size=16)
     y = labels if sparse else ref.one_hot(labels, 9).astype(np.float64)
     kwargs = dict(from_logits=from_logits, label_smoothing=0.35, dtype="float64")
@@ -43,10 +46,16 @@ def test_float64_matches_keras_to_float64_precision(rng, sparse, from_logits):
         ours_cls = txo.losses.CategoricalCrossentropy
         theirs_cls, theirs_y = keras.losses.CategoricalCrossentropy, y
     for reduction in ("sum", None):
-        ours = ours_cls(reduction=reduction, **kwargs)(y, p)
-        theirs = theirs_cls(reduction=reduction, **kwargs)(theirs_y.astype(np.float64), p)
+        with tf.GradientTape(persistent=True) as tape:
+            tape.watch(p)
+            ours = ours_cls(reduction=reduction, **kwargs)(y, p)
+            theirs = theirs_cls(reduction=reduction, **kwargs)(theirs_y.astype(np.float64), p)
         assert ours.dtype == tf.float64
         np.testing.assert_allclose(ours, theirs, rtol=1e-12, atol=1e-12)
+        if reduction == "sum":
+            np.testing.assert_allclose(
+                tape.gradient(ours, p), tape.gradient(theirs, p), rtol=1e-6, atol=1e-12
+            )
 
 
 def test_float64_coefficients_are_exact_in_the_ops(rng):

@@ -1260,3 +1260,10 @@ def test_z_loss_and_soft_cap(rng, sparse):
         loss_cls(z_loss=1e-3)
     with pytest.raises(ValueError, match="`logit_soft_cap`"):
         metric_cls(from_logits=True, logit_soft_cap=-1.0)
+    # A softmax's output stands for its logits, but the options for logits
+    # are refused with from_logits=False all the same.
+    with pytest.raises(ValueError, match="applies to logits only"):
+        fn(y, tf_keras.activations.softmax(tf.constant(p)), z_loss=1e-3)
+    # Tensors are saved as the numbers they hold.
+    config = loss_cls(from_logits=True, z_loss=tf.constant(0.25)).get_config()
+    assert type(config["z_loss"]) is float and config["z_loss"] == 0.25

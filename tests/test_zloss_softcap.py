@@ -342,14 +342,61 @@ def test_bad_arguments_fail_when_the_object_is_made(kwargs, name):
         txo.losses.SparseCategoricalCrossentropy.from_config(kwargs)
 
 
-def test_bools_are_not_coefficients():
-    # float(True) is 1.0: a cap of True would silently be a cap of 1.
+def test_bools_and_strings_are_not_coefficients():
+    # float(True) is 1.0: a cap of True would silently be a cap of 1; and
+    # float("0.1") would let a string into the config.
     for kwargs, name in (
         (dict(logit_soft_cap=True), "logit_soft_cap"),
         (dict(z_loss=True), "z_loss"),
+        (dict(logit_soft_cap="30"), "logit_soft_cap"),
+        (dict(z_loss="0.1"), "z_loss"),
+        (dict(label_smoothing="0.1"), "label_smoothing"),
     ):
         with pytest.raises(ValueError, match=f"`{name}` must be a number"):
             txo.losses.SparseCategoricalCrossentropy(from_logits=True, **kwargs)
+        with pytest.raises(ValueError, match=f"`{name}` must be a number"):
+            txo.ops.sparse_crossentropy([0], [[1.0, 2.0]], True, **kwargs)
+
+
+def test_tensor_coefficients_are_saved_as_numbers():
+    # A tensor in the config would be saved as a tensor, which no model loads.
+    loss = txo.losses.CategoricalCrossentropy(
+        from_logits=True, z_loss=tf.constant(0.25), logit_soft_cap=tf.constant(30.0)
+    )
+    metric = txo.metrics.SparseCategoricalCrossentropy(
+        from_logits=True, logit_soft_cap=tf.constant(2.5)
+    )
+    for obj, expected in (
+        (loss, dict(z_loss=0.25, logit_soft_cap=30.0)),
+        (metric, dict(logit_soft_cap=2.5)),
+    ):
+        config = obj.get_config()
+        for name, value in expected.items():
+            assert type(config[name]) is float and config[name] == value, config
+        restored = keras.saving.deserialize_keras_object(keras.saving.serialize_keras_object(obj))
+        assert {k: restored.get_config()[k] for k in expected} == expected
+
+
+def test_options_for_logits_refuse_softmax_outputs():
+    """A softmax's output stands for its logits in every form, yet the user
+    said `from_logits=False`: the options for logits are refused as for any
+    probabilities, not applied to the logits behind them."""
+    probabilities = keras.layers.Softmax()(tf.constant([[1.0, 2.0, 0.5]]))
+    assert hasattr(probabilities, "_keras_logits")
+    for fn, y in (
+        (txo.losses.sparse_categorical_crossentropy, [1]),
+        (txo.losses.categorical_crossentropy, [[0.0, 1.0, 0.0]]),
+    ):
+        for options in (dict(z_loss=0.5), dict(logit_soft_cap=1.0)):
+            with pytest.raises(ValueError, match="applies to logits only"):
+                fn(y, probabilities, from_logits=False, **options)
+
+    @tf.function
+    def from_graph_softmax(z):
+        return txo.losses.sparse_categorical_crossentropy([1], tf.nn.softmax(z), z_loss=0.5)
+
+    with pytest.raises(ValueError, match="applies to logits only"):
+        from_graph_softmax(tf.constant([[1.0, 2.0, 0.5]]))
 
 
 @pytest.mark.parametrize("sparse", [True, False])

@@ -12,8 +12,11 @@ import tensorflow as tf
 from tf_xent_ops import ops
 
 
-def resolve_logits(output, from_logits, fn_name):
-    """Returns (predictions, from_logits), using a softmax's logits when known."""
+def resolve_logits(output, from_logits, fn_name, z_loss=0.0, logit_soft_cap=None):
+    """Returns (predictions, from_logits), using a softmax's logits when known.
+    `z_loss` and `logit_soft_cap` are checked first: options for logits are a
+    ValueError with `from_logits=False`, whatever made the probabilities."""
+    ops.check_coefficients(from_logits, z_loss=z_loss, logit_soft_cap=logit_soft_cap)
     has_keras_logits = hasattr(output, "_keras_logits")
     from_softmax_op = (
         not has_keras_logits and tf.is_symbolic_tensor(output) and output.op.type == "Softmax"

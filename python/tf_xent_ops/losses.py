@@ -63,7 +63,9 @@ def _categorical(
         )
     y_pred = tf.convert_to_tensor(y_pred)
     warn_if_one_class(y_pred, axis)
-    y_pred, from_logits = backend.resolve_logits(y_pred, from_logits, "categorical_crossentropy")
+    y_pred, from_logits = backend.resolve_logits(
+        y_pred, from_logits, "categorical_crossentropy", z_loss, logit_soft_cap
+    )
     return ops.dense_crossentropy(
         y_true,
         y_pred,
@@ -89,7 +91,7 @@ def _sparse_categorical(
     y_pred = tf.convert_to_tensor(y_pred)
     y_true = tf.convert_to_tensor(y_true)
     y_pred, from_logits = backend.resolve_logits(
-        y_pred, from_logits, "sparse_categorical_crossentropy"
+        y_pred, from_logits, "sparse_categorical_crossentropy", z_loss, logit_soft_cap
     )
     loss = ops.sparse_crossentropy(
         y_true,
@@ -208,16 +210,11 @@ def sparse_categorical_crossentropy(
     return loss
 
 
-def _check_arguments(fn_kwargs):
-    """Raises ValueError (TypeError for a non-integer `ignore_class`) for a bad
-    argument of a loss or metric when it is made, not first inside `fit`."""
-    ops.check_ignore_class(fn_kwargs.get("ignore_class"))
-    ops.check_coefficients(
-        fn_kwargs["from_logits"],
-        fn_kwargs.get("label_smoothing", 0.0),
-        fn_kwargs.get("z_loss", 0.0),
-        fn_kwargs.get("logit_soft_cap"),
-    )
+def _checked_arguments(fn_kwargs):
+    """`fn_kwargs` of a loss or metric as `ops.checked_options` gives them:
+    ValueError (TypeError for a non-integer `ignore_class`) for a bad one
+    when the object is made, not first inside `fit`."""
+    return ops.checked_options(fn_kwargs)
 
 
 def _reduce_like_keras_loss(losses, sample_weight, mask, reduction, dtype):
@@ -236,7 +233,7 @@ class _FusedLoss(keras.losses.Loss):
 
     def __init__(self, fn, reduction, name, dtype, **fn_kwargs):
         _require_tensorflow_backend(type(self))
-        _check_arguments(fn_kwargs)
+        fn_kwargs = _checked_arguments(fn_kwargs)
         super().__init__(name=name, reduction=reduction, dtype=dtype)
         self._fn = fn
         self._fn_kwargs = fn_kwargs
@@ -252,6 +249,9 @@ class _FusedLoss(keras.losses.Loss):
         with tf.name_scope(self.name):
             if not (tf.is_tensor(y_pred) and y_pred.dtype.is_floating):
                 y_pred = tf.convert_to_tensor(y_pred, dtype=self.dtype)
+            elif self.dtype == "float64" and y_pred.dtype != tf.float64:
+                # A float64 loss computes in float64, as Keras's does.
+                y_pred = tf.cast(y_pred, tf.float64)
             losses = self.call(y_true, y_pred)
             out_mask = getattr(losses, "_keras_mask", None)
             losses = tf.cast(losses, self.dtype)

@@ -15,7 +15,7 @@ class _FusedMetric(keras.metrics.MeanMetricWrapper):
 
     def __init__(self, fn, name, dtype, **fn_kwargs):
         losses._require_tensorflow_backend(type(self))
-        losses._check_arguments(fn_kwargs)
+        fn_kwargs = losses._checked_arguments(fn_kwargs)
         super().__init__(fn, name=name, dtype=dtype, **fn_kwargs)
         self._fn_kwargs = fn_kwargs
         for key, value in fn_kwargs.items():

@@ -53,6 +53,14 @@ def check_coefficients(
         # float(True) is 1.0: a cap of True would silently be a cap of 1.
         if isinstance(value, (bool, np.bool_)):
             raise ValueError(f"`{name}` must be a number, not a bool. Received: {name}={value}")
+    for name, value in (
+        ("label_smoothing", label_smoothing),
+        ("z_loss", z_loss),
+        ("logit_soft_cap", logit_soft_cap),
+    ):
+        # float("0.1") is 0.1, but a string is no number to Keras's math.
+        if isinstance(value, (str, bytes)):
+            raise ValueError(f"`{name}` must be a number, not a string. Received: {name}={value!r}")
     try:
         label_smoothing, z_loss = float(label_smoothing), float(z_loss)
         cap = None if logit_soft_cap is None else float(logit_soft_cap)
@@ -81,6 +89,27 @@ def check_coefficients(
     if dtype is not None:
         _check_range(tf.as_dtype(dtype), z_loss, cap)
     return label_smoothing, z_loss, cap or 0.0
+
+
+def checked_options(options):
+    """The keyword options of a loss or metric (`from_logits` False unless
+    given), checked as `check_coefficients` and `check_ignore_class` check
+    them, with `z_loss` and `logit_soft_cap` (where given) as Python floats:
+    a tensor there would be saved in the config as a tensor, which no saved
+    model loads."""
+    check_ignore_class(options.get("ignore_class"))
+    _, z_loss, cap = check_coefficients(
+        options.get("from_logits", False),
+        options.get("label_smoothing", 0.0),
+        options.get("z_loss", 0.0),
+        options.get("logit_soft_cap"),
+    )
+    checked = dict(options)
+    if "z_loss" in checked:
+        checked["z_loss"] = z_loss
+    if "logit_soft_cap" in checked:
+        checked["logit_soft_cap"] = cap or None
+    return checked
 
 
 def check_ignore_class(ignore_class):

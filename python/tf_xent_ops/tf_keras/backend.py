@@ -2,10 +2,10 @@
 
 Also what every tf_keras form shares: tf_keras's rules around the math
 (`_categorical`, `_sparse_categorical`), the checks of the options
-(`_check_options`) and the one place that calls the ops (`_dense_loss`,
+(`_checked_options`) and the one place that calls the ops (`_dense_loss`,
 `_sparse_loss`). Options beyond tf_keras's own reach the ops as keywords
 through those, so a new loss option is a keyword of the public forms that
-take it (and a check in `_check_options` if it needs one).
+take it (and a check in `_checked_options` if it needs one).
 """
 
 import numbers
@@ -18,13 +18,13 @@ from tf_xent_ops import backend as keras3_backend
 from tf_xent_ops import ops
 
 
-def _check_options(options):
-    """Raises if an option of the tf_keras forms (in a dict of keywords; the
-    others are left alone) is of the wrong type or out of range. The loss and
-    metric classes call it when they are made."""
+def _checked_options(options):
+    """The options of the tf_keras forms (a dict of keywords; the others are
+    left alone) as `ops.checked_options` gives them; raises if one is of the
+    wrong type or out of range. The loss and metric classes call it when
+    they are made."""
     label_smoothing = options.get("label_smoothing", 0.0)
     axis = options.get("axis", -1)
-    ignore_class = options.get("ignore_class")
     if isinstance(label_smoothing, bool) or not isinstance(
         label_smoothing, (numbers.Real, np.ndarray, tf.Tensor)
     ):
@@ -35,14 +35,8 @@ def _check_options(options):
         raise ValueError(f"`label_smoothing` must be in [0, 1]. Received: {label_smoothing}")
     if isinstance(axis, bool) or not isinstance(axis, numbers.Integral):
         raise ValueError(f"`axis` must be of type `int`. Received: axis={axis!r}")
-    ops.check_ignore_class(ignore_class)
-    # The float options' ranges, as the Keras 3 forms check them.
-    ops.check_coefficients(
-        options.get("from_logits", False),
-        label_smoothing,
-        options.get("z_loss", 0.0),
-        options.get("logit_soft_cap"),
-    )
+    # The float options' ranges and ignore_class, as the Keras 3 forms check them.
+    return ops.checked_options(options)
 
 
 def _dense_loss(target, output, from_logits, axis, **options):
@@ -103,7 +97,11 @@ def _categorical(target, output, from_logits, axis, **options):
     target, output = _as_tensors(target, output)
     target.shape.assert_is_compatible_with(output.shape)
     output, from_logits = keras3_backend.resolve_logits(
-        output, from_logits, "categorical_crossentropy"
+        output,
+        from_logits,
+        "categorical_crossentropy",
+        options.get("z_loss", 0.0),
+        options.get("logit_soft_cap"),
     )
     return _dense_loss(target, output, from_logits, axis, **options)
 
@@ -112,7 +110,11 @@ def _sparse_categorical(target, output, from_logits, axis, ignore_class, **optio
     """The body of the sparse forms: softmax rule, op, mask."""
     target, output = _as_tensors(target, output)
     output, from_logits = keras3_backend.resolve_logits(
-        output, from_logits, "sparse_categorical_crossentropy"
+        output,
+        from_logits,
+        "sparse_categorical_crossentropy",
+        options.get("z_loss", 0.0),
+        options.get("logit_soft_cap"),
     )
     return _sparse_loss(target, output, from_logits, axis, ignore_class, **options)
 

@@ -194,7 +194,7 @@ class _FusedLoss(tf_keras.__internal__.losses.LossFunctionWrapper):
     `LossFunctionWrapper`'s: the reduction, the name and the options."""
 
     def __init__(self, fn, reduction, name, **options):
-        backend._check_options(options)
+        options = backend._checked_options(options)
         super().__init__(fn, reduction=reduction, name=name, **options)
 
 

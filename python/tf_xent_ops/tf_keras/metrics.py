@@ -23,7 +23,7 @@ class _FusedMetric(tf_keras.metrics.MeanMetricWrapper):
     dtype and the options."""
 
     def __init__(self, fn, name, dtype, **options):
-        backend._check_options(options)
+        options = backend._checked_options(options)
         super().__init__(fn, name, dtype=dtype, **options)
 
 
