@@ -81,10 +81,29 @@ def test_label_smoothing_out_of_range(label_smoothing):
         )
 
 
-@pytest.mark.parametrize("axis", [2, -3, 1.0, True])
+@pytest.mark.parametrize("axis", [2, -3, 1.0, True, np.bool_(True), np.float32(1)])
 def test_bad_axis(axis):
     with pytest.raises(ValueError, match="axis"):
         txo.ops.sparse_crossentropy([0, 1], [[0.5, 0.5], [0.5, 0.5]], axis=axis)
+
+
+@pytest.mark.parametrize("axis", [np.int64(1), np.int32(-2)])
+def test_numpy_integer_axis_as_keras_takes_it(rng, axis):
+    p = ref.logits(rng, (2, 3, 4), "float32")  # classes on axis 1
+    labels = rng.integers(0, 3, size=(2, 4))
+    y = np.moveaxis(ref.one_hot(labels, 3), -1, 1)
+    # Keras's losses take NumPy integers too; the reference is Keras's at axis 1
+    # (its axis=-2 fails on its own).
+    expected = keras.losses.CategoricalCrossentropy(from_logits=True, axis=1)(y, p)
+    for make, y_true in (
+        (txo.losses.CategoricalCrossentropy, y),
+        (txo.losses.SparseCategoricalCrossentropy, labels),
+        (txo.metrics.CategoricalCrossentropy, y),
+        (txo.metrics.SparseCategoricalCrossentropy, labels),
+    ):
+        np.testing.assert_allclose(make(from_logits=True, axis=axis)(y_true, p), expected, 1e-6)
+    loss = txo.ops.dense_crossentropy(y, p, from_logits=True, axis=axis)
+    np.testing.assert_allclose(np.mean(loss), expected, rtol=1e-6)
 
 
 def test_integer_predictions():

@@ -193,3 +193,26 @@ def test_unknown_rank_on_one_side_only(rng):
     for f in (known_predictions, known_labels):
         loss = f(tf.constant(labels, tf.int32), tf.constant(p))
         np.testing.assert_allclose(loss, ref.sparse(labels, p, True), rtol=2e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize("axis", [0, 1, -2])
+@pytest.mark.parametrize("jit_compile", [False, True])
+def test_dense_labels_of_unknown_rank_with_another_axis(rng, axis, jit_compile):
+    # Predictions of known rank put the classes on `axis`; labels of unknown
+    # rank must move theirs last with them, not be read flat.
+    p = tf.constant(ref.logits(rng, (2, 3, 4), "float32"))
+    y = tf.constant(ref.soft_labels(rng, (2, 3, 4)))
+
+    def step(y, p):
+        with tf.GradientTape() as tape:
+            tape.watch([y, p])
+            loss = txo.ops.dense_crossentropy(y, p, True, 0.1, axis, logit_soft_cap=3.0)
+        return (loss, *tape.gradient(loss, [y, p]))
+
+    traced = tf.function(
+        step, input_signature=[UNKNOWN, tf.TensorSpec(p.shape)], jit_compile=jit_compile
+    )
+    for a, b in zip(step(y, p), traced(y, p), strict=True):
+        np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-6)
+    expected = ref.dense(y.numpy(), p.numpy(), True, 0.1, axis, logit_soft_cap=3.0)
+    np.testing.assert_allclose(traced(y, p)[0], expected, rtol=2e-5, atol=2e-5)

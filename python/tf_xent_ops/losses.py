@@ -42,7 +42,11 @@ def warn_if_one_class(y_pred, axis, stacklevel=4):
     meant). Keras looks at the last axis whatever `axis` is; this looks at the
     class axis (a bad `axis` is reported by ops)."""
     rank = y_pred.shape.rank
-    if rank and isinstance(axis, int) and -rank <= axis < rank and y_pred.shape[axis] == 1:
+    try:
+        class_axis = ops.canonicalize_axis(axis, rank) if rank else None
+    except ValueError:
+        return  # ops reports it
+    if class_axis is not None and y_pred.shape[class_axis] == 1:
         warnings.warn(
             "In loss categorical_crossentropy, expected y_pred.shape to be "
             "(batch_size, num_classes) with num_classes > 1 along the class axis "

@@ -30,10 +30,17 @@ def loss_dtype(dtype):
     return tf.float64 if tf.as_dtype(dtype) == tf.float64 else tf.float32
 
 
+def _is_integer(value):
+    """Whether `value` is a Python or NumPy integer (a bool is not)."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, (bool, np.bool_))
+
+
 def canonicalize_axis(axis, rank):
-    """Returns `axis` in [0, rank), raising ValueError if it is out of range."""
-    if isinstance(axis, bool) or not isinstance(axis, int):
+    """Returns `axis` (a Python or NumPy integer, as Keras takes) as an int in
+    [0, rank), raising ValueError if it is out of range or not an integer."""
+    if not _is_integer(axis):
         raise ValueError(f"`axis` must be an int. Received: axis={axis!r}")
+    axis = int(axis)
     if not -rank <= axis < rank:
         raise ValueError(
             f"`axis`={axis} is out of range for predictions of rank {rank}; "
@@ -118,7 +125,7 @@ def check_ignore_class(ignore_class):
     int64, where the op's attribute and the labels live."""
     if ignore_class is None:
         return None
-    if isinstance(ignore_class, bool) or not isinstance(ignore_class, numbers.Integral):
+    if not _is_integer(ignore_class):
         raise TypeError(f"`ignore_class` must be an int or None. Received: {ignore_class!r}")
     if not -(2**63) <= ignore_class < 2**63:
         raise ValueError(f"`ignore_class` must fit in int64. Received: {ignore_class}")
@@ -183,7 +190,7 @@ def _check_predictions(predictions, axis):
         )
     rank = predictions.shape.rank
     if rank is None:
-        if isinstance(axis, bool) or axis != -1:
+        if not _is_integer(axis) or axis != -1:
             raise ValueError(
                 f"Predictions of unknown rank need `axis=-1` to find the class axis. "
                 f"Received: axis={axis!r}; give the predictions a known rank "
@@ -329,10 +336,14 @@ def dense_crossentropy(
         )
         with tf.control_dependencies([check]):
             labels = tf.identity(labels)
-    if known:
+    if predictions.shape.rank is not None:
+        if labels.shape.rank is None:
+            # Labels of unknown rank take the predictions' shape (checked
+            # above), so that their class axis moves last as the predictions'.
+            labels = tf.reshape(labels, tf.shape(predictions))
         label_rows, _ = _as_rows(_class_axis_last(labels, axis))
     else:
-        label_rows = tf.reshape(labels, tf.shape(pred_rows))
+        label_rows = tf.reshape(labels, tf.shape(pred_rows))  # axis=-1
     coefficients = _coefficients(acc_dtype, label_smoothing, epsilon, z_loss, cap)
     if in_xla_context():
         loss, lse = _composite_dense(
