@@ -161,6 +161,43 @@ def test_minus_inf_logit_without_target_mass_costs_nothing(rng):
         np.testing.assert_allclose(loss, ref.sparse(labels, p, True), rtol=1e-5)
 
 
+@pytest.mark.parametrize("num_classes", [7, 300])  # chunked rows, single rows
+@pytest.mark.parametrize("from_logits", [True, False])
+def test_full_smoothing_against_an_impossible_label(rng, num_classes, from_logits):
+    # label_smoothing=1 spreads all the target mass evenly: the label's own
+    # weight is 0, and a -inf logit (or a 0 probability with epsilon=0) there
+    # makes the loss inf, as the dense form and Keras say, not 0 * inf = NaN.
+    p = ref.smooth_predictions(rng, (4, num_classes), from_logits)
+    labels = rng.integers(0, num_classes, size=4)
+    p[0, labels[0]] = -np.inf if from_logits else 0.0
+    options = dict(label_smoothing=1.0, epsilon=0.0)
+    y = ref.one_hot(labels, num_classes)
+
+    def losses(labels, y, p):
+        return (
+            txo.ops.sparse_crossentropy(labels, p, from_logits, **options),
+            txo.ops.dense_crossentropy(y, p, from_logits, **options),
+        )
+
+    for sparse, dense in (
+        losses(labels, y, p),
+        tf.function(losses, jit_compile=True)(labels, y, p),
+    ):
+        assert np.isposinf(sparse[0]) and np.isposinf(dense[0]), (sparse, dense)
+        np.testing.assert_allclose(sparse[1:], dense[1:], rtol=1e-5)
+
+
+def test_dense_probabilities_whose_row_sum_has_a_subnormal_reciprocal(rng):
+    # Beyond 2^126 a float32 row sum's reciprocal is subnormal, which
+    # TensorFlow's threads flush to 0: the forward must still divide by it.
+    for num_classes in (8, 40):  # chunked rows, single rows
+        p = rng.uniform(0.5, 1.0, size=(3, num_classes)).astype(np.float32)
+        p *= np.float32([1.0, 1e37, 3e38 / num_classes])[:, None]
+        y = ref.soft_labels(rng, p.shape)
+        loss = txo.ops.dense_crossentropy(y, p)
+        np.testing.assert_allclose(loss, ref.dense(y, p, False), rtol=1e-5)
+
+
 @pytest.mark.parametrize("label_smoothing", [0.0, 0.1])
 @pytest.mark.parametrize("dtype", ["bfloat16", "float32", "float64"])
 def test_logits_rows_of_every_tail_length(rng, label_smoothing, dtype):

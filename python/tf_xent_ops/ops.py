@@ -618,7 +618,10 @@ def _composite_sparse(
     if from_logits:
         lse += _nan_where_not_finite(lse)
     neg_log_softmax = lse[:, None] - z
-    loss = (1.0 - label_smoothing) * tf.gather(neg_log_softmax, safe_labels, batch_dims=1)
+    # No label term at label_smoothing = 1, even against a -inf logit (0 * inf).
+    loss = tf.math.multiply_no_nan(
+        tf.gather(neg_log_softmax, safe_labels, batch_dims=1), 1.0 - label_smoothing
+    )
     # Other classes carry target mass only with smoothing (a -inf logit there
     # would make 0 * inf).
     smoothing = label_smoothing / tf.cast(num_classes, acc_dtype)

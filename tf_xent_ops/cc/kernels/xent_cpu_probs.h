@@ -170,11 +170,13 @@ inline bool AnyNonzero(const Eigen::internal::Packet16f& v) {
 //   the first is the log of a product (LogOfProduct; clip(q) >= eps), the
 //   second skips packets where y is 0 (NaN and -inf cannot hide there: a
 //   non-finite log makes the first sum NaN too).
-template <typename Tacc>
-void DenseProbsRowSums(const ConstRow<Tacc>& x, const Tacc* y,
-                       const XentConstants<Tacc>& c, Tacc s,
-                       const ClipRangeOfRow<Tacc>& range, Tacc* log_sum,
-                       Tacc* in_range_sum) {
+// Quotient gives x_k / s (RowQuotient below).
+template <typename Tacc, typename Quotient>
+void DenseProbsRowSumsBy(const ConstRow<Tacc>& x, const Tacc* y,
+                         const XentConstants<Tacc>& c, Tacc s,
+                         const Quotient& quotient,
+                         const ClipRangeOfRow<Tacc>& range, Tacc* log_sum,
+                         Tacc* in_range_sum) {
   namespace ei = Eigen::internal;
   using Packet = typename ei::packet_traits<Tacc>::type;
   constexpr int64_t kSize = ei::packet_traits<Tacc>::size;
@@ -182,7 +184,6 @@ void DenseProbsRowSums(const ConstRow<Tacc>& x, const Tacc* y,
       c.off_weight > Tacc(0) && LogOfProduct<Tacc>::Accepts(c.clip_lo);
   const bool skip =
       by_product || (std::isfinite(s) && s != Tacc(0) && c.clip_lo > Tacc(0));
-  const Tacc inv_s = Tacc(1) / s;
   const Packet zero = ei::pset1<Packet>(Tacc(0));
   LogOfProduct<Tacc> product;
   Tacc tail_log_sum = Tacc(0);  // sum of log(clip(q)) after the last packet
@@ -201,8 +202,7 @@ void DenseProbsRowSums(const ConstRow<Tacc>& x, const Tacc* y,
       if (skip && !by_product && !weighted) continue;
       const Packet v = ei::ploadu<Packet>(x.data() + i);
       in_range_acc = ei::padd(in_range_acc, ei::pand(range.InRangeMask(v), t));
-      const Packet clipped =
-          ClipPacket(c, ei::pmul(v, ei::pset1<Packet>(inv_s)));
+      const Packet clipped = ClipPacket(c, quotient.Of(v));
       if (by_product) product.Multiply(clipped);
       if (skip && !weighted) continue;
       log_acc = ei::padd(log_acc, ei::pmul(w, VectorLogOp().packetOp(clipped)));
@@ -211,7 +211,7 @@ void DenseProbsRowSums(const ConstRow<Tacc>& x, const Tacc* y,
          in_range_part = ei::predux(in_range_acc);
     for (int64_t i = full; i < end; ++i) {
       const Tacc t = c.DenseTarget(y[i]);
-      const Tacc log_q = LogOf(c.Clip(x[i] * inv_s));
+      const Tacc log_q = LogOf(c.Clip(quotient.Of(static_cast<Tacc>(x[i]))));
       log_part += (by_product ? y[i] : t) * log_q;
       if (by_product) tail_log_sum += log_q;
       if (range.InRange(x[i])) in_range_part += t;
@@ -225,6 +225,39 @@ void DenseProbsRowSums(const ConstRow<Tacc>& x, const Tacc* y,
                 c.off_weight * static_cast<Tacc>(product.Log() + tail_log_sum)
           : log_total.Total();
   *in_range_sum = in_range_total.Total();
+}
+
+// x / s as x * (1 / s); or, with kDivide, by division: for a finite s beyond
+// 1 / min (2^126 in float), whose reciprocal is subnormal, which TensorFlow's
+// threads flush to 0 (the gradients divide throughout).
+template <typename Tacc, bool kDivide>
+struct RowQuotient {
+  Tacc s, inv_s;
+  template <typename X>
+  X Of(const X& x) const {
+    namespace ei = Eigen::internal;
+    if constexpr (std::is_same_v<X, Tacc>) {
+      return kDivide ? x / s : x * inv_s;
+    } else {
+      return kDivide ? ei::pdiv(x, ei::pset1<X>(s))
+                     : ei::pmul(x, ei::pset1<X>(inv_s));
+    }
+  }
+};
+
+template <typename Tacc>
+void DenseProbsRowSums(const ConstRow<Tacc>& x, const Tacc* y,
+                       const XentConstants<Tacc>& c, Tacc s,
+                       const ClipRangeOfRow<Tacc>& range, Tacc* log_sum,
+                       Tacc* in_range_sum) {
+  const Tacc inv_s = Tacc(1) / s;
+  if (std::isfinite(s) && std::abs(inv_s) < std::numeric_limits<Tacc>::min()) {
+    DenseProbsRowSumsBy(x, y, c, s, RowQuotient<Tacc, true>{s, inv_s}, range,
+                        log_sum, in_range_sum);
+  } else {
+    DenseProbsRowSumsBy(x, y, c, s, RowQuotient<Tacc, false>{s, inv_s}, range,
+                        log_sum, in_range_sum);
+  }
 }
 
 }  // namespace

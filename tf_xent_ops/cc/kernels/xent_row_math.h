@@ -298,12 +298,21 @@ TFXENT_HOST_DEVICE auto DenseProbsGrad(const G& g, const Y& y,
 // Row losses from a row's reductions, shared by every device. m is the row
 // max, log_s = log(sum_k exp(z_k - m)).
 
+// w * x, but 0 for a zero weight even where x is infinite (0 * inf is NaN):
+// the label's own term at label_smoothing = 1, whose loss is then that of
+// the uniform targets alone (inf where the label's logit is -inf).
+template <typename Tacc>
+TFXENT_HOST_DEVICE Tacc WeightedTerm(Tacc w, Tacc x) {
+  return w == Tacc(0) ? Tacc(0) : w * x;
+}
+
 // Sparse logits: log_s - (1 - ls)(z_label - m) - (ls / C) sum_k (z_k - m).
 template <typename Tacc>
 TFXENT_HOST_DEVICE Tacc SparseLogitsLoss(const XentConstants<Tacc>& c,
                                          Tacc log_s, Tacc label_shifted,
                                          Tacc sum_shifted) {
-  return log_s - c.on_weight * label_shifted - c.off_weight * sum_shifted;
+  return log_s - WeightedTerm(c.on_weight, label_shifted) -
+         c.off_weight * sum_shifted;
 }
 
 // Sparse probabilities, z_k = log(clip(p_k)), Q = sum_k clip(p_k), from Q,
@@ -319,7 +328,7 @@ TFXENT_HOST_DEVICE Tacc SparseProbsLoss(const XentConstants<Tacc>& c,
   const Tacc label_term = LogOf(row_sum / label_clipped);
   // Without smoothing sum_log is not formed, nor needed.
   if (c.off_weight == Tacc(0)) return c.on_weight * label_term;
-  return c.on_weight * label_term +
+  return WeightedTerm(c.on_weight, label_term) +
          c.off_weight * (c.num_classes * LogOf(row_sum) - sum_log);
 }
 
