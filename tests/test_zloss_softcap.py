@@ -361,13 +361,16 @@ def test_bools_and_strings_are_not_coefficients():
 def test_tensor_coefficients_are_saved_as_numbers():
     # A tensor in the config would be saved as a tensor, which no model loads.
     loss = txo.losses.CategoricalCrossentropy(
-        from_logits=True, z_loss=tf.constant(0.25), logit_soft_cap=tf.constant(30.0)
+        from_logits=True,
+        label_smoothing=tf.constant(0.5),
+        z_loss=tf.constant(0.25),
+        logit_soft_cap=tf.constant(30.0),
     )
     metric = txo.metrics.SparseCategoricalCrossentropy(
         from_logits=True, logit_soft_cap=tf.constant(2.5)
     )
     for obj, expected in (
-        (loss, dict(z_loss=0.25, logit_soft_cap=30.0)),
+        (loss, dict(label_smoothing=0.5, z_loss=0.25, logit_soft_cap=30.0)),
         (metric, dict(logit_soft_cap=2.5)),
     ):
         config = obj.get_config()

@@ -101,17 +101,20 @@ def check_coefficients(
 def checked_options(options):
     """The keyword options of a loss or metric (`from_logits` False unless
     given), checked as `check_coefficients` and `check_ignore_class` check
-    them, with `z_loss` and `logit_soft_cap` (where given) as Python floats:
+    them, with `label_smoothing`, `z_loss` and `logit_soft_cap` (where given) as
+    Python floats:
     a tensor there would be saved in the config as a tensor, which no saved
     model loads."""
     check_ignore_class(options.get("ignore_class"))
-    _, z_loss, cap = check_coefficients(
+    label_smoothing, z_loss, cap = check_coefficients(
         options.get("from_logits", False),
         options.get("label_smoothing", 0.0),
         options.get("z_loss", 0.0),
         options.get("logit_soft_cap"),
     )
     checked = dict(options)
+    if "label_smoothing" in checked:
+        checked["label_smoothing"] = label_smoothing
     if "z_loss" in checked:
         checked["z_loss"] = z_loss
     if "logit_soft_cap" in checked:
