@@ -214,13 +214,6 @@ def sparse_categorical_crossentropy(
     return loss
 
 
-def _checked_arguments(fn_kwargs):
-    """`fn_kwargs` of a loss or metric as `ops.checked_options` gives them:
-    ValueError (TypeError for a non-integer `ignore_class`) for a bad one
-    when the object is made, not first inside `fit`."""
-    return ops.checked_options(fn_kwargs)
-
-
 def _reduce_like_keras_loss(losses, sample_weight, mask, reduction, dtype):
     """What `keras.losses.Loss.__call__` does with the per-sample losses its
     `call()` returns: the mask and sample weights merged (a mask makes
@@ -237,7 +230,8 @@ class _FusedLoss(keras.losses.Loss):
 
     def __init__(self, fn, reduction, name, dtype, **fn_kwargs):
         _require_tensorflow_backend(type(self))
-        fn_kwargs = _checked_arguments(fn_kwargs)
+        # A bad argument fails when the loss is made, not first inside `fit`.
+        fn_kwargs = ops.checked_options(fn_kwargs)
         super().__init__(name=name, reduction=reduction, dtype=dtype)
         self._fn = fn
         self._fn_kwargs = fn_kwargs

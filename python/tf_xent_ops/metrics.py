@@ -3,6 +3,7 @@
 import keras
 
 from tf_xent_ops import losses
+from tf_xent_ops import ops
 
 _PACKAGE = "tf_xent_ops"
 # The loss classes hold the plain class names in the package's registry, so the
@@ -15,7 +16,7 @@ class _FusedMetric(keras.metrics.MeanMetricWrapper):
 
     def __init__(self, fn, name, dtype, **fn_kwargs):
         losses._require_tensorflow_backend(type(self))
-        fn_kwargs = losses._checked_arguments(fn_kwargs)
+        fn_kwargs = ops.checked_options(fn_kwargs)
         super().__init__(fn, name=name, dtype=dtype, **fn_kwargs)
         self._fn_kwargs = fn_kwargs
         for key, value in fn_kwargs.items():

@@ -102,9 +102,8 @@ def checked_options(options):
     """The keyword options of a loss or metric (`from_logits` False unless
     given), checked as `check_coefficients` and `check_ignore_class` check
     them, with `label_smoothing`, `z_loss` and `logit_soft_cap` (where given) as
-    Python floats:
-    a tensor there would be saved in the config as a tensor, which no saved
-    model loads."""
+    Python floats: a tensor there would be saved in the config as a tensor,
+    which no saved model loads."""
     check_ignore_class(options.get("ignore_class"))
     label_smoothing, z_loss, cap = check_coefficients(
         options.get("from_logits", False),
@@ -571,7 +570,8 @@ def _composite_dense(
     if from_logits:
         z = _capped_logits(z, logit_soft_cap)
         lse = tf.reduce_logsumexp(z, axis=-1)
-        lse += _nan_where_not_finite(lse)
+        not_finite = _nan_where_not_finite(lse)
+        lse += not_finite
         neg_log_softmax = lse[:, None] - z
     else:
         q = tf.clip_by_value(z / tf.reduce_sum(z, axis=-1, keepdims=True), epsilon, 1.0 - epsilon)
@@ -581,7 +581,7 @@ def _composite_dense(
     loss = tf.reduce_sum(tf.math.multiply_no_nan(neg_log_softmax, t), axis=-1)
     if from_logits:
         # NaN also where the row has no target mass.
-        loss += _z_loss_term(lse, z_loss) + _nan_where_not_finite(lse)
+        loss += _z_loss_term(lse, z_loss) + not_finite
     # Rows without classes, which the op refuses: NaN, since XLA cannot raise.
     loss = tf.where(num_classes > 0, loss, tf.constant(float("nan"), loss.dtype))
     return loss, lse
